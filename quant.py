@@ -1,0 +1,171 @@
+"""
+Quantization primitives shared by every cache (pure tensor functions, no state).
+
+    quantize / dequantize   asymmetric uniform min/scale quantizer, statistics over any dims   (zipcache spec §2.1)
+    pack / unpack           2/4/8-bit codes <-> uint8 bytes, planar along the last dim         (spec §2.2)
+    fake_quant              dequantize(quantize(x)) with a straight-through gradient           (CLLA's QAT)
+    granularities           groupwise, tokenwise, channelwise and channel-separable tokenwise  (spec §2.3, §2.4)
+
+Layout convention for the granularity helpers: x is [..., T, D], tokens on dim -2, channels on dim -1, which is
+how K and V arrive ([B, H_kv, T, D]).
+"""
+import torch
+
+SCALE_EPS = 2 ** -14  # smallest normal fp16: keeps constant groups finite (0 = the official code, NaN there)
+
+
+def check_finite(x, what="tensor"):
+    """One clear error instead of a silently NaN cache. (This syncs on GPU; it runs once per quantized chunk.)"""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} contains NaN or Inf values; quantizing it would poison the cache "
+                         f"(check the model's dtype/overflow, e.g. run in float32 or bfloat16 instead of float16)")
+
+
+def _check_bits(bits, allowed=range(1, 9)):
+    if bits not in allowed:
+        raise ValueError(f"bits={bits} is not supported here; use one of {sorted(allowed)}")
+
+
+def quant_params(x, bits, dim, scale_eps=SCALE_EPS):
+    """(scale fp16, mn fp16) of the asymmetric quantizer, statistics over `dim` (keepdim) computed in fp32."""
+    _check_bits(bits)
+    xf = x.float()
+    mn = xf.amin(dim=dim, keepdim=True)
+    mx = xf.amax(dim=dim, keepdim=True)
+    scale = ((mx - mn) / (2 ** bits - 1)).clamp_min(scale_eps)
+    return scale.half(), mn.half()  # stored fp16; quantize with these, so every path reconstructs the same values
+
+
+def quantize(x, bits, dim, scale_eps=SCALE_EPS):
+    """x -> (codes uint8 [same shape as x], scale fp16, mn fp16), one (scale, mn) per slice over `dim`.
+
+    s16 = fp16(max((max - min)/(2^k - 1), eps)); m16 = fp16(min); q = clamp(round((x - m16)/s16), 0, 2^k - 1).
+    The clamp matters: fp16 rounding of the scale can push the top code to 2^k. torch.round is half-to-even.
+    """
+    check_finite(x, "quantize input")
+    scale, mn = quant_params(x, bits, dim, scale_eps)
+    q = (x.float() - mn.float()) / scale.float()
+    # scale_eps=0 and a constant group give 0/0: define the code as 0 (x_hat = mn, exact) instead of undefined
+    # NaN->uint8 casting. fake_quant keeps the official NaN so that mode can still be studied.
+    q = torch.nan_to_num(q, nan=0.0)
+    codes = q.round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    return codes, scale, mn
+
+
+def dequantize(codes, scale, mn, dtype=torch.float32):
+    """codes * scale + mn with broadcasting; math in at least fp32, result in `dtype`."""
+    ct = torch.promote_types(dtype, torch.float32)
+    return (codes.to(ct) * scale.to(ct) + mn.to(ct)).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# packing (spec §2.2): planar along the last dim. With n = 8/bits parts of width D/n, byte j holds
+# x[j] | x[j + D/n] << bits | x[j + 2D/n] << 2*bits | ...  For 4-bit: x[j] | x[j+D/2] << 4; for 2-bit the four
+# D/4-wide quarters. This is the official bit order, applied per head row; the kernel unpacks whole quarter tiles.
+
+def _check_pack(n_last, bits):
+    _check_bits(bits, (2, 4, 8))
+    parts = 8 // bits
+    if n_last % parts:
+        raise ValueError(f"cannot pack a last dim of {n_last} into {bits}-bit planar bytes: it must be a multiple "
+                         f"of {parts}; use a head size divisible by 4")
+    return parts
+
+
+def pack(codes, bits):
+    """uint8 codes [..., D] (values < 2^bits) -> uint8 [..., D*bits/8]."""
+    parts = _check_pack(codes.shape[-1], bits)
+    if parts == 1:
+        return codes.to(torch.uint8).clone()
+    c = codes.to(torch.uint8).unflatten(-1, (parts, -1))  # [..., parts, D/parts]
+    out = c[..., 0, :].clone()
+    for i in range(1, parts):
+        out |= c[..., i, :] << (bits * i)
+    return out
+
+
+def unpack(packed, bits):
+    """uint8 [..., W] -> uint8 codes [..., W*8/bits]; exact inverse of pack."""
+    parts = _check_pack(8, bits)
+    if parts == 1:
+        return packed.clone()
+    mask = 2 ** bits - 1
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(parts)], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# fake quantization for quantization-aware training
+
+def fake_quant(x, bits, dim, scale_eps=SCALE_EPS, ste=True):
+    """dequantize(quantize(x)) in x's dtype, differentiable with a straight-through estimator (d x_hat / dx = 1).
+
+    Computed in float (no uint8 round trip) with the same fp16 parameters as quantize(). With scale_eps=0 a constant
+    group gives 0/0 = NaN, as the official code does; with the default epsilon it gives x_hat = mn exactly.
+    """
+    check_finite(x.detach(), "fake_quant input")
+    scale, mn = quant_params(x.detach(), bits, dim, scale_eps)
+    s, m = scale.float(), mn.float()
+    xq = ((x.detach().float() - m) / s).round().clamp(0, 2 ** bits - 1) * s + m
+    xq = xq.to(x.dtype)
+    # ste: forward value exactly xq (x - x.detach() is exactly 0), gradient of the identity
+    return xq + (x - x.detach()) if ste else xq
+
+
+# -----------------------------------------------------------------------------
+# granularities (spec §2.3); x is [..., T, D]. Each returns what the cache stores; pair with dequantize / the
+# matching dequantize_* helper.
+
+def quantize_tokenwise(x, bits, scale_eps=SCALE_EPS):
+    """One (scale, mn) per token over its D channels: scale, mn [..., T, 1]."""
+    return quantize(x, bits, dim=-1, scale_eps=scale_eps)
+
+
+def quantize_channelwise(x, bits, scale_eps=SCALE_EPS):
+    """One (scale, mn) per channel over the T tokens: scale, mn [..., 1, D]. ZipCache/KIVI keys."""
+    return quantize(x, bits, dim=-2, scale_eps=scale_eps)
+
+
+def quantize_groupwise(x, bits, group=32, dim=-1, scale_eps=SCALE_EPS):
+    """One (scale, mn) per `group` consecutive entries along `dim` (-1: channels of a token, -2: tokens of a channel).
+
+    codes keep x's shape; scale, mn have `dim` split into (n_groups, 1), e.g. [..., T, D/group, 1] for dim=-1.
+    """
+    d = dim % x.dim()
+    if x.shape[d] % group:
+        raise ValueError(f"groupwise quantization: size {x.shape[d]} along dim {dim} is not a multiple of the "
+                         f"group size {group}; pick a group that divides it")
+    codes, scale, mn = quantize(x.unflatten(d, (-1, group)), bits, dim=d + 1, scale_eps=scale_eps)
+    return codes.flatten(d, d + 1), scale, mn
+
+
+def dequantize_groupwise(codes, scale, mn, group=32, dim=-1, dtype=torch.float32):
+    d = dim % codes.dim()
+    return dequantize(codes.unflatten(d, (-1, group)), scale, mn, dtype).flatten(d, d + 1)
+
+
+def cst_normalizer(x, scale_eps=SCALE_EPS):
+    """Channel normalizer of CST (spec §2.4 step 1): c = sqrt(max_t |x|) over the tokens, >= scale_eps, fp16 [..., 1, D]."""
+    return x.float().abs().amax(dim=-2, keepdim=True).sqrt().clamp_min(scale_eps).half()
+
+
+def quantize_cst(x, bits, token_dims=(-1,), scale_eps=SCALE_EPS, chan=None):
+    """Channel-separable tokenwise quantization (ZipCache values; spec §2.4):
+    c = sqrt(max_t |x|) per channel, then asymmetric tokenwise quantization of x / c.
+
+    token_dims: dims one (scale, mn) pair spans; (-1,) = per (token, head), (1, -1) on [B, H, T, D] = one pair per
+    row over all heads (the official "row" scope). Pass `chan` to reuse a normalizer computed over a larger set.
+    Returns (codes, scale, mn, chan); x_hat = chan * (codes*scale + mn).
+    """
+    check_finite(x, "quantize input")
+    if chan is None:
+        chan = cst_normalizer(x, scale_eps)
+    c = chan.float()
+    # c == 0 only if scale_eps == 0 and the whole channel is 0; x/c would be 0/0, so store 0 there (exact).
+    xn = torch.where(c > 0, x.float() / c.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    codes, scale, mn = quantize(xn, bits, dim=token_dims, scale_eps=scale_eps)
+    return codes, scale, mn, chan
+
+
+def dequantize_cst(codes, scale, mn, chan, dtype=torch.float32):
+    ct = torch.promote_types(dtype, torch.float32)
+    return (chan.to(ct) * dequantize(codes, scale, mn, ct)).to(dtype)
