@@ -1,0 +1,230 @@
+"""
+Sample from a model through a KV cache of your choice, and say what the cache cost.
+
+    python generate.py                                  # the shipped checkpoint, dense fp16 cache
+    python generate.py --cache zipcache --compare       # ZipCache, and how many tokens agree with a dense run
+    python generate.py --checkpoint ~/Llama-3.2-1B --prompt @prompt.txt --cache kivi --bits 2
+
+Prefill runs the whole prompt through the model once (each layer hands its q, k, v to the cache, which stores them
+in its own format); then a decode loop feeds one token at a time until max_new_tokens or a stop token.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import model as M
+from cache import make_cache
+from tokenizer import load_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
+CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):          # one line, not the whole usage block
+        sys.exit(f"{self.prog}: error: {message} (see --help)")
+
+
+def get_args(argv=None):
+    p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a ckpt.pt, a Hugging Face Llama dir or a Meta dir")
+    p.add_argument("--tokenizer", default=None, help="override: bytes, gpt2, a tokenizer.model or a model dir")
+    p.add_argument("--prompt", default="import os\n\n\ndef main(", help="text, or @file to read it from a file")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--num_samples", type=int, default=1, help="samples drawn in one batch")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (dense cache only)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache", default="dense", choices=CACHES)
+    g.add_argument("--compare", action="store_true", help="also run the dense cache and count agreeing tokens")
+    g.add_argument("--bits", type=int, help="kivi: 2 or 4 (16 = no quantization)")
+    g.add_argument("--high_bits", type=int, help="zipcache/mikv: bits of salient tokens (default 4)")
+    g.add_argument("--low_bits", type=int, help="zipcache/mikv: bits of regular tokens (default 2)")
+    g.add_argument("--salient_ratio", type=float, help="zipcache/mikv: fraction of tokens kept at high_bits")
+    g.add_argument("--probe_ratio", type=float, help="zipcache: fraction of probe queries (half recent, half random)")
+    g.add_argument("--probe_strategy", help="zipcache: recent+random, recent, random, all")
+    g.add_argument("--recompress_every", type=int, help="zipcache/mikv: decode tokens per compressed block (N)")
+    g.add_argument("--requantize", action="store_true", help="zipcache: re-quantize the whole cache every N (official)")
+    g.add_argument("--official", action="store_true", help="zipcache: the official code's settings (see README)")
+    g.add_argument("--keep_ratio", type=float, help="h2o: fraction of tokens kept (half heavy hitters, half recent)")
+    g.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
+                   help="zipcache decode attention: Triton on CUDA, PyTorch elsewhere")
+    return p.parse_args(argv)
+
+
+def cache_options(args):
+    """Map command-line flags onto make_cache keyword options; flags left unset keep each cache's defaults."""
+    o = {}
+    if args.cache == "zipcache":
+        o = dict(bits_hi=args.high_bits, bits_lo=args.low_bits, salient_ratio=args.salient_ratio,
+                 probe_mode=args.probe_strategy, block_size=args.recompress_every, kernel=args.kernel,
+                 requantize=args.requantize or None, official=args.official or None)
+        if args.probe_ratio is not None:
+            o["probe_recent"] = o["probe_random"] = args.probe_ratio / 2
+    elif args.cache == "kivi":
+        o = dict(bits=args.bits)
+    elif args.cache == "h2o":
+        if args.keep_ratio is not None:
+            o = dict(heavy_ratio=args.keep_ratio / 2, recent_ratio=args.keep_ratio / 2)
+    elif args.cache == "mikv":
+        o = dict(bits_hi=args.high_bits, bits_lo=args.low_bits, salient_ratio=args.salient_ratio,
+                 block_size=args.recompress_every)
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def sample(logits, temperature, top_k, top_p, generator):
+    """logits [B, V] -> next ids [B]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # nucleus: keep the smallest set of tokens whose probability mass reaches top_p (the top token always stays)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, seed=0,
+             stop_ids=(), num_samples=1):
+    """Prefill + decode loop. Returns (ids [num_samples, <=max_new_tokens] list of lists, stats dict)."""
+    device = model.rope_cos.device
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)    # [B, T]
+    cache.reset()
+    sync(device)
+    t0 = time.perf_counter()
+    logits, _ = model(idx, cache=cache, last_only=True)                                 # [B, 1, V]
+    nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)                         # [B]
+    sync(device)
+    t1 = time.perf_counter()
+    out, done = [nxt], torch.tensor([t in stop_ids for t in nxt.tolist()])
+    for _ in range(max_new_tokens - 1):
+        if done.all():
+            break
+        logits, _ = model(nxt[:, None], cache=cache)
+        nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
+        out.append(nxt)
+        done |= torch.tensor([t in stop_ids for t in nxt.tolist()])
+    sync(device)
+    t2 = time.perf_counter()
+    ids = torch.stack(out, 1).tolist()
+    # cut each sample after its first stop token
+    for row in ids:
+        for j, t in enumerate(row):
+            if t in stop_ids:
+                del row[j + 1:]
+                break
+    n_decoded = len(out) - 1
+    stats = dict(prefill_ms=(t1 - t0) * 1e3, decode_steps=n_decoded,
+                 decode_tok_s=n_decoded * num_samples / (t2 - t1) if n_decoded else float("nan"))
+    return ids, stats
+
+
+def kv_summary(cache, cfg, batch):
+    """Real bytes of the cache, and what an fp16 dense cache would hold for the same tokens."""
+    real = cache.nbytes()
+    dense = 2 * 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * cache.pos   # K and V, 2 bytes each
+    r = cache.ratios() if hasattr(cache, "ratios") else {}
+    return dict(kv_bytes=real, dense_fp16_bytes=dense, real_ratio=dense / max(real, 1),
+                paper_ratio=r.get("paper", float("nan")))
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    d = torch.device(name)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return d
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ValueError("--max_new_tokens and --num_samples must be at least 1")
+    device = pick_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    torch.manual_seed(args.seed)
+
+    model, meta = M.load_model(args.checkpoint, device=device, dtype=dtype)
+    cfg = model.config
+    tok = load_tokenizer(args.tokenizer or meta.get("tokenizer") or
+                         (args.checkpoint if os.path.isdir(args.checkpoint) else None))
+    if tok.n_vocab > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {cfg.vocab_size}; "
+                         f"pass the --tokenizer the checkpoint was trained with")
+    prompt = args.prompt
+    if prompt.startswith("@"):
+        with open(prompt[1:], encoding="utf-8", errors="replace") as f:
+            prompt = f.read()
+    ids = tok.encode(prompt, bos=True)     # Llama: <|begin_of_text|>; our byte models: the <|endoftext|> separator
+    if len(ids) >= cfg.max_seq_len:
+        raise ValueError(f"the prompt is {len(ids)} tokens but max_seq_len is {cfg.max_seq_len}; shorten it")
+    max_new = args.max_new_tokens
+    if len(ids) + max_new > cfg.max_seq_len:
+        max_new = cfg.max_seq_len - len(ids)
+        print(f"note: max_new_tokens lowered to {max_new} to stay within max_seq_len={cfg.max_seq_len}")
+    if args.compile:
+        if args.cache != "dense":
+            raise ValueError("--compile is supported with --cache dense only (compressed caches change shape per step)")
+        model = torch.compile(model, dynamic=True)
+
+    def run(name, opts):
+        cache = make_cache(name, cfg, **opts)
+        out, stats = generate(model, ids, cache, max_new, args.temperature, args.top_k, args.top_p, args.seed,
+                              tok.stop_ids, args.num_samples)
+        return out, stats, kv_summary(cache, cfg, args.num_samples)
+
+    out, stats, kv = run(args.cache, cache_options(args))
+    if not args.quiet:
+        for i, row in enumerate(out):
+            print(f"---------- sample {i} ({args.cache})" if args.num_samples > 1 else f"---------- {args.cache}")
+            print(prompt + tok.decode(row))
+        print("----------")
+    n_gen = sum(len(r) for r in out)
+    print(f"checkpoint  {args.checkpoint} ({meta.get('format')}), {cfg.n_layers} layers, {cfg.n_heads} heads / "
+          f"{cfg.n_kv_heads} kv heads x {cfg.head_dim}, device {device}, {str(dtype).replace('torch.', '')}")
+    print(f"tokens      prompt {len(ids)} x {args.num_samples}, generated {n_gen}")
+    print(f"time        prefill {stats['prefill_ms']:.1f} ms (first token), decode {stats['decode_tok_s']:.1f} tok/s")
+    print(f"kv cache    {args.cache}: {kv['kv_bytes']:,} B real, {kv['dense_fp16_bytes']:,} B as dense fp16 -> "
+          f"real ratio {kv['real_ratio']:.2f}x, paper-formula ratio {kv['paper_ratio']:.2f}x")
+    if args.compare and args.cache != "dense":
+        ref, _, _ = run("dense", {})
+        agree = total = 0
+        for a, b in zip(out, ref):
+            n = min(len(a), len(b))
+            first = next((j for j in range(n) if a[j] != b[j]), n)
+            agree += first
+            total += len(b)
+        print(f"vs dense    {agree}/{total} generated tokens identical before the first divergence")
+    return out, stats, kv
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"generate.py: error: {e}")

@@ -1,0 +1,98 @@
+"""generate.py end to end: the shipped checkpoint, a tiny HF directory, every cache, the kernel switch, bad inputs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate as G
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_ckpt(tmp_path, head_dim=16, **kw):
+    """A random byte-level model saved as train.py would (model, config, tokenizer spec)."""
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(dim=4 * head_dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=257, max_seq_len=160,
+                        head_dim=head_dim, **kw)
+    path = tmp_path / f"tiny{head_dim}.pt"
+    torch.save({"model": M.Transformer(cfg).state_dict(), "config": vars(cfg), "tokenizer": {"kind": "bytes"}}, path)
+    return str(path)
+
+
+def run_main(*argv):
+    return G.main(["--quiet", *argv])
+
+
+def test_shipped_checkpoint_cli():
+    # the README's first command, as a user runs it (short, so the suite stays fast)
+    r = subprocess.run([sys.executable, "generate.py", "--cache", "zipcache", "--max_new_tokens", "30", "--compare"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "real ratio" in r.stdout and "vs dense" in r.stdout
+
+
+@pytest.mark.parametrize("cache", G.CACHES)
+def test_every_cache_runs(tmp_path, cache):
+    out, stats, kv = run_main("--checkpoint", tiny_ckpt(tmp_path), "--cache", cache, "--max_new_tokens", "12",
+                              "--temperature", "0", "--prompt", "x" * 40, "--num_samples", "2")
+    assert len(out) == 2 and all(1 <= len(r) <= 12 for r in out)
+    assert kv["kv_bytes"] > 0 and stats["prefill_ms"] > 0
+    if cache == "dense":
+        assert kv["real_ratio"] == pytest.approx(1.0)
+
+
+def test_greedy_is_deterministic_and_bits16_matches_dense(tmp_path):
+    ck = tiny_ckpt(tmp_path)
+    common = ["--checkpoint", ck, "--max_new_tokens", "20", "--temperature", "0", "--prompt", "hello " * 10]
+    dense, _, _ = run_main(*common)
+    assert run_main(*common)[0] == dense
+    kivi16, _, _ = run_main(*common, "--cache", "kivi", "--bits", "16")
+    assert kivi16 == dense
+
+
+def test_hf_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    out, _, _ = run_main("--checkpoint", str(tmp_path / "hf"), "--tokenizer", "bytes", "--max_new_tokens", "8",
+                         "--cache", "zipcache")
+    assert len(out[0]) >= 1
+
+
+def test_triton_kernel_same_tokens_as_torch(tmp_path):
+    # head_dim 64 is a shape the kernel supports; on CPU it runs under TRITON_INTERPRET=1 (tests/conftest.py)
+    pytest.importorskip("triton")
+    ck = tiny_ckpt(tmp_path, head_dim=64)
+    common = ["--checkpoint", ck, "--cache", "zipcache", "--max_new_tokens", "24", "--temperature", "0",
+              "--prompt", "abc" * 30, "--recompress_every", "8"]
+    a, _, _ = run_main(*common, "--kernel", "torch")
+    b, _, _ = run_main(*common, "--kernel", "triton")
+    assert a == b
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--cache", "nope"], "invalid choice"),
+    (["--bogus_flag", "1"], "unrecognized arguments"),
+])
+def test_bad_flags_one_line(argv, msg):
+    r = subprocess.run([sys.executable, "generate.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and msg in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        run_main("--checkpoint", str(tmp_path / "missing.pt"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        run_main("--checkpoint", str(corrupt))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        run_main("--checkpoint", tiny_ckpt(tmp_path), "--prompt", "y" * 400)
+    with pytest.raises(ValueError):
+        run_main("--checkpoint", tiny_ckpt(tmp_path), "--cache", "zipcache", "--salient_ratio", "1.5")
