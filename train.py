@@ -1,0 +1,446 @@
+"""
+Train a small llama-like model (model.py) on a small corpus, nanoGPT style.
+
+    python train.py                                   # the shipped config on the default corpus (stdlib sources)
+    python train.py --max_iters=200 --n_layers=2      # override any TrainConfig *or* ModelConfig field: --key=value
+    python train.py tiny --data=notes.txt             # a named preset (PRESETS below), then overrides
+    python train.py --resume --out_dir=out            # continue from out/ckpt.pt, bit for bit
+    torchrun --standalone --nproc_per_node=2 train.py # DDP: gloo on CPU, nccl on GPU
+
+Checkpoints (out_dir/ckpt.pt) hold the model, its ModelConfig, the tokenizer spec, the optimizer, the step and the
+sampler's RNG, so --resume draws the very batches the uninterrupted run would have drawn. --export_to=PATH also writes
+a slim fp16 copy without optimizer state (what ships in ckpt/).
+"""
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data as datalib
+from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    resume: bool = False            # continue out_dir/ckpt.pt (a fresh run refuses to overwrite one)
+    export_to: str = ""             # at the end also write a slim fp16 checkpoint here (no optimizer state)
+    eval_interval: int = 250        # evaluate and checkpoint every this many steps
+    eval_iters: int = 20            # batches per split per evaluation
+    log_interval: int = 10
+    # data (data.py)
+    data: str = ""                  # a text file or a directory of them; "" = the Python stdlib's .py sources
+    data_dir: str = "data_cache"    # tokenized corpora live here, one folder per fingerprint
+    tokenizer: str = "bytes"        # bytes | gpt2 (if cached) | path to a Llama-3 tokenizer.model
+    max_corpus_mb: float = 8.0      # read at most this much text (0 = all); the default corpus is ~12 MB
+    val_frac: float = 0.1           # the last 10% of the token stream is the validation split
+    # batch: tokens per step = batch_size * block_size * grad_accum * world_size
+    batch_size: int = 16
+    block_size: int = 256
+    grad_accum: int = 1
+    # AdamW with linear warmup then cosine decay to min_lr
+    learning_rate: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 100
+    max_iters: int = 2000
+    lr_decay_iters: int = 0         # 0 -> max_iters; set it to keep the schedule when you stop early and resume later
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 = off
+    # system
+    device: str = "auto"            # auto | cpu | cuda | cuda:1 | mps
+    dtype: str = "auto"             # auto: bf16 autocast on GPUs that have it, else fp16 (+ grad scaling); fp32 on CPU
+    compile: bool = False
+    seed: int = 1337
+    # ModelConfig fields (model.py), set on the command line by their own names: --dim=512 --attn=clla ...
+    model: dict = field(default_factory=lambda: dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512))
+
+
+# Named starting points, applied before --key=value overrides. Keys may be TrainConfig or ModelConfig fields.
+PRESETS = {
+    # a seconds-long smoke test (the tests use it)
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, block_size=32, batch_size=8,
+                 max_iters=50, eval_interval=25, eval_iters=4, log_interval=5, warmup_iters=5, learning_rate=3e-3),
+    # GPT-2 small's shape (124M with a GPT-2 vocabulary), for throughput measurements
+    "gpt2-small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, block_size=256,
+                       batch_size=8, learning_rate=6e-4, min_lr=6e-5),
+    # the CLLA ablation's base shape (spec/clla.md §2): 16 heads x 32
+    "small": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=16, max_seq_len=512, block_size=256),
+}
+
+# peak dense bf16/fp16 tensor-core FLOP/s, for MFU (by substring of the device name)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+# -----------------------------------------------------------------------------
+# command line: --key=value checked against the field's type
+
+def parse_value(key, text, tp):
+    """'--key=text' -> a value of type tp: int, float, bool, str, dict, or a union of them (None as 'none')."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    args = typing.get_args(tp) if union else (tp,)
+    if type(None) in args and text.lower() in ("none", "null"):
+        return None
+    for t in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):  # str last: '4' is an int
+        t = typing.get_origin(t) or t
+        if t is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+        elif t in (int, float):
+            try:
+                return t(text)
+            except ValueError:
+                pass
+        elif t is str:
+            return text
+        elif t in (dict, list):
+            try:
+                v = json.loads(text)
+                if isinstance(v, t):
+                    return v
+            except ValueError:
+                pass
+    names = " or ".join("none" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+    raise ValueError(f"--{key}={text!r} is not a valid {names}" + (" (JSON, e.g. --rope_scaling='{\"factor\": 8}')"
+                                                                      if dict in args else ""))
+
+
+def apply_overrides(cfg, argv):
+    """Presets (bare names) and --key=value flags onto a TrainConfig, in order. Model fields go into cfg.model."""
+    tfields = typing.get_type_hints(TrainConfig)
+    mfields = typing.get_type_hints(ModelConfig)
+    assert not (set(tfields) - {"model"}) & set(mfields), "TrainConfig and ModelConfig field names must not collide"
+
+    def put(key, value):
+        if key in tfields:
+            setattr(cfg, key, value)
+        else:
+            cfg.model[key] = value
+
+    for arg in argv:
+        if not arg.startswith("--"):
+            if arg not in PRESETS:
+                raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)} (flags look like --key=value)")
+            for k, v in PRESETS[arg].items():
+                put(k, v)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        tp = tfields.get(key) or mfields.get(key)
+        if tp is None:
+            import difflib
+            close = difflib.get_close_matches(key, list(tfields) + list(mfields), n=1)
+            raise ValueError(f"unknown flag --{key}" + (f"; did you mean --{close[0]}?" if close else
+                                                         "; see TrainConfig in train.py and ModelConfig in model.py"))
+        if not eq:
+            if tp is not bool:
+                raise ValueError(f"--{key} needs a value: --{key}=VALUE")
+            text = "true"
+        put(key, parse_value(key, text, tp))
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def get_lr(it, cfg):
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    # decay matrices (linear and embedding weights), not gains/biases: 1-D tensors are scales, shrinking them hurts
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same directory, fsync, rename: a crash leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def export_slim(ckpt, path):
+    """A shippable checkpoint: fp16 weights, config and tokenizer spec; no optimizer state or RNG."""
+    slim = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler", "rng")}
+    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    atomic_save(slim, path)
+    return os.path.getsize(path)
+
+
+def flops_per_token(model, T):
+    # nanoGPT's estimate (PaLM appendix B): 6 FLOPs per weight per token for forward+backward, plus attention scores
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layers * c.n_heads * c.head_dim * T
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None, log=print):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = apply_overrides(TrainConfig(), argv)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}; start a fresh run without --resume, or point "
+                             f"--out_dir at the run to continue")
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            assert {"model", "config", "optimizer", "step", "train_config", "rng"} <= set(ckpt)
+        except Exception:
+            raise ValueError(f"--resume: {ckpt_path} is not a full train.py checkpoint (corrupt, or an exported one "
+                             f"without optimizer state)") from None
+        # the run's own settings, then this command line on top (e.g. a larger --max_iters); the model's shape is
+        # the checkpoint's, so a model flag may only repeat it
+        known = {f.name for f in fields(TrainConfig)}
+        cfg = apply_overrides(TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}), argv)
+        cfg.resume = True
+        for k, v in apply_overrides(TrainConfig(model={}), argv).model.items():
+            if ckpt["config"].get(k) != v:
+                raise ValueError(f"--{k}={v} differs from the checkpoint's {k}={ckpt['config'].get(k)}; the model's "
+                                 f"shape comes from the checkpoint when resuming")
+    elif os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} already exists; pass --resume to continue it, or choose another --out_dir")
+
+    # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if not master:
+        log = lambda *a, **k: None  # noqa: E731  (one voice in the logs)
+    holder = [ckpt]  # handed over so _train can free it once loaded
+    del ckpt
+    try:
+        return _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
+    ckpt = holder.pop()
+    # ---- tokenizer
+    tok = load_tokenizer(cfg.tokenizer)
+    if ckpt is not None and ckpt.get("tokenizer") != tok.spec:
+        raise ValueError(f"--tokenizer gives {tok.spec} but the checkpoint was trained with {ckpt.get('tokenizer')}")
+    # ---- model config
+    if ckpt is not None:
+        mconf = ModelConfig.from_dict(ckpt["config"])
+    else:
+        margs = dict(cfg.model)
+        margs.setdefault("vocab_size", tok.n_vocab)
+        if margs["vocab_size"] < tok.n_vocab:
+            raise ValueError(f"--vocab_size={margs['vocab_size']} is smaller than the tokenizer's {tok.n_vocab}")
+        mconf = ModelConfig.from_dict(margs)
+    if cfg.block_size > mconf.max_seq_len:
+        raise ValueError(f"--block_size={cfg.block_size} exceeds max_seq_len={mconf.max_seq_len}; lower it or raise "
+                         f"--max_seq_len")
+    dtype = cfg.dtype  # resolved here, not in cfg: a resumed run on other hardware decides afresh
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if ptdtype is None:
+        raise ValueError(f"--dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
+
+    # ---- data (after every cheap check, so a typo never waits for tokenizing)
+    err, meta = [None], None
+    if master:
+        try:
+            meta = datalib.prepare(cfg.data, tok, cfg.data_dir, cfg.max_corpus_mb, cfg.val_frac, log)
+        except Exception as e:  # tell the other ranks instead of leaving them waiting
+            err = [str(e)]
+    if ddp:
+        dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise ValueError(err[0])
+    if not master:
+        meta = datalib.prepare(cfg.data, tok, cfg.data_dir, cfg.max_corpus_mb, cfg.val_frac, log)
+    for split in ("train", "val"):
+        if meta[f"{split}_tokens"] <= cfg.block_size:
+            raise ValueError(f"the {split} split has {meta[f'{split}_tokens']} tokens, fewer than block_size+1="
+                             f"{cfg.block_size + 1}; add text, lower --block_size, or change --val_frac")
+
+    # ---- model and optimizer
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    raw = Transformer(mconf).to(device)
+    opt = make_optimizer(raw, cfg, device)
+    # weights and optimizer stay fp32; autocast runs matmuls in the low precision; fp16 needs loss scaling
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16 and device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed + rank)  # the training-batch sampler (CPU; its state is saved)
+    step, best_val = 0, float("inf")
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if len(rng["sampler"]) == world:
+            gen.set_state(rng["sampler"][rank])
+        else:  # a different number of processes cannot replay the same batches; carry on with fresh streams
+            log(f"note: checkpoint has {len(rng['sampler'])} sampler states for {world} processes; reseeding")
+            gen.manual_seed(cfg.seed + rank + 1_000_003 * step)
+        log(f"resuming {ckpt_path} at step {step}")
+    del ckpt
+    log(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {asdict(mconf)}")
+    model = torch.compile(raw) if cfg.compile else raw
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean loss over eval_iters batches per split. Its own fixed-seed RNG: the same batches every time, and the
+        training sampler's stream is untouched (so evaluating never changes the run)."""
+        raw.eval()
+        out = {}
+        for split in ("train", "val"):
+            g = torch.Generator().manual_seed(cfg.seed + 7919 * (rank + 1))
+            losses = torch.zeros(cfg.eval_iters, device=device)
+            for k in range(cfg.eval_iters):
+                x, y = datalib.get_batch(meta, split, cfg.batch_size, cfg.block_size, g, device)
+                with ctx:
+                    losses[k] = raw(x, y)[1]
+            mean = losses.mean()
+            if ddp:
+                dist.all_reduce(mean)
+                mean /= world
+            out[split] = mean.item()
+        raw.train()
+        return out
+
+    def checkpoint(losses):
+        states = [gen.get_state()]
+        if ddp:  # every rank's sampler, so a resumed DDP run replays each rank's batches
+            states = [None] * world
+            dist.all_gather_object(states, gen.get_state())
+        if not master:
+            return
+        atomic_save({"model": raw.state_dict(), "config": asdict(mconf), "tokenizer": tok.spec, "step": step,
+                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": asdict(cfg),
+                     "best_val_loss": best_val, "train_loss": losses["train"], "val_loss": losses["val"],
+                     "data": {k: v for k, v in meta.items() if k != "dir"},
+                     "rng": {"sampler": states, "torch": torch.get_rng_state()}}, ckpt_path)
+
+    # ---- the loop
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if master else None
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    fpt = flops_per_token(raw, cfg.block_size)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device.type == "cuda" else None
+    log(f"training: {tokens_per_iter:,} tokens/step ({world} process(es), {dtype}, {device}) from step {step} to "
+        f"{cfg.max_iters}")
+    losses, history, evals = None, {}, {}
+    if step == 0 and cfg.eval_iters > 0:
+        losses = evals[0] = evaluate()
+        log(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    t_start = t_last = time.perf_counter()
+    steps_since, first_step = 0, step
+    loss_acc = torch.zeros((), device=device)
+    while step < cfg.max_iters:
+        lr = get_lr(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            x, y = datalib.get_batch(meta, "train", cfg.batch_size, cfg.block_size, gen, device)
+            if ddp:  # all-reduce gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / cfg.grad_accum
+            scaler.scale(loss).backward()
+            loss_acc += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_since += 1
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            if ddp:
+                dist.all_reduce(loss_acc)
+                loss_acc /= world
+            lossf = loss_acc.item() / steps_since  # .item() syncs the GPU: only here, once per log interval
+            now = time.perf_counter()
+            dt = (now - t_last) / steps_since
+            tps = tokens_per_iter / dt
+            mfu = f", mfu {100 * fpt * tps / world / peak:.1f}%" if peak else ""
+            log(f"iter {step}: loss {lossf:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms/iter, {tps:,.0f} tok/s{mfu}")
+            history[step] = lossf
+            if logf:
+                logf.write(json.dumps({"step": step, "loss": lossf, "lr": lr, "ms_per_iter": 1000 * dt,
+                                       "tok_per_s": tps}) + "\n")
+                logf.flush()
+            loss_acc.zero_()
+            t_last, steps_since = now, 0
+
+        if cfg.eval_iters > 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+            losses = evals[step] = evaluate()
+            best_val = min(best_val, losses["val"])
+            log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            checkpoint(losses)
+            log(f"saved {ckpt_path} (step {step})")
+            t_last = time.perf_counter()  # evaluation and saving are not training time
+            if logf:
+                logf.write(json.dumps({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+
+    elapsed = time.perf_counter() - t_start
+    if logf:
+        logf.close()
+    if cfg.export_to and master:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--export_to: no checkpoint at {ckpt_path} to export (set --eval_iters > 0)")
+        size = export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
+        log(f"exported {cfg.export_to} ({size / 2**20:.1f} MB, fp16, no optimizer state)")
+    return {"step": step, "losses": history, "evals": evals, "best_val_loss": best_val, "elapsed_s": elapsed,
+            "trained_steps": step - first_step, "tokens_per_iter": tokens_per_iter}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
