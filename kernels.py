@@ -254,5 +254,370 @@ def decode_attention(q, view, kernel="auto", **kw):
     raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
 
 
-def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=64, return_lse=False):
-    raise NotImplementedError("the Triton kernel is being written; use kernel='torch'")
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels (kernels.md §2-3). Scores live in the log2 domain: q is pre-multiplied by sm_scale·log2(e) so
+# the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the interpreter's bf16 dot is
+# garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only (runs on Triton 3.6 to 3.9).
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _codes_to_f16(x, Z: tl.constexpr):
+        # integer code -> centred fp16 value c - Z without an I2F instruction: 0x6400 is 1024.0 in fp16 with a
+        # 10-bit mantissa of zeros, so OR-ing a code c < 1024 into the mantissa gives exactly 1024 + c (kernels.md §2).
+        # Subtracting 1024 + Z instead of 1024 costs nothing and centres the codes (see _segment_pass).
+        return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + Z)
+
+    @triton.jit
+    def _load_code_quarters(ptr, t, valid, stride_t, dq, D4: tl.constexpr, BITS: tl.constexpr):
+        """Packed rows t of one (b, KV head) of a segment -> its four fp16 tiles [BLOCK_N, D/4] of centred codes
+        x - 2^(BITS-1). Planar packing (zipcache §2.2) makes every quarter a shift-and-mask of a contiguous byte tile."""
+        Z: tl.constexpr = 1 << (BITS - 1)
+        offs = t[:, None] * stride_t + dq[None, :]
+        if BITS == 4:
+            lo = tl.load(ptr + offs, mask=valid[:, None], other=0)           # bytes [0, D/4): quarters 0 and 2
+            hi = tl.load(ptr + offs + D4, mask=valid[:, None], other=0)      # bytes [D/4, D/2): quarters 1 and 3
+            x0, x1, x2, x3 = lo & 15, hi & 15, lo >> 4, hi >> 4
+        else:
+            by = tl.load(ptr + offs, mask=valid[:, None], other=0)           # 2-bit: byte j holds x[j + i·D/4] at 2i
+            x0, x1, x2, x3 = by & 3, (by >> 2) & 3, (by >> 4) & 3, by >> 6
+        return _codes_to_f16(x0, Z), _codes_to_f16(x1, Z), _codes_to_f16(x2, Z), _codes_to_f16(x3, Z)
+
+    @triton.jit
+    def _attend_tile(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qb, k0, k1, k2, k3, v0, v1, v2, v3,
+                     vs, vm, c0, c1, c2, c3, valid, qk_scale, QUANT: tl.constexpr):
+        """One online-softmax step over a [BLOCK_N] tile for all BLOCK_G query rows (kernels.md §3.1).
+        QUANT: scores get the per-block constant qb; p is scaled by σ before the V dot, ν adds a rank-1 bias,
+        and c (the CST normalizer) multiplies the tile's contribution. The fp16 buffer uses none of these."""
+        s = tl.dot(q0, tl.trans(k0))                                          # [BLOCK_G, BLOCK_N] fp32
+        s = tl.dot(q1, tl.trans(k1), s)
+        s = tl.dot(q2, tl.trans(k2), s)
+        s = tl.dot(q3, tl.trans(k3), s)
+        s = s * qk_scale                                                      # sm_scale·log2(e) after the dot:
+        if QUANT:                                                             # q itself is never rounded again
+            s += qb[:, None]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                 # all masked so far: avoid -inf - -inf
+        alpha = tl.math.exp2(m - m_use)
+        p = tl.math.exp2(s - m_use[:, None])                                  # masked -> exactly 0
+        l = l * alpha + tl.sum(p, 1)
+        if QUANT:
+            pv = (p * vs[None, :]).to(tl.float16)                             # p ⊙ σ, p <= 1 so fp16 is safe
+            bias = tl.sum(p * vm[None, :], 1)[:, None]                        # Σ_t p_t ν_t
+            a0 = a0 * alpha[:, None] + c0[None, :] * (tl.dot(pv, v0) + bias)
+            a1 = a1 * alpha[:, None] + c1[None, :] * (tl.dot(pv, v1) + bias)
+            a2 = a2 * alpha[:, None] + c2[None, :] * (tl.dot(pv, v2) + bias)
+            a3 = a3 * alpha[:, None] + c3[None, :] * (tl.dot(pv, v3) + bias)
+        else:
+            pv = p.to(tl.float16)
+            a0 = tl.dot(pv, v0, a0 * alpha[:, None])
+            a1 = tl.dot(pv, v1, a1 * alpha[:, None])
+            a2 = tl.dot(pv, v2, a2 * alpha[:, None])
+            a3 = tl.dot(pv, v3, a3 * alpha[:, None])
+        return m_new, l, a0, a1, a2, a3
+
+    @triton.jit
+    def _segment_pass(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
+                      KC, VC, VS, VM, KS, KM, VCH, ROWS, TAB, b, h,
+                      s_c_b, s_c_h, s_c_t, s_v_b, s_v_h, s_p_b, s_p_k, s_p_h, s_n_b, s_n_k, s_n_h, s_r_b,
+                      dq, D4: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's share of one segment: its blocks blk_first..blk_last, clipped to rows [row_lo, row_hi)
+        (the launcher's table, kernels.md §3.2). q0..q3 are the raw fp32 query quarters."""
+        blk_first = tl.load(TAB)
+        blk_last = tl.load(TAB + 1)
+        row_lo = tl.load(TAB + 2)
+        row_hi = tl.load(TAB + 3)
+        kc = KC + b * s_c_b + h * s_c_h                                       # int64 base offsets
+        vc = VC + b * s_c_b + h * s_c_h
+        vsp = VS + b * s_v_b + h * s_v_h                                      # s_v_h = 0 for one pair per row
+        vmp = VM + b * s_v_b + h * s_v_h
+        for blk in range(blk_first, blk_last):
+            r0 = tl.maximum(tl.load(ROWS + b * s_r_b + blk), row_lo)
+            r1 = tl.minimum(tl.load(ROWS + b * s_r_b + blk + 1), row_hi)
+            # per-block parameters; s_p_b = 0 when pooled over the batch (Bs = 1)
+            kp = b * s_p_b + blk * s_p_k + h * s_p_h
+            cp = VCH + b * s_n_b + blk * s_n_k + h * s_n_h
+            a_0 = tl.load(KS + kp + dq).to(tl.float32)
+            a_1 = tl.load(KS + kp + D4 + dq).to(tl.float32)
+            a_2 = tl.load(KS + kp + 2 * D4 + dq).to(tl.float32)
+            a_3 = tl.load(KS + kp + 3 * D4 + dq).to(tl.float32)
+            mu0 = tl.load(KM + kp + dq).to(tl.float32)
+            mu1 = tl.load(KM + kp + D4 + dq).to(tl.float32)
+            mu2 = tl.load(KM + kp + 2 * D4 + dq).to(tl.float32)
+            mu3 = tl.load(KM + kp + 3 * D4 + dq).to(tl.float32)
+            c0 = tl.load(cp + dq).to(tl.float32)
+            c1 = tl.load(cp + D4 + dq).to(tl.float32)
+            c2 = tl.load(cp + 2 * D4 + dq).to(tl.float32)
+            c3 = tl.load(cp + 3 * D4 + dq).to(tl.float32)
+            # keys: q' = fp16(q ⊙ a), the only rounding; qb = q·μ · sm_scale·log2e in fp32 from the raw q.
+            # Centred codes: K̂ = a·x + μ = a·(x - Z) + (μ + Z·a). The rounding error of q' now multiplies |x - Z| <= Z
+            # instead of x <= 2Z, and its mean over tokens (a shift of the whole block's scores) is gone.
+            Z: tl.constexpr = 1 << (BITS - 1)
+            mu0 = mu0 + Z * a_0
+            mu1 = mu1 + Z * a_1
+            mu2 = mu2 + Z * a_2
+            mu3 = mu3 + Z * a_3
+            qa0 = (q0 * a_0[None, :]).to(tl.float16)
+            qa1 = (q1 * a_1[None, :]).to(tl.float16)
+            qa2 = (q2 * a_2[None, :]).to(tl.float16)
+            qa3 = (q3 * a_3[None, :]).to(tl.float16)
+            qb = tl.sum(q0 * mu0[None, :] + q1 * mu1[None, :] + q2 * mu2[None, :] + q3 * mu3[None, :], 1) * qk_scale
+            for t0 in range(r0, r1, BLOCK_N):
+                t = t0 + tl.arange(0, BLOCK_N)
+                valid = t < r1                                                # a tile never straddles a block
+                k0, k1, k2, k3 = _load_code_quarters(kc, t, valid, s_c_t, dq, D4, BITS)
+                v0, v1, v2, v3 = _load_code_quarters(vc, t, valid, s_c_t, dq, D4, BITS)
+                vs = tl.load(vsp + t, mask=valid, other=0.0).to(tl.float32)  # σ_t, ν_t
+                vm = tl.load(vmp + t, mask=valid, other=0.0).to(tl.float32) + Z * vs   # centred: ν + Z·σ
+                m, l, a0, a1, a2, a3 = _attend_tile(m, l, a0, a1, a2, a3, qa0, qa1, qa2, qa3, qb,
+                                                    k0, k1, k2, k3, v0, v1, v2, v3, vs, vm, c0, c1, c2, c3,
+                                                    valid, qk_scale, True)
+        return m, l, a0, a1, a2, a3
+
+    @triton.jit
+    def _zip_decode_stage1(
+            Q, s_q_b, s_q_h,
+            HKC, HVC, HVS, HVM, HKS, HKM, HROWS,
+            hs_c_b, hs_c_h, hs_c_t, hs_v_b, hs_v_h, hs_p_b, hs_p_k, hs_p_h, hs_r_b,
+            LKC, LVC, LVS, LVM, LKS, LKM, LROWS,
+            ls_c_b, ls_c_h, ls_c_t, ls_v_b, ls_v_h, ls_p_b, ls_p_k, ls_p_h, ls_r_b,
+            VCH, s_n_b, s_n_k, s_n_h,
+            KB, VB, s_kb_b, s_kb_h, s_kb_t, s_vb_b, s_vb_h, s_vb_t,
+            TAB, O, LSE, s_o_b, s_o_h, s_o_s, s_l_b, s_l_h,
+            H_kv, G, n_buf, qk_scale,
+            D4: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+            HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, SPLIT: tl.constexpr):
+        """Grid (B·H_kv, S): program (b, KV head h, split) runs the online softmax over its share of the hi
+        segment, the lo segment and the fp16 buffer for all G query heads of the group (one K/V load serves G).
+        SPLIT=False (S = 1): writes out (q.dtype) and the natural-log lse directly; else fp32 partials + log2 lse."""
+        pid = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        S = tl.num_programs(1)
+        b = pid // H_kv
+        h = pid % H_kv
+        g = tl.arange(0, BLOCK_G)                                             # row g = query head h·G + g
+        gmask = g < G
+        dq = tl.arange(0, D4)
+        qrow = Q + b * s_q_b + (h * G + g)[:, None].to(tl.int64) * s_q_h
+        q0 = tl.load(qrow + dq[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)   # [BLOCK_G, D/4]
+        q1 = tl.load(qrow + D4 + dq[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(qrow + 2 * D4 + dq[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q3 = tl.load(qrow + 3 * D4 + dq[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)                    # running max (log2 domain)
+        l = tl.zeros([BLOCK_G], tl.float32)                                   # running sum of exp2
+        a0 = tl.zeros([BLOCK_G, D4], tl.float32)
+        a1 = tl.zeros([BLOCK_G, D4], tl.float32)
+        a2 = tl.zeros([BLOCK_G, D4], tl.float32)
+        a3 = tl.zeros([BLOCK_G, D4], tl.float32)
+
+        tab = TAB + ((b * 2) * S + split) * 4                                 # table [B, 2, S, 4]
+        m, l, a0, a1, a2, a3 = _segment_pass(
+            m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
+            HKC, HVC, HVS, HVM, HKS, HKM, VCH, HROWS, tab, b, h,
+            hs_c_b, hs_c_h, hs_c_t, hs_v_b, hs_v_h, hs_p_b, hs_p_k, hs_p_h, s_n_b, s_n_k, s_n_h, hs_r_b,
+            dq, D4, HI_BITS, BLOCK_N)
+        m, l, a0, a1, a2, a3 = _segment_pass(
+            m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
+            LKC, LVC, LVS, LVM, LKS, LKM, VCH, LROWS, tab + S * 4, b, h,
+            ls_c_b, ls_c_h, ls_c_t, ls_v_b, ls_v_h, ls_p_b, ls_p_k, ls_p_h, s_n_b, s_n_k, s_n_h, ls_r_b,
+            dq, D4, LO_BITS, BLOCK_N)
+
+        # the fp16 buffer, split like the segments: rows [r0, r1) of [0, n_buf)
+        chunk = tl.cdiv(tl.cdiv(n_buf, S), BLOCK_N) * BLOCK_N
+        r0 = tl.minimum(split * chunk, n_buf)
+        r1 = tl.minimum(r0 + chunk, n_buf)
+        qr0 = q0.to(tl.float16)                                               # exact for fp16 q (and bf16 q in range)
+        qr1 = q1.to(tl.float16)
+        qr2 = q2.to(tl.float16)
+        qr3 = q3.to(tl.float16)
+        kb = KB + b * s_kb_b + h * s_kb_h
+        vb = VB + b * s_vb_b + h * s_vb_h
+        for t0 in range(r0, r1, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            valid = t < r1
+            ko = t[:, None] * s_kb_t + dq[None, :]
+            vo = t[:, None] * s_vb_t + dq[None, :]
+            vmask = valid[:, None]
+            k0 = tl.load(kb + ko, mask=vmask, other=0.0).to(tl.float16)
+            k1 = tl.load(kb + ko + D4, mask=vmask, other=0.0).to(tl.float16)
+            k2 = tl.load(kb + ko + 2 * D4, mask=vmask, other=0.0).to(tl.float16)
+            k3 = tl.load(kb + ko + 3 * D4, mask=vmask, other=0.0).to(tl.float16)
+            v0 = tl.load(vb + vo, mask=vmask, other=0.0).to(tl.float16)
+            v1 = tl.load(vb + vo + D4, mask=vmask, other=0.0).to(tl.float16)
+            v2 = tl.load(vb + vo + 2 * D4, mask=vmask, other=0.0).to(tl.float16)
+            v3 = tl.load(vb + vo + 3 * D4, mask=vmask, other=0.0).to(tl.float16)
+            m, l, a0, a1, a2, a3 = _attend_tile(m, l, a0, a1, a2, a3, qr0, qr1, qr2, qr3, 0.0,
+                                                k0, k1, k2, k3, v0, v1, v2, v3, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0,
+                                                valid, qk_scale, False)
+
+        # epilogue: o = acc / l; lse2 = m + log2(l), -inf for an empty split (l = 0, o = 0)
+        has = l > 0
+        inv = 1.0 / tl.where(has, l, 1.0)
+        lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+        hq = (h * G + g).to(tl.int64)
+        optr = O + b * s_o_b + hq[:, None] * s_o_h + split * s_o_s + dq[None, :]
+        omask = gmask[:, None]
+        if SPLIT:
+            tl.store(optr, a0 * inv[:, None], mask=omask)
+            tl.store(optr + D4, a1 * inv[:, None], mask=omask)
+            tl.store(optr + 2 * D4, a2 * inv[:, None], mask=omask)
+            tl.store(optr + 3 * D4, a3 * inv[:, None], mask=omask)
+            tl.store(LSE + b * s_l_b + hq * s_l_h + split, lse2, mask=gmask)
+        else:
+            ty = O.dtype.element_ty
+            tl.store(optr, (a0 * inv[:, None]).to(ty), mask=omask)
+            tl.store(optr + D4, (a1 * inv[:, None]).to(ty), mask=omask)
+            tl.store(optr + 2 * D4, (a2 * inv[:, None]).to(ty), mask=omask)
+            tl.store(optr + 3 * D4, (a3 * inv[:, None]).to(ty), mask=omask)
+            tl.store(LSE + b * s_l_b + hq * s_l_h, lse2 * 0.6931471805599453, mask=gmask)   # natural log
+
+    @triton.jit
+    def _zip_decode_combine(OP, LP, OUT, LSE, H_q, S, s_op_b, s_op_h, s_op_s, s_lp_b, s_lp_h,
+                            s_out_b, s_out_h, s_lse_b, s_lse_h, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Stage 2, grid (B·H_q,): merge the S partial softmaxes of one query head (kernels.md §3.3).
+        Deterministic and atomic-free; empty splits have lse = -inf and weight 0."""
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // H_q
+        hq = pid % H_q
+        si = tl.arange(0, BLOCK_S)
+        smask = si < S
+        d = tl.arange(0, D)
+        lse = tl.load(LP + b * s_lp_b + hq * s_lp_h + si, mask=smask, other=float("-inf"))
+        mx = tl.max(lse, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.math.exp2(lse - mx)                                            # [BLOCK_S], -inf -> 0
+        o = tl.load(OP + b * s_op_b + hq * s_op_h + si[:, None] * s_op_s + d[None, :], mask=smask[:, None], other=0.0)
+        wsum = tl.sum(w, 0)
+        out = tl.sum(w[:, None] * o, 0) / tl.where(wsum > 0, wsum, 1.0)
+        lse_out = tl.where(wsum > 0, (mx + tl.log2(tl.where(wsum > 0, wsum, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+        tl.store(OUT + b * s_out_b + hq * s_out_h + d, out.to(OUT.dtype.element_ty))
+        tl.store(LSE + b * s_lse_b + hq * s_lse_h, lse_out)
+
+
+# -----------------------------------------------------------------------------
+# launcher (kernels.md §3.2, §4)
+
+def _check_kernel_inputs(q, view, block_n):
+    D = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton decode kernel takes fp16 or bf16 queries, got {q.dtype}; cast q, or use "
+                         f"kernel='torch'")
+    if D not in SUPPORTED_D:
+        raise ValueError(f"the Triton decode kernel supports head_dim in {SUPPORTED_D}, got {D}; use kernel='torch' "
+                         f"for this model")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+    named = [("q", q), ("k_buf", view.k_buf), ("v_buf", view.v_buf), ("v_chan", view.v_chan)]
+    for p, seg in zip(("hi", "lo"), view.segments):
+        if seg.bits not in (2, 4):
+            raise ValueError(f"the kernel reads 2- or 4-bit segments, got {p}.bits={seg.bits}; use kernel='torch'")
+        named += [(f"{p}.{f}", getattr(seg, f)) for f in ("k_codes", "v_codes", "v_scale", "v_min", "k_scale",
+                                                            "k_min", "rows")]
+        if seg.k_codes.stride() != seg.v_codes.stride() or seg.v_scale.stride() != seg.v_min.stride() \
+                or seg.k_scale.stride() != seg.k_min.stride():
+            raise ValueError(f"segment {p}: k/v codes, v_scale/v_min and k_scale/k_min must have matching strides "
+                             f"(allocate them alike)")
+        if seg.k_codes.shape[-1] != D * seg.bits // 8:
+            raise ValueError(f"segment {p}: codes are {seg.k_codes.shape[-1]} bytes wide, expected D*bits/8 = "
+                             f"{D * seg.bits // 8}")
+    want = {"k_codes": torch.uint8, "v_codes": torch.uint8, "rows": torch.int32, "q": q.dtype}
+    for name, t in named:
+        dt = want.get(name.split(".")[-1], torch.float16)
+        if t.dtype != dt:
+            raise ValueError(f"{name} must be {dt}, got {t.dtype} (the kernel reads the cache exactly as stored)")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim; pass .contiguous()")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; keep the cache on one device")
+
+
+def _split_table(view, S, block_n):
+    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split), kernels.md §3.2.
+    Built with device ops (no host sync): split s covers rows [s·chunk, (s+1)·chunk) ∩ [0, n) of each segment,
+    chunk = roundup(cdiv(n, S), block_n), and the blocks that intersect them come from searchsorted on rows."""
+    B, nb, dev = view.k_buf.shape[0], view.n_blocks, view.k_buf.device
+    tabs = []
+    for seg in view.segments:
+        if nb == 0:
+            tabs.append(torch.zeros(B, S, 4, dtype=torch.int64, device=dev))
+            continue
+        rows = seg.rows[:, :nb + 1].long().contiguous()                       # [B, nb+1]
+        n = rows[:, nb:]                                                      # [B, 1] rows in this segment
+        chunk = (n + S - 1) // S
+        chunk = (chunk + block_n - 1) // block_n * block_n
+        lo = torch.minimum(torch.arange(S, device=dev)[None] * chunk, n)     # [B, S]
+        hi = torch.minimum(lo + chunk, n)
+        first = torch.searchsorted(rows, lo, right=True) - 1                 # block holding row lo
+        last = torch.searchsorted(rows[:, :nb].contiguous(), hi)             # blocks starting before hi
+        tabs.append(torch.stack([first, last, lo, hi], -1))
+    return torch.stack(tabs, 1).to(torch.int32).contiguous()
+
+
+def _alloc(shape, dtype, device):
+    # every element is overwritten by the kernels; the tests patch this to NaN-fill and check that (kernels.md §5.3)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _n_sm(device):
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another: splits only cost time there
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=64, return_lse=False,
+                         num_warps=4, num_stages=2):
+    """Fused decode attention over a ZipLayerView: out [B, H_q, D] in q.dtype (+ natural-log lse [B, H_q] fp32).
+    num_splits=None picks with pick_num_splits from the segment capacities (an upper bound on the rows, no sync)."""
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton kernel needs the triton package: pip install triton, or use kernel='torch'")
+    B, Hq, Hkv, G, D = _shapes(q, view)
+    _check_kernel_inputs(q, view, block_n)
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    if num_splits is None:
+        n_est = view.hi.k_codes.shape[2] + view.lo.k_codes.shape[2] + view.n_buf
+        num_splits = pick_num_splits(B, Hkv, n_est, _n_sm(q.device))
+    S = int(num_splits)
+    if S < 1:
+        raise ValueError(f"num_splits={num_splits} must be >= 1")
+    tab = _split_table(view, S, block_n)
+    out = _alloc((B, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq), torch.float32, q.device)
+    if S == 1:
+        o_part, l_part, s_o = out, lse, (out.stride(0), out.stride(1), 0)
+    else:
+        o_part = _alloc((B, Hq, S, D), torch.float32, q.device)                # fp32 partials, log2 lse
+        l_part = _alloc((B, Hq, S), torch.float32, q.device)
+        s_o = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
+
+    def seg_args(seg):
+        bs0 = seg.k_scale.shape[0] == 1                                       # pooled params: batch stride 0
+        hv0 = seg.v_scale.shape[1] == 1                                       # one value pair per row: head stride 0
+        ptrs = (seg.k_codes, seg.v_codes, seg.v_scale, seg.v_min, seg.k_scale, seg.k_min, seg.rows)
+        strides = (seg.k_codes.stride(0), seg.k_codes.stride(1), seg.k_codes.stride(2),
+                   seg.v_scale.stride(0), 0 if hv0 else seg.v_scale.stride(1),
+                   0 if bs0 else seg.k_scale.stride(0), seg.k_scale.stride(1), seg.k_scale.stride(2),
+                   seg.rows.stride(0))
+        return ptrs + strides
+
+    vch = view.v_chan
+    _zip_decode_stage1[(B * Hkv, S)](
+        q, q.stride(0), q.stride(1),
+        *seg_args(view.hi), *seg_args(view.lo),
+        vch, 0 if vch.shape[0] == 1 else vch.stride(0), vch.stride(1), vch.stride(2),
+        view.k_buf, view.v_buf, *view.k_buf.stride()[:3], *view.v_buf.stride()[:3],
+        tab, o_part, l_part, *s_o, l_part.stride(0), l_part.stride(1),
+        Hkv, G, view.n_buf, scale * LOG2E,
+        D4=D // 4, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        HI_BITS=view.hi.bits, LO_BITS=view.lo.bits, SPLIT=S > 1,
+        num_warps=num_warps, num_stages=num_stages)
+    if S > 1:
+        _zip_decode_combine[(B * Hq,)](
+            o_part, l_part, out, lse, Hq, S, *o_part.stride()[:3], l_part.stride(0), l_part.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            D=D, BLOCK_S=triton.next_power_of_2(S), num_warps=4)
+    return (out, lse) if return_lse else out
