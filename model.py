@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant import fake_quant   # CLLA's latent QAT (pure torch; the cache quantizes with the same quant.py functions)
+
 
 # -----------------------------------------------------------------------------
 # config
@@ -40,6 +42,22 @@ class ModelConfig:
     # when 1); "mha"/"mqa" are the same module with the head count checked. Cross-layer and latent variants are
     # registered in ATTENTION below.
     attn: str = "gqa"
+    # --- latent attention (attn = mla | clla), spec clla.md §2-§3. None -> DeepSeek-V2-Lite's proportions scaled to
+    # head_dim (d_c = 4*head_dim, d_r = head_dim/2, nope = v = head_dim); other variants must leave them unset.
+    kv_lora_rank: int | None = None      # d_c: width of the cached latent c_KV
+    q_lora_rank: int = 0                 # d_cq: 0 = plain wq (query compression saves activations, not cache)
+    qk_nope_dim: int | None = None       # per-head query/key width without position
+    qk_rope_dim: int | None = None       # d_r: decoupled RoPE width; one k_rope per token shared by all heads
+    v_head_dim: int | None = None
+    # --- cross-layer sharing (attn = cla | clla), spec §4. None -> 2 / "latent+rope" for those variants.
+    share_factor: int | None = None      # s: layers per group; the first of each group produces, the rest consume
+    share_mode: str | None = None        # clla: latent+rope | latent_only | rope_only (what consumers reuse)
+    share_kv_proj: bool = False          # clla: consumers also reuse the producer's up-projection wkv_b
+    # --- latent quantization (attn = mla | clla), spec §4.4
+    kv_bits: int = 16                    # 16 = none; 8 or 4: producer fake-quantizes in training, cache stores codes
+    kv_quant_group: int | str = "token"  # "token": one (scale, min) per token; int g: per g channels
+    kv_quant_rope: bool = True           # quantize k_rope too (else it is cached in 16 bits)
+    kv_ste: bool = True                  # False: train unquantized, quantize only in eval/inference (PTQ)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -63,6 +81,70 @@ class ModelConfig:
         if (self.attn == "mha" and self.n_kv_heads != self.n_heads) or (self.attn == "mqa" and self.n_kv_heads != 1):
             raise ValueError(f"attn={self.attn!r} contradicts n_kv_heads={self.n_kv_heads} (n_heads={self.n_heads}); "
                              f"use attn='gqa' or set n_kv_heads to {self.n_heads if self.attn == 'mha' else 1}")
+        self._check_cross_layer_and_latent()
+
+    def _check_cross_layer_and_latent(self):
+        """Resolve the CLA/MLA/CLLA fields and reject impossible combinations, one line each (spec clla.md §2)."""
+        a = self.attn
+
+        def only(names, variants, hint):
+            for n in names:
+                if getattr(self, n) != ModelConfig.__dataclass_fields__[n].default:
+                    raise ValueError(f"{n}={getattr(self, n)!r} applies to attn in {variants} only, not attn={a!r}; "
+                                     f"{hint}")
+
+        if a in LATENT:
+            h = self.head_dim
+            self.kv_lora_rank = 4 * h if self.kv_lora_rank is None else self.kv_lora_rank
+            self.qk_rope_dim = h // 2 if self.qk_rope_dim is None else self.qk_rope_dim
+            self.qk_nope_dim = h if self.qk_nope_dim is None else self.qk_nope_dim
+            self.v_head_dim = h if self.v_head_dim is None else self.v_head_dim
+            for n in ("kv_lora_rank", "qk_rope_dim", "qk_nope_dim", "v_head_dim"):
+                if getattr(self, n) < 1:
+                    raise ValueError(f"{n}={getattr(self, n)} must be at least 1")
+            if self.q_lora_rank < 0:
+                raise ValueError(f"q_lora_rank={self.q_lora_rank} must be 0 (no query compression) or positive")
+            if self.qk_rope_dim % 2:
+                raise ValueError(f"qk_rope_dim={self.qk_rope_dim} must be even for RoPE (it rotates pairs)")
+        else:
+            only(("kv_lora_rank", "q_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim", "kv_bits"),
+                 LATENT, "use attn='mla' or 'clla', or drop the flag")
+        if a in ("cla", "clla"):
+            self.share_factor = 2 if self.share_factor is None else self.share_factor
+            if self.share_factor < 1:
+                raise ValueError(f"share_factor={self.share_factor} must be at least 1 (1 = no sharing)")
+        else:
+            only(("share_factor",), ("cla", "clla"), "set attn='cla' or 'clla' to share K/V across layers")
+        if a == "clla":
+            self.share_mode = "latent+rope" if self.share_mode is None else self.share_mode
+            if self.share_mode not in SHARE_MODES:
+                raise ValueError(f"share_mode={self.share_mode!r} is unknown; choose one of {', '.join(SHARE_MODES)}")
+        else:
+            only(("share_mode", "share_kv_proj"), ("clla",), "set attn='clla' (CLA shares whole K/V already)")
+        if a in LATENT:
+            b = self.kv_bits
+            if b not in (16, 8, 4):
+                raise ValueError(f"kv_bits={b} is not supported; use 16 (no quantization), 8 or 4")
+            g = self.kv_quant_group
+            if not (g == "token" or (isinstance(g, int) and not isinstance(g, bool) and g >= 1)):
+                raise ValueError(f"kv_quant_group={g!r} must be 'token' or a positive int group size")
+            if b < 16:
+                if isinstance(g, int) and self.kv_lora_rank % g:
+                    raise ValueError(f"kv_quant_group={g} does not divide kv_lora_rank={self.kv_lora_rank}; pick a "
+                                     f"group size that divides it, or 'token'")
+                if isinstance(g, int) and self.qk_rope_dim % min(g, self.qk_rope_dim):
+                    raise ValueError(f"kv_quant_group={g} does not divide qk_rope_dim={self.qk_rope_dim} (k_rope uses "
+                                     f"groups of min(g, d_r)); pick a group size that divides both, or 'token'")
+                per_byte = 8 // b
+                for n in ("kv_lora_rank",) + (("qk_rope_dim",) if self.kv_quant_rope else ()):
+                    if getattr(self, n) % per_byte:
+                        raise ValueError(f"{n}={getattr(self, n)} cannot be packed into {b}-bit codes: it must be a "
+                                         f"multiple of {per_byte}")
+
+    @property
+    def rope_dim(self):
+        """Width RoPE rotates: the whole head, or MLA's decoupled d_r slice (spec clla.md §3.2)."""
+        return self.qk_rope_dim if self.attn in LATENT else self.head_dim
 
     @classmethod
     def from_dict(cls, d):
@@ -108,7 +190,7 @@ def rope_frequencies(head_dim, theta, scaling=None):
 
 
 def rope_cos_sin(config, device=None):
-    inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
+    inv_freq = rope_frequencies(config.rope_dim, config.rope_theta, config.rope_scaling).to(device)
     t = torch.arange(config.max_seq_len, dtype=torch.float32, device=device)
     angles = torch.outer(t, inv_freq)                                  # [max_seq_len, D/2]
     return angles.cos(), angles.sin()
@@ -157,10 +239,185 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+# -----------------------------------------------------------------------------
+# cross-layer and latent attention: CLA, MLA, CLLA (spec clla.md)
+
+LATENT = ("mla", "clla")                                  # variants that cache a latent instead of per-head K/V
+SHARE_MODES = ("latent+rope", "latent_only", "rope_only")
+
+
+class LayerRole:
+    """What layer i computes itself (spec §4.1, §4.2). Layer i is in group i // s and produces iff i % s == 0; the
+    last group may be shorter. cache.py builds its slots from the same rule (and a test checks the bytes)."""
+
+    def __init__(self, config, i):
+        s = config.share_factor if config.attn in ("cla", "clla") else 1
+        mode = config.share_mode if config.attn == "clla" else "latent+rope"
+        self.group, self.producer = i // s, i % s == 0
+        self.own_latent = self.producer or mode == "rope_only"    # cla: "latent" = the layer's K/V
+        self.own_rope = self.producer or mode == "latent_only"
+
+
+def kv_bits_per_token(cfg):
+    """Bits the KV cache stores per token over all layers, scales and mins included (spec §6.1).
+
+    Unquantized entries count 16 bits (fp16/bf16 cache). Quantized ones: b bits per element plus an fp16 scale and an
+    fp16 min (32 bits) per group; k_rope in groups of min(g, d_r), or 16 bits if kv_quant_rope is off.
+    """
+    roles = [LayerRole(cfg, i) for i in range(cfg.n_layers)]
+    if cfg.attn not in LATENT:                            # mha/gqa/mqa, cla: K and V of n_kv heads, producers only
+        return sum(2 * cfg.n_kv_heads * cfg.head_dim * 16 for r in roles if r.own_latent)
+
+    def bits(d, quantized):
+        if cfg.kv_bits == 16 or not quantized:
+            return 16 * d
+        g = d if cfg.kv_quant_group == "token" else min(cfg.kv_quant_group, d)
+        return d * cfg.kv_bits + 32 * (d // g)
+
+    c, r = bits(cfg.kv_lora_rank, True), bits(cfg.qk_rope_dim, cfg.kv_quant_rope)
+    return sum(c * x.own_latent + r * x.own_rope for x in roles)
+
+
+def kv_ratio(cfg):
+    """The cache relative to fp16 MHA of the same width (n_heads x head_dim, all layers): the '2%' of the paper."""
+    return kv_bits_per_token(cfg) / (2 * cfg.n_heads * cfg.head_dim * 16 * cfg.n_layers)
+
+
+class CrossLayerAttention(Attention):
+    """CLA (Brandon et al. 2024): the first layer of each group of share_factor computes K/V (post-RoPE) and every
+    layer of the group attends over them with its own queries. Consumers have no wk/wv. With a cache, consumers
+    still call cache.attend(layer, q, k, v) with the producer's k, v; a CLA-aware cache (cache.py CLACache) stores
+    them once per group."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.producer = LayerRole(config, layer_idx).producer
+        if not self.producer:
+            del self.wk, self.wv
+
+    def forward(self, x, cos, sin, cache=None, shared=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, D]
+        if self.producer:
+            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, H_kv, T, D]
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            shared["cla"] = k, v = apply_rope(k, cos, sin), v
+        else:
+            k, v = shared["cla"]                          # gradients flow back into the producer's wk/wv
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            y = cache.attend(self.layer_idx, q, k, v)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def latent_fake_quant(x, config, ste=True):
+    """spec §4.4: dequant(quant(x)) with the straight-through estimator, one (scale, min) per token ("token") or per
+    g channels (an int group; k_rope uses min(g, d_r)). The cache quantizes with quant.quantize over the same groups,
+    so what it stores reproduces this tensor exactly."""
+    g = config.kv_quant_group
+    if g == "token":
+        return fake_quant(x, config.kv_bits, dim=-1, ste=ste)
+    g = min(g, x.shape[-1])
+    return fake_quant(x.unflatten(-1, (-1, g)), config.kv_bits, dim=-1, ste=ste).flatten(-2)
+
+
+class LatentAttention(nn.Module):
+    """MLA (DeepSeek-V2 §2.1, module names of DeepSeek-V3's inference/model.py) and CLLA, MLA whose latent c and
+    rope key k_R are shared by groups of layers (spec §4). attn="mla" is this module with share_factor 1.
+
+    Training/prefill: materialize per-head K/V from the latent and run SDPA (§3.3). Decode: fold W_UK into the
+    query and W_UV after the attention, and attend over the cached latent through cache.attend_latent (§3.4).
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        c = self.config = config
+        self.layer_idx = layer_idx
+        self.role = LayerRole(config, layer_idx)
+        self.n_heads, self.d_c, self.d_r = c.n_heads, c.kv_lora_rank, c.qk_rope_dim
+        self.d_nope, self.d_v = c.qk_nope_dim, c.v_head_dim
+        self.scale = (self.d_nope + self.d_r) ** -0.5     # over the whole query/key width (Megatron-LM #1501)
+        q_out = c.n_heads * (self.d_nope + self.d_r)
+        if c.q_lora_rank:
+            self.wq_a = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
+            self.wq_b = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        else:
+            self.wq = nn.Linear(c.dim, q_out, bias=False)
+        # what this layer computes itself (spec §4.2 table); consumers of the latent have no down-projection
+        if self.role.own_latent:
+            self.wkv_a = nn.Linear(c.dim, self.d_c + (self.d_r if self.role.own_rope else 0), bias=False)  # W_DKV|W_KR
+            self.kv_norm = RMSNorm(self.d_c, c.norm_eps)
+        elif self.role.own_rope:
+            self.wkr = nn.Linear(c.dim, self.d_r, bias=False)                   # latent_only consumer: own W_KR
+        if self.role.producer or not c.share_kv_proj:
+            self.wkv_b = nn.Linear(self.d_c, c.n_heads * (self.d_nope + self.d_v), bias=False)  # W_UK|W_UV fused
+        self.wo = nn.Linear(c.n_heads * self.d_v, c.dim, bias=False)
+
+    def _fq(self, x):
+        # quantize when the cache will (kv_bits < 16), except while training with kv_ste=False (ablation run 11:
+        # trained unquantized, quantized in eval and at inference)
+        if self.config.kv_bits == 16 or (self.training and not self.config.kv_ste):
+            return x
+        return latent_fake_quant(x, self.config)
+
+    def forward(self, x, cos, sin, cache=None, shared=None):
+        B, T, _ = x.shape
+        H, d_c, d_r, d_nope, d_v, role = self.n_heads, self.d_c, self.d_r, self.d_nope, self.d_v, self.role
+        q = self.wq(x) if self.config.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, H, d_nope + d_r).transpose(1, 2)                        # [B, H, T, d_nope + d_r]
+        q_c, q_r = q.split([d_nope, d_r], dim=-1)
+        q_r = apply_rope(q_r, cos, sin)
+        # the latent c and the rope key k_R: computed here, or the group producer's (spec §4.5)
+        c_raw = kr_raw = None
+        if role.own_latent:
+            kv = self.wkv_a(x)                                                   # [B, T, d_c (+ d_r)]
+            c_raw = self.kv_norm(kv[..., :d_c])                                  # [B, T, d_c]
+            c = self._fq(c_raw)
+        if role.own_rope:
+            kr = kv[..., d_c:] if role.own_latent else self.wkr(x)              # [B, T, d_r], one key for all heads
+            kr_raw = apply_rope(kr.unsqueeze(1), cos, sin).squeeze(1)           # RoPE before caching
+            kr = self._fq(kr_raw) if self.config.kv_quant_rope else kr_raw
+        if role.producer:
+            shared["latent"] = (c, kr)
+            shared["wkv_b"] = self.wkv_b.weight
+            shared.pop("latent_kv", None)
+        else:
+            c = c if role.own_latent else shared["latent"][0]                   # gradients reach the producer
+            kr = kr if role.own_rope else shared["latent"][1]
+        w = (self.wkv_b.weight if hasattr(self, "wkv_b") else shared["wkv_b"]).view(H, d_nope + d_v, d_c)
+        w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]                               # [H, d_nope, d_c], [H, d_v, d_c]
+
+        if cache is not None:
+            if role.own_latent or role.own_rope:
+                cache.write(self.layer_idx, c_raw, kr_raw)                      # raw: the cache quantizes as _fq did
+            if cache.length(self.layer_idx) > T:
+                # decode (or a continued prefill): absorbed attention over the cached history, spec §3.4
+                q_lat = torch.einsum("bhtn,hnc->bhtc", q_c, w_uk)                # [B, H, T, d_c]
+                z = cache.attend_latent(self.layer_idx, q_lat, q_r, self.scale)  # [B, H, T, d_c], in latent space
+                y = torch.einsum("bhtc,hvc->bhtv", z, w_uv)                      # [B, H, T, d_v]
+                return self.wo(y.transpose(1, 2).reshape(B, T, H * d_v))
+        # training / prefill: materialize per-head K and V (spec §3.3). A share_kv_proj consumer in latent+rope mode
+        # sees exactly its producer's K/V, so it reuses them (CLA on top of MLA).
+        reuse = not role.producer and self.config.share_kv_proj and not (role.own_latent or role.own_rope)
+        if reuse and "latent_kv" in shared:
+            k, v = shared["latent_kv"]
+        else:
+            kv = F.linear(c, w.flatten(0, 1)).view(B, T, H, d_nope + d_v).transpose(1, 2)   # [B, H, T, d_nope + d_v]
+            k_c, v = kv.split([d_nope, d_v], dim=-1)
+            k = torch.cat([k_c, kr.unsqueeze(1).expand(B, H, T, d_r)], dim=-1)  # [B, H, T, d_nope + d_r]
+            if role.producer:
+                shared["latent_kv"] = k, v
+        y = F.scaled_dot_product_attention(torch.cat([q_c, q_r], dim=-1), k, v, is_causal=True, scale=self.scale)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * d_v))                # y: [B, H, T, d_v]
+
+
 # The one place where the attention variant is chosen: config.attn -> module class. A class takes
 # (config, layer_idx) and its forward takes (x, cos, sin, cache, shared); `shared` is a dict that lives for one
 # forward pass, so cross-layer variants (CLA, CLLA) can hand tensors from a producer layer to its consumers.
-ATTENTION = {"mha": Attention, "gqa": Attention, "mqa": Attention}
+ATTENTION = {"mha": Attention, "gqa": Attention, "mqa": Attention, "cla": CrossLayerAttention,
+             "mla": LatentAttention, "clla": LatentAttention}
 
 
 class FeedForward(nn.Module):
