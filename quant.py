@@ -143,9 +143,10 @@ def dequantize_groupwise(codes, scale, mn, group=32, dim=-1, dtype=torch.float32
     return dequantize(codes.unflatten(d, (-1, group)), scale, mn, dtype).flatten(d, d + 1)
 
 
-def cst_normalizer(x, scale_eps=SCALE_EPS):
-    """Channel normalizer of CST (spec §2.4 step 1): c = sqrt(max_t |x|) over the tokens, >= scale_eps, fp16 [..., 1, D]."""
-    return x.float().abs().amax(dim=-2, keepdim=True).sqrt().clamp_min(scale_eps).half()
+def cst_normalizer(x, scale_eps=SCALE_EPS, dim=-2):
+    """Channel normalizer of CST (spec §2.4 step 1): c = sqrt(max_t |x|) over the tokens (dim; (0, -2) also pools
+    over the batch), clamped to >= scale_eps, fp16 [..., 1, D]."""
+    return x.float().abs().amax(dim=dim, keepdim=True).sqrt().clamp_min(scale_eps).half()
 
 
 def quantize_cst(x, bits, token_dims=(-1,), scale_eps=SCALE_EPS, chan=None):

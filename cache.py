@@ -1,0 +1,1099 @@
+"""
+KV caches behind one interface (the model knows nothing else):
+
+    out = cache.attend(layer, q, k, v)    q [B, H, T, D], k/v [B, H_kv, T, D] (RoPE applied) -> out [B, H, T, D]
+    cache.pos, len(cache), cache.nbytes(), cache.ratios(), cache.reset(), cache.info()
+
+The first call on an empty layer is the prefill (T = prompt length): every cache returns exactly causal SDPA's
+output on the unquantized q, k, v, and then compresses what it keeps. Later calls are decode steps (T = 1).
+
+    DenseCache   fp16 K/V, the reference                                                  (zipcache spec §5.1)
+    ZipCache     mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode (spec §4)
+    KIVICache    2/4-bit: keys per channel, values per token, fp16 residual window      (spec §5.2)
+    H2OCache     heavy hitters + recent window, everything else evicted                  (spec §5.3)
+    MiKVCache    mixed 4/2-bit per-token, accumulated scores from the full attention matrix (spec §5.4)
+    make_cache(name, config, **options)
+
+Real bytes: codes are packed uint8, parameters fp16, and nbytes() counts every stored tensor (used part) plus 8 B
+per integer counter. Storage grows by doubling; the spare capacity is never read.
+"""
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+import quant
+import saliency
+
+BITS = (2, 4, 8, 16)  # 16 = not quantized (kept fp16)
+
+
+# -----------------------------------------------------------------------------
+# small shared helpers
+
+def _check_bits(name, bits):
+    if bits not in BITS:
+        raise ValueError(f"{name}={bits} is not supported; use one of {BITS} (16 = keep fp16)")
+
+
+def _check_ratio(name, r):
+    if not (0.0 <= r <= 1.0):
+        raise ValueError(f"{name}={r} must be a fraction in [0, 1]")
+
+
+def _check_pack_dim(D, bits_list):
+    if any(b < 16 for b in bits_list) and D % 4:
+        raise ValueError(f"head_dim={D} cannot be split into the 4 planar quarters of 2/4-bit packing "
+                         f"(zipcache spec §2.2); use a head size divisible by 4, or --cache dense")
+
+
+def check_prompt_lengths(lengths):
+    """The caches have no padding mask (neither has the official code): a batch must hold equal-length prompts."""
+    lengths = [int(n) for n in lengths]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"prompts of unequal lengths {sorted(set(lengths))} in one batch are not supported (no "
+                         f"padding mask); batch prompts of equal length, or run them one at a time")
+
+
+def _gather_tokens(x, idx):
+    """x [B, H, L, D], idx [B, H, n] -> x at those token positions, [B, H, n, D]."""
+    return torch.gather(x, 2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def _attention(q, K, V, mask=None):
+    """Explicit fp32 attention: q [B, H, T, D], K/V [B, H_kv, n, D], mask broadcastable to [B, H, T, n] (True =
+    visible) -> (out [B, H, T, D] fp32, p [B, H, T, n]). The eager baseline path; p feeds accumulated scores."""
+    g = q.shape[1] // K.shape[1]
+    K, V = K.float().repeat_interleave(g, 1), V.float().repeat_interleave(g, 1)
+    s = q.float() @ K.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1)
+    return p @ V, p
+
+
+class _Growing:
+    """Named tensors that share one growing axis (`dim`); the first n entries along it are used. When full, the
+    capacity doubles and the used part is copied; the spare part is never read. Used bytes scale with n."""
+    dim = 2  # [B, H, CAP, ...] token rows
+
+    def __init__(self):
+        self.n = 0
+        self.t = {}
+
+    def __getitem__(self, name):  # the used part
+        return self.t[name].narrow(self.dim, 0, self.n)
+
+    def append(self, min_cap=1, **chunks):
+        """Write equal-length chunks after the used part, growing every tensor of the store together."""
+        m = next(iter(chunks.values())).shape[self.dim]
+        need = self.n + m
+        for name, c in chunks.items():
+            t = self.t.get(name)
+            if t is None or t.shape[self.dim] < need:
+                cap = max(need, min_cap) if t is None else max(need, 2 * t.shape[self.dim])
+                shape = list(c.shape)
+                shape[self.dim] = cap
+                new = torch.zeros(shape, dtype=c.dtype, device=c.device)
+                if t is not None:
+                    new.narrow(self.dim, 0, self.n).copy_(t.narrow(self.dim, 0, self.n))
+                self.t[name] = t = new
+            t.narrow(self.dim, self.n, m).copy_(c)
+        self.n = need
+
+    def drop_front(self, m):
+        """Forget the m oldest entries (a sliding window), shifting the rest to the front."""
+        for t in self.t.values():
+            t.narrow(self.dim, 0, self.n - m).copy_(t.narrow(self.dim, m, self.n - m).clone())
+        self.n -= m
+
+    def nbytes(self, allocated=False):
+        total = 0
+        for t in self.t.values():
+            per = t.numel() // max(1, t.shape[self.dim]) * t.element_size()
+            total += per * (t.shape[self.dim] if allocated else self.n)
+        return total + 8  # + the counter n
+
+
+class _Blocks(_Growing):
+    dim = 1  # [Bs, NB_CAP, ...] per-block parameters and the [B, NB_CAP+1] row table
+
+
+def _state_bytes(obj, allocated):
+    """Bytes of a layer's state: every store (used part, or capacity), every tensor, 8 B per int counter."""
+    if isinstance(obj, _Growing):
+        return obj.nbytes(allocated)
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, bool) or obj is None:
+        return 0
+    if isinstance(obj, int):
+        return 8
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(x, allocated) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_state_bytes(x, allocated) for x in obj.values())
+    return sum(_state_bytes(x, allocated) for x in vars(obj).values())
+
+
+class _Segment:
+    """A bag of stores (nbytes walks it): tensors, stores and int counters only, never configuration."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _State(_Segment):
+    """Per-layer state; `seen` = tokens processed by this layer (the RoPE position of its next token)."""
+
+    def __init__(self, **kw):
+        super().__init__(seen=0, **kw)
+
+
+# -----------------------------------------------------------------------------
+# the interface
+
+class Cache:
+    """Base class: validation, prefill/decode dispatch, pos/len/nbytes/ratios. Subclasses implement _prefill (returns
+    (state, out)), _decode (returns out), _held (tokens kept), and optionally _paper_terms."""
+    name = "cache"
+    multi_token_decode = False  # only DenseCache accepts T > 1 chunks after the prefill
+
+    def __init__(self, config, validate=True):
+        self.config = config
+        self.n_layers = config.n_layers
+        self.max_seq_len = config.max_seq_len
+        self.validate = validate  # check K/V for NaN/Inf (one host sync per layer and step)
+        self.reset()
+
+    def reset(self):
+        self.layers = [None] * self.n_layers
+        self.shape = None  # (B, H_kv, D), learned at the first attend
+
+    @property
+    def pos(self):
+        """Tokens fully processed = RoPE position of the next token (layers advance together within a forward)."""
+        return min(s.seen if s is not None else 0 for s in self.layers)
+
+    def __len__(self):
+        return min(self._held(s) if s is not None else 0 for s in self.layers)
+
+    def attend(self, layer, q, k, v):
+        st = self.layers[layer]
+        self._check(layer, q, k, v, st)
+        if st is None:
+            self.shape = self.shape or (k.shape[0], k.shape[1], k.shape[3])
+            st, out = self._prefill(layer, q, k, v)
+            self.layers[layer] = st
+        else:
+            out = self._decode(layer, st, q, k, v)
+        st.seen += q.shape[2]
+        return out
+
+    def _check(self, layer, q, k, v, st):
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range for a cache built for {self.n_layers} layers")
+        if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or \
+                q.shape[2:] != k.shape[2:] or q.shape[1] % k.shape[1]:
+            raise ValueError(f"attend expects q [B, H, T, D] and k, v [B, H_kv, T, D] with H % H_kv == 0, got "
+                             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        T = q.shape[2]
+        seen = st.seen if st is not None else 0
+        if seen + T > self.max_seq_len:
+            raise ValueError(f"{self.name}: {seen} cached + {T} new tokens exceed max_seq_len={self.max_seq_len}; "
+                             f"shorten the prompt or lower --max_new_tokens")
+        if st is not None:
+            if (k.shape[0], k.shape[1], k.shape[3]) != self.shape:
+                raise ValueError(f"{self.name}: k {tuple(k.shape)} does not match the cached (B, H_kv, D) = "
+                                 f"{self.shape}; call cache.reset() before a new batch")
+            if T != 1 and not self.multi_token_decode:
+                raise ValueError(f"{self.name}: got a {T}-token chunk after the prefill; this cache decodes one token "
+                                 f"per step (feed generated tokens one at a time, or use --cache dense)")
+        if self.validate:
+            quant.check_finite(k, f"{self.name} layer {layer} keys")
+            quant.check_finite(v, f"{self.name} layer {layer} values")
+
+    # bytes and ratios (zipcache spec §4.6)
+    def nbytes(self, allocated=False):
+        """Bytes of every stored tensor (used part; allocated=True: capacity) plus 8 B per integer counter."""
+        return sum(_state_bytes(s, allocated) for s in self.layers if s is not None)
+
+    def dense_nbytes(self):
+        """What an fp16 cache would hold for the same tokens: 4 * B * H_kv * D bytes per token (K and V)."""
+        if self.shape is None:
+            return 0
+        B, H, D = self.shape
+        return sum(4 * B * H * D * s.seen for s in self.layers if s is not None)
+
+    def _paper_terms(self, st):
+        """(quantized K/V elements, their code bits, stored fp16 parameters) of one layer, for the paper ratio."""
+        return 0, 0, 0
+
+    def ratios(self):
+        """real = dense fp16 bytes / nbytes() (everything counted); paper = 16 * n_qelem / (code_bits + 16 *
+        n_params) over the quantized tokens only, ignoring buffers, tables and index storage (as the paper does)."""
+        nb = self.nbytes()
+        terms = [self._paper_terms(s) for s in self.layers if s is not None]
+        qel, cbits, npar = (sum(t[i] for t in terms) for i in range(3)) if terms else (0, 0, 0)
+        return dict(real=self.dense_nbytes() / nb if nb else 1.0,
+                    paper=16 * qel / (cbits + 16 * npar) if qel else 1.0)
+
+    def info(self):
+        return self.name
+
+
+# -----------------------------------------------------------------------------
+# DenseCache (spec §5.1)
+
+class DenseCache(Cache):
+    """fp16 K/V [B, H_kv, CAP, D]. Accepts multi-token chunks after the prefill (causal within the chunk)."""
+    name = "dense"
+    multi_token_decode = True
+
+    def __init__(self, config, dtype=torch.float16, **kw):
+        self.dtype = dtype  # fp16 by contract; float32 only for exactness tests
+        super().__init__(config, **kw)
+
+    def _prefill(self, layer, q, k, v):
+        st = _State(kv=_Growing())
+        st.kv.append(min_cap=64, k=k.to(self.dtype), v=v.to(self.dtype))
+        return st, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def _decode(self, layer, st, q, k, v):
+        st.kv.append(k=k.to(self.dtype), v=v.to(self.dtype))
+        K, V = st.kv["k"].to(q.dtype), st.kv["v"].to(q.dtype)
+        T, n = q.shape[2], st.kv.n
+        mask = None
+        if T > 1:  # query i (at position n - T + i) sees keys j <= n - T + i
+            mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - T, n, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+
+    def _held(self, st):
+        return st.kv.n
+
+
+# -----------------------------------------------------------------------------
+# ZipCache (spec §4)
+
+@dataclass
+class ZipCacheConfig:
+    bits_hi: int = 4                 # salient tokens
+    bits_lo: int = 2                 # regular tokens
+    salient_ratio: float = 0.6       # r: the paper's 4.98x setting (spec §6.2)
+    probe_recent: float = 0.05       # fraction of prompt rows used as recent probes
+    probe_random: float = 0.05       # fraction used as random probes (with replacement, seeded)
+    probe_mode: str = "recent+random"  # recent | random | recent+random | special | all  (spec §3.2)
+    score: str = "normalized"        # normalized (ZipCache) | accumulated (H2O/MiKV) | locality
+    norm: str = "full"               # divisor of the normalized score: L - j ("full", official) or probe count
+    seed: int = 0
+    block_size: int = 100            # N: decode tokens per compressed block (the official recompress interval)
+    decode_score: str = "normalized"  # normalized attention from the block's own queries | last_query (official)
+    requantize: bool = False         # official: re-quantize the whole cache every N steps
+    pool_batch_stats: bool = False   # official: key params and V normalizer pooled over the batch
+    scale_eps: float = 2 ** -14      # official: 0 (NaN on constant groups in the official code)
+    v_token_scope: str = "head"      # value (min, scale) per (token, KV head); "row" = official (one per row)
+    keep_saliency_mask: bool = False  # store a 1-bit salient/regular mask per (seq, KV head, position)
+    kernel: str = "auto"             # decode attention: auto | triton | torch
+
+    def __post_init__(self):
+        _check_bits("bits_hi", self.bits_hi)
+        _check_bits("bits_lo", self.bits_lo)
+        if (self.bits_hi == 16) != (self.bits_lo == 16):
+            raise ValueError(f"bits_hi={self.bits_hi}, bits_lo={self.bits_lo}: 16 bits means 'not quantized' and "
+                             f"applies to the whole cache; set both to 16, or pick both from (2, 4, 8)")
+        for name in ("salient_ratio", "probe_recent", "probe_random"):
+            _check_ratio(name, getattr(self, name))
+        choices = dict(probe_mode=saliency.PROBE_MODES, score=saliency.SCORES, norm=saliency.NORMS,
+                       decode_score=("normalized", "last_query"), v_token_scope=("head", "row"),
+                       kernel=("auto", "triton", "torch"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {allowed}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1 (decode tokens per compressed block)")
+        if self.scale_eps < 0:
+            raise ValueError(f"scale_eps={self.scale_eps} must be >= 0")
+
+    def official(self):
+        """The official code's behaviour where it changes numbers (spec §0.2, §0.3)."""
+        return replace(self, pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
+                       v_token_scope="row")
+
+
+class ZipCache(Cache):
+    """Mixed-precision KV cache (ZipCache, He et al. 2024).
+
+    Prefill: SDPA output; normalized saliency from probe rows (saliency.py); per (seq, KV head) the top r tokens go
+    to the 4-bit segment, the rest to the 2-bit one; keys channelwise per segment, values CST (quant.py).
+    Decode: new tokens wait in an fp16 buffer; attention is one kernels.decode_attention call over
+    [hi blocks | lo blocks | buffer]; every block_size steps the buffer becomes a new block with its own statistics
+    and its own split (scored by the attention it received from the block's decode queries).
+    Tokens are stored grouped by precision, not by position: decode attention is order-invariant and keys carry RoPE,
+    so no index lists are kept (spec §0.2).
+    """
+    name = "zipcache"
+
+    def __init__(self, config, zcfg=None, **kw):
+        self.cfg = zcfg or ZipCacheConfig()
+        self.quantized = self.cfg.bits_hi < 16
+        _check_pack_dim(config.head_dim, (self.cfg.bits_hi, self.cfg.bits_lo))
+        self.special = None
+        super().__init__(config, **kw)
+
+    def reset(self):
+        super().reset()
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)  # probes: one draw per layer, in layer order
+
+    def set_special_positions(self, positions):
+        """Prompt positions to use as probes with probe_mode='special' (see saliency.special_positions)."""
+        self.special = torch.as_tensor(positions, dtype=torch.long)
+
+    def info(self):
+        c = self.cfg
+        if not self.quantized:
+            return "zipcache 16-bit (not quantized)"
+        return (f"zipcache {c.bits_hi}/{c.bits_lo}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
+                f"{c.probe_mode} ({c.probe_recent:.0%}+{c.probe_random:.0%}), block {c.block_size}"
+                f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}")
+
+    # storage of one layer (spec §4.2) ------------------------------------------------------------------------
+    def _new_state(self, B, H, D, device):
+        st = _State(buf=_Growing(), v_chan=_Blocks())
+        if self.quantized:
+            for p in ("hi", "lo"):  # codes/value params per row, key params per block, the row table
+                seg = _Segment(codes=_Growing(), params=_Blocks(), rows=_Blocks())
+                seg.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
+                setattr(st, p, seg)
+            if self.cfg.keep_saliency_mask:
+                st.mask = _Growing()
+        return st
+
+    def _bits(self, p):
+        return self.cfg.bits_hi if p == "hi" else self.cfg.bits_lo
+
+    def _append_block(self, st, k, v, hi, lo):
+        """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, n_p] and append it (spec §2.4)."""
+        c = self.cfg
+        B, H, n, D = k.shape
+        eps, pool = c.scale_eps, c.pool_batch_stats
+        kf, vf = k.float(), v.float()
+        # CST normalizer over all n tokens of the block, before the split: both groups share it
+        chan = quant.cst_normalizer(vf, eps, dim=(0, 2) if pool else 2)                 # [Bs, H, 1, D]
+        st.v_chan.append(min_cap=4, v_chan=chan.transpose(1, 2))                        # [Bs, 1, H, D]
+        Bs = chan.shape[0]
+        for p, idx in (("hi", hi), ("lo", lo)):
+            seg, bits, m = getattr(st, p), self._bits(p), idx.shape[-1]
+            Hv = H if c.v_token_scope == "head" else 1
+            if m == 0:  # empty group (spec §4.7): no rows; a zero parameter slot keeps block indices aligned
+                ks = km = torch.zeros(Bs, 1, H, D, dtype=torch.float16, device=k.device)
+                kc = vc = torch.zeros(B, H, 0, D * bits // 8, dtype=torch.uint8, device=k.device)
+                vs = vm = torch.zeros(B, Hv, 0, dtype=torch.float16, device=k.device)
+            else:
+                kg, vg = _gather_tokens(kf, idx), _gather_tokens(vf, idx)              # [B, H, m, D]
+                # keys: channelwise over this group's tokens of the block (and the batch, if pooled)
+                codes, ks, km = quant.quantize(kg, bits, dim=(0, 2) if pool else 2, scale_eps=eps)
+                kc = quant.pack(codes, bits)                                           # [B, H, m, W]
+                ks, km = ks.transpose(1, 2), km.transpose(1, 2)                        # [Bs, 1, H, D]
+                # values: x / c, then one (min, scale) per (token, head) or per row over all heads
+                codes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps, chan=chan)
+                vc = quant.pack(codes, bits)
+                vs, vm = vs[..., 0], vm[..., 0]                                         # [B, Hv, m]
+            seg.codes.append(k_codes=kc, v_codes=vc, v_scale=vs, v_min=vm)
+            seg.params.append(min_cap=4, k_scale=ks, k_min=km)
+            seg.rows.append(min_cap=5, rows=torch.full((B, 1), seg.codes.n, dtype=torch.int32, device=k.device))
+
+    def _split(self, scores):
+        return saliency.split(scores, self.cfg.salient_ratio)
+
+    def _record_mask(self, st, start, n, hi):
+        """Set the 1-bit salient mask for positions [start, start+n) (bit i of byte j = position 8j + i)."""
+        B, H = hi.shape[:2]
+        old = st.mask["m"] if st.mask.n else torch.zeros(B, H, 0, dtype=torch.uint8, device=hi.device)
+        bits = ((old[..., None] >> torch.arange(8, device=hi.device, dtype=torch.uint8)) & 1).flatten(2)[..., :start]
+        new = torch.zeros(B, H, n, dtype=torch.uint8, device=hi.device).scatter_(2, hi, 1)
+        bits = torch.cat([bits, new], 2)
+        bits = F.pad(bits, (0, -bits.shape[-1] % 8)).unflatten(2, (-1, 8))
+        packed = (bits << torch.arange(8, device=hi.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+        st.mask.n = 0
+        st.mask.append(min_cap=64, m=packed)
+
+    def salient_mask(self, layer):
+        """bool [B, H_kv, quantized positions]: which tokens were stored at bits_hi (needs keep_saliency_mask)."""
+        st = self.layers[layer]
+        m = st.mask["m"]
+        n_pos = st.seen - st.buf.n
+        return ((m[..., None] >> torch.arange(8, device=m.device, dtype=torch.uint8)) & 1).flatten(2)[..., :n_pos] > 0
+
+    # prefill (spec §4.3) --------------------------------------------------------------------------------------
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
+        B, H, L, D = k.shape
+        st = self._new_state(B, H, D, k.device)
+        if not self.quantized:  # 16 bits: everything stays in the fp16 buffer
+            st.buf.append(min_cap=L + self.cfg.block_size, k=k.half(), v=v.half())
+            return st, out
+        c = self.cfg
+        rows = saliency.probe_positions(L, c.probe_mode, c.probe_recent, c.probe_random, self.gen, self.special)
+        scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
+        hi, lo = self._split(scores)
+        self._append_block(st, k, v, hi, lo)                                             # the prompt = block 0
+        if c.keep_saliency_mask:
+            self._record_mask(st, 0, L, hi)
+        buf = dict(k=k.new_zeros(B, H, 0, D, dtype=torch.float16), v=k.new_zeros(B, H, 0, D, dtype=torch.float16))
+        if c.decode_score == "normalized":
+            buf["acc"] = k.new_zeros(B, H, 0, dtype=torch.float32)
+        st.buf.append(min_cap=c.block_size, **buf)
+        return st, out
+
+    # decode (spec §4.4) ---------------------------------------------------------------------------------------
+    def layer_view(self, layer):
+        """The layout kernels.decode_attention consumes (kernels.md §1): full-capacity tensors + valid counts."""
+        st = self.layers[layer]
+        if not self.quantized:
+            return kernels.dense_view(st.buf["k"], st.buf["v"])
+
+        def segment(p):
+            seg = getattr(st, p)
+            t, pt = seg.codes.t, seg.params.t
+            return kernels.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
+                                      pt["k_scale"], pt["k_min"], seg.rows.t["rows"])
+
+        return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan.t["v_chan"],
+                                    k_buf=st.buf.t["k"], v_buf=st.buf.t["v"], n_buf=st.buf.n,
+                                    n_blocks=st.v_chan.n)
+
+    def _decode(self, layer, st, q, k, v):
+        c = self.cfg
+        extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.t else {}
+        st.buf.append(k=k.half(), v=v.half(), **extra)
+        q1 = q[:, :, 0]                                                                  # [B, H, D]
+        out, lse = kernels.decode_attention(q1, self.layer_view(layer), kernel=c.kernel, return_lse=True)
+        if self.quantized:
+            flush = st.buf.n == c.block_size
+            if c.decode_score == "normalized" or flush:
+                # each buffered token's true probability under this query, summed over its group's heads
+                B, H, D = q1.shape
+                Hkv = k.shape[1]
+                s = q1.float().view(B, Hkv, H // Hkv, 1, D) @ st.buf["k"].float()[:, :, None].transpose(-1, -2)
+                p = torch.exp(s[..., 0, :] * D ** -0.5 - lse.view(B, Hkv, H // Hkv, 1)).sum(2)   # [B, H_kv, n_buf]
+                if c.decode_score == "normalized":
+                    st.buf["acc"].add_(p)
+            if flush:
+                self._flush(st, p)
+        return out[:, :, None]                                                           # [B, H, 1, D]
+
+    def _flush(self, st, p_last):
+        """Compress the full buffer into a new block with its own statistics and split (spec §4.4)."""
+        c, N = self.cfg, self.cfg.block_size
+        if c.decode_score == "normalized":
+            score = st.buf["acc"] / (N - torch.arange(N, device=p_last.device))  # token j was seen by N - j queries
+        else:
+            score = p_last                                                       # official: the last query's attention
+        hi, lo = self._split(score)
+        start = st.seen + 1 - N  # position of the block's first token (seen is updated after this step)
+        self._append_block(st, st.buf["k"], st.buf["v"], hi, lo)
+        if c.keep_saliency_mask:
+            self._record_mask(st, start, N, hi)
+        st.buf.n = 0
+        if c.requantize:
+            self._requantize(st)
+
+    def _dequantize(self, st, p):
+        """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""
+        seg, bits = getattr(st, p), self._bits(p)
+        n = seg.codes.n
+        rows = seg.rows["rows"][0].long()          # row counts are equal for every sequence
+        blk = torch.searchsorted(rows, torch.arange(n, device=rows.device), right=True) - 1
+        a = seg.params["k_scale"][:, blk].float().transpose(1, 2)                        # [Bs, H, n, D]
+        mu = seg.params["k_min"][:, blk].float().transpose(1, 2)
+        ch = st.v_chan["v_chan"][:, blk].float().transpose(1, 2)
+        x = quant.unpack(seg.codes["k_codes"], bits).float()
+        y = quant.unpack(seg.codes["v_codes"], bits).float()
+        sig, nu = seg.codes["v_scale"].float()[..., None], seg.codes["v_min"].float()[..., None]
+        return a * x + mu, ch * (sig * y + nu)
+
+    def _requantize(self, st):
+        """Official behaviour: dequantize everything, merge each precision group, re-quantize it as one block."""
+        (Kh, Vh), (Kl, Vl) = self._dequantize(st, "hi"), self._dequantize(st, "lo")
+        B, H, nh, D = Kh.shape
+        nl = Kl.shape[2]
+        dev = Kh.device
+        new = self._new_state(B, H, D, dev)
+        idx = torch.arange(nh + nl, device=dev).expand(B, H, -1)
+        self._append_block(new, torch.cat([Kh, Kl], 2), torch.cat([Vh, Vl], 2), idx[..., :nh], idx[..., nh:])
+        st.hi, st.lo, st.v_chan = new.hi, new.lo, new.v_chan
+
+    def kv(self, layer):
+        """(K̂, V̂) fp32 [B, H_kv, n, D] as decode attention reads them: hi | lo | fp16 buffer (tests, analysis)."""
+        st = self.layers[layer]
+        parts = [self._dequantize(st, p) for p in ("hi", "lo")] if self.quantized else []
+        parts.append((st.buf["k"].float(), st.buf["v"].float()))
+        return torch.cat([a for a, _ in parts], 2), torch.cat([b for _, b in parts], 2)
+
+    def _held(self, st):
+        return st.seen
+
+    def _paper_terms(self, st):
+        if not self.quantized:
+            return 0, 0, 0
+        qel = bits = par = 0
+        Bs, nb, H, D = st.v_chan["v_chan"].shape
+        for p in ("hi", "lo"):
+            seg = getattr(st, p)
+            B, _, n, _ = seg.codes["k_codes"].shape
+            e = 2 * B * H * n * D
+            qel, bits = qel + e, bits + e * self._bits(p)
+            par += 2 * seg.codes["v_scale"].numel() + 2 * seg.params["k_scale"].numel()
+        return qel, bits, par + st.v_chan["v_chan"].numel()
+
+
+def paper_formula_ratio(b, l, hd, r=0.6, bits=(4, 2), P=None):
+    """The paper's compression ratio (spec §6.2): 2*b*l*hd*16 / (2*b*l*hd*k_avg + 16*P), k_avg = r*hi + (1-r)*lo,
+    P = number of fp16 quantization parameters (default 5*hd + 2*b*l: two key (min, scale) vectors, the V normalizer,
+    and a (min, scale) per token). Reproduces 4.98x (r=0.6) and 4.69x (r=0.7) at b=8, l=840, hd=4096."""
+    hi, lo = (bits, bits) if isinstance(bits, int) else bits
+    k_avg = r * hi + (1 - r) * lo
+    P = 5 * hd + 2 * b * l if P is None else P
+    return 2 * b * l * hd * 16 / (2 * b * l * hd * k_avg + 16 * P)
+
+
+# -----------------------------------------------------------------------------
+# KIVI (spec §5.2)
+
+class KIVICache(Cache):
+    """KIVI: keys quantized per channel in groups of G tokens, values per token in groups of G channels.
+
+    Keys wait in fp16 until R have accumulated, then are quantized as one chunk (old codes untouched); values keep a
+    sliding fp16 window of the R newest, and each step quantizes the one that leaves it. Decode attention
+    dequantizes, then runs SDPA (KIVI's fused kernels are a CUDA affair).
+    """
+    name = "kivi"
+
+    def __init__(self, config, bits=2, group=32, residual=128, **kw):
+        _check_bits("bits", bits)
+        D = config.head_dim
+        self.bits, self.G, self.R = bits, group, residual
+        self.quantized = bits < 16
+        if self.quantized:
+            _check_pack_dim(D, (bits,))
+            if residual % group or residual < group:
+                raise ValueError(f"KIVI residual={residual} must be a positive multiple of group={group}")
+            if D % group:
+                raise ValueError(f"KIVI groups of {group} channels cannot split head_dim={D}; pass group= a divisor")
+        super().__init__(config, **kw)
+
+    def info(self):
+        return f"kivi {self.bits}-bit, group {self.G}, residual {self.R}"
+
+    def _quant_keys(self, st, k):  # k [B, H, n, D], n a multiple of G
+        if k.shape[2]:
+            codes, s, m = quant.quantize_groupwise(k, self.bits, self.G, dim=-2)          # s [B, H, n/G, 1, D]
+            st.kq.append(k_codes=quant.pack(codes, self.bits))
+            st.kp.append(k_scale=s[..., 0, :], k_min=m[..., 0, :])                        # [B, H, n/G, D]
+
+    def _quant_values(self, st, v):
+        if v.shape[2]:
+            codes, s, m = quant.quantize_groupwise(v, self.bits, self.G, dim=-1)          # s [B, H, n, D/G, 1]
+            st.vq.append(v_codes=quant.pack(codes, self.bits), v_scale=s[..., 0], v_min=m[..., 0])
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        L = k.shape[2]
+        st = _State(kq=_Growing(), kp=_Growing(), kf=_Growing(), vq=_Growing(), vf=_Growing())
+        nk, nv = (L - L % self.R, max(0, L - self.R)) if self.quantized else (0, 0)
+        self._quant_keys(st, k[:, :, :nk])
+        self._quant_values(st, v[:, :, :nv])
+        st.kf.append(min_cap=self.R, k=k[:, :, nk:].half())
+        st.vf.append(min_cap=self.R + 1, v=v[:, :, nv:].half())
+        return st, out
+
+    def kv(self, layer):
+        """(K̂, V̂) fp32 [B, H_kv, L, D] in position order: dequantized part, then the fp16 part."""
+        st, G = self.layers[layer], self.G
+        K, V = [], []
+        if st.kq.n:
+            x = quant.unpack(st.kq["k_codes"], self.bits)
+            K.append(quant.dequantize_groupwise(x, st.kp["k_scale"][..., None, :], st.kp["k_min"][..., None, :],
+                                                G, dim=-2))
+        if st.vq.n:
+            y = quant.unpack(st.vq["v_codes"], self.bits)
+            V.append(quant.dequantize_groupwise(y, st.vq["v_scale"][..., None], st.vq["v_min"][..., None], G))
+        K.append(st.kf["k"].float())
+        V.append(st.vf["v"].float())
+        return torch.cat(K, 2), torch.cat(V, 2)
+
+    def _decode(self, layer, st, q, k, v):
+        st.kf.append(k=k.half())
+        st.vf.append(v=v.half())
+        K, V = self.kv(layer)
+        out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), enable_gqa=True)
+        if self.quantized:
+            if st.kf.n == self.R:  # a full residual of keys becomes one quantized chunk
+                self._quant_keys(st, st.kf["k"])
+                st.kf.n = 0
+            if st.vf.n > self.R:   # the oldest value leaves the window
+                self._quant_values(st, st.vf["v"][:, :, :1])
+                st.vf.drop_front(1)
+        return out
+
+    def _held(self, st):
+        return st.seen
+
+    def _paper_terms(self, st):
+        B, H, D = self.shape
+        e = B * H * D * (st.kq.n + st.vq.n)
+        par = (2 * st.kp["k_scale"].numel() if st.kp.n else 0) + (2 * st.vq["v_scale"].numel() if st.vq.n else 0)
+        return e, e * self.bits, par
+
+
+# -----------------------------------------------------------------------------
+# H2O (spec §5.3)
+
+class H2OCache(Cache):
+    """Heavy-hitter oracle: keep the rec newest tokens plus the hh with the largest accumulated attention, evict the
+    rest for good. hh = floor(heavy_ratio * L), rec = floor(recent_ratio * L), fixed at the prefill; slots
+    [B, H_kv, hh + rec + 1, D] with an int32 position each (-1 = free). heavy + recent >= 1 never evicts."""
+    name = "h2o"
+
+    def __init__(self, config, heavy_ratio=0.1, recent_ratio=0.1, **kw):
+        _check_ratio("heavy_ratio", heavy_ratio)
+        _check_ratio("recent_ratio", recent_ratio)
+        self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
+        self.unbounded = heavy_ratio + recent_ratio >= 1.0
+        super().__init__(config, **kw)
+
+    def reset(self):
+        super().reset()
+        self.budget = None  # (hh, rec), fixed by the first prefill
+
+    def info(self):
+        return f"h2o heavy {self.heavy_ratio:.0%} + recent {self.recent_ratio:.0%}"
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        B, H, L, D = k.shape
+        hh, rec = math.floor(self.heavy_ratio * L), math.floor(self.recent_ratio * L)
+        self.budget = self.budget or (hh, rec)
+        # accumulated attention over every prompt row (materialized, one KV-head group at a time)
+        scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # [B, H_kv, L]
+        if self.unbounded or hh + rec >= L:
+            keep = torch.arange(L, device=k.device).expand(B, H, L)
+        else:
+            top = scores[..., :L - rec].topk(hh, dim=-1).indices.sort(-1).values
+            keep = torch.cat([top, torch.arange(L - rec, L, device=k.device).expand(B, H, rec)], -1)
+        st = _State(slots=_Growing())
+        st.slots.append(min_cap=hh + rec + 1, k=_gather_tokens(k, keep).half(), v=_gather_tokens(v, keep).half(),
+                        score=torch.gather(scores, 2, keep), posn=keep.to(torch.int32))
+        st.slots.t["posn"][:, :, st.slots.n:] = -1                                       # free slots
+        return st, out
+
+    def _decode(self, layer, st, q, k, v):
+        t = st.seen  # position of the new token
+        s = st.slots
+        if self.unbounded:
+            s.append(k=k.half(), v=v.half(), score=k.new_zeros(k.shape[:3], dtype=torch.float32),
+                     posn=torch.full(k.shape[:3], t, dtype=torch.int32, device=k.device))
+        else:  # write into the free slot (the one holding position -1)
+            free = s.t["posn"].argmin(-1, keepdim=True)                                  # [B, H_kv, 1]
+            s.t["k"].scatter_(2, free[..., None].expand_as(k), k.half())
+            s.t["v"].scatter_(2, free[..., None].expand_as(v), v.half())
+            s.t["score"].scatter_(2, free, 0.0)
+            s.t["posn"].scatter_(2, free, t)
+            s.n += 1
+        width, valid = self._valid(s)                                                    # [B, H_kv, S]
+        K, V, posn = s.t["k"][:, :, :width], s.t["v"][:, :, :width], s.t["posn"][:, :, :width]
+        g = q.shape[1] // k.shape[1]
+        out, p = _attention(q, K, V, valid.repeat_interleave(g, 1)[:, :, None, :])
+        s.t["score"][:, :, :width] += saliency.group_sum(p[:, :, 0], k.shape[1])         # accumulated attention
+        hh, rec = self.budget
+        if not self.unbounded and s.n > hh + rec:  # evict the lowest score among the non-recent tokens
+            cand = valid & (posn < t + 1 - rec)
+            e = s.t["score"][:, :, :width].masked_fill(~cand, float("inf")).argmin(-1, keepdim=True)
+            s.t["posn"].scatter_(2, e, -1)
+            s.n -= 1
+        return out.to(q.dtype)
+
+    def _valid(self, s):
+        width = s.n if self.unbounded else s.t["posn"].shape[2]  # bounded: every slot, the free one masked
+        return width, s.t["posn"][:, :, :width] >= 0
+
+    def kept_positions(self, layer):
+        """int32 [B, H_kv, n] positions currently held, in slot order."""
+        s = self.layers[layer].slots
+        width, valid = self._valid(s)
+        return s.t["posn"][:, :, :width][valid].view(*valid.shape[:2], -1)
+
+    def kv(self, layer):
+        """(K, V) fp32 [B, H_kv, n, D] of the kept tokens (slot order)."""
+        s = self.layers[layer].slots
+        width, valid = self._valid(s)
+        B, H = valid.shape[:2]
+        K = s.t["k"][:, :, :width][valid].view(B, H, -1, s.t["k"].shape[-1]).float()
+        V = s.t["v"][:, :, :width][valid].view(B, H, -1, s.t["v"].shape[-1]).float()
+        return K, V
+
+    def _held(self, st):
+        return st.slots.n
+
+    def _paper_terms(self, st):
+        # eviction as "compression": tokens seen over tokens kept, in fp16 (scores and positions ignored)
+        B, H, D = self.shape
+        return 2 * B * H * D * st.seen, 16 * 2 * B * H * D * st.slots.n, 0
+
+
+# -----------------------------------------------------------------------------
+# MiKV (spec §5.4)
+
+class MiKVCache(Cache):
+    """MiKV: accumulated attention from the full prefill matrix picks the salient tokens (plus the recent ones);
+    K and V are quantized per token at bits_hi (salient) / bits_lo. Decode is eager: every step dequantizes the whole
+    cache and materializes the attention row; every block_size steps the fp16 buffer is split by the attention its
+    tokens accumulated and quantized. Nothing is ever re-classified. (The optional channel balancer is not built.)"""
+    name = "mikv"
+
+    def __init__(self, config, salient_ratio=0.6, recent_ratio=0.1, bits_hi=4, bits_lo=2, block_size=100, **kw):
+        _check_ratio("salient_ratio", salient_ratio)
+        _check_ratio("recent_ratio", recent_ratio)
+        _check_bits("bits_hi", bits_hi)
+        _check_bits("bits_lo", bits_lo)
+        if (bits_hi == 16) != (bits_lo == 16):
+            raise ValueError("MiKV: 16 bits means 'not quantized'; set both bits to 16 or both below")
+        _check_pack_dim(config.head_dim, (bits_hi, bits_lo))
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
+        self.r, self.recent_ratio, self.bits, self.N = salient_ratio, recent_ratio, dict(hi=bits_hi, lo=bits_lo), \
+            block_size
+        self.quantized = bits_hi < 16
+        super().__init__(config, **kw)
+
+    def info(self):
+        return f"mikv {self.bits['hi']}/{self.bits['lo']}-bit, {self.r:.0%} salient, recent {self.recent_ratio:.0%}"
+
+    def _append(self, st, k, v, hi, lo):
+        for p, idx in (("hi", hi), ("lo", lo)):
+            bits, m = self.bits[p], idx.shape[-1]
+            if m == 0:
+                continue
+            kc, ks, km = quant.quantize(_gather_tokens(k, idx), bits, dim=-1)          # per token: s [B, H, m, 1]
+            vc, vs, vm = quant.quantize(_gather_tokens(v, idx), bits, dim=-1)
+            getattr(st, p).append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),
+                                  k_scale=ks[..., 0], k_min=km[..., 0], v_scale=vs[..., 0], v_min=vm[..., 0])
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        B, H, L, D = k.shape
+        st = _State(hi=_Growing(), lo=_Growing(), buf=_Growing())
+        if not self.quantized:
+            st.buf.append(min_cap=L + self.N, k=k.half(), v=v.half())
+            return st, out
+        scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # the full matrix
+        scores[..., L - math.floor(self.recent_ratio * L):] = float("inf")              # recent tokens are salient
+        hi, lo = saliency.split(scores, self.r)
+        self._append(st, k.float(), v.float(), hi, lo)
+        st.buf.append(min_cap=self.N, k=k.new_zeros(B, H, 0, D, dtype=torch.float16),
+                      v=k.new_zeros(B, H, 0, D, dtype=torch.float16), acc=k.new_zeros(B, H, 0, dtype=torch.float32))
+        return st, out
+
+    def kv(self, layer):
+        """(K̂, V̂) fp32 [B, H_kv, n, D]: hi | lo | fp16 buffer."""
+        st = self.layers[layer]
+        K, V = [], []
+        for p in ("hi", "lo"):
+            s = getattr(st, p)
+            if s.n:
+                K.append(quant.dequantize(quant.unpack(s["k_codes"], self.bits[p]), s["k_scale"][..., None],
+                                          s["k_min"][..., None]))
+                V.append(quant.dequantize(quant.unpack(s["v_codes"], self.bits[p]), s["v_scale"][..., None],
+                                          s["v_min"][..., None]))
+        K.append(st.buf["k"].float())
+        V.append(st.buf["v"].float())
+        return torch.cat(K, 2), torch.cat(V, 2)
+
+    def _decode(self, layer, st, q, k, v):
+        extra = {"acc": k.new_zeros(k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.t else {}
+        st.buf.append(k=k.half(), v=v.half(), **extra)
+        K, V = self.kv(layer)
+        out, p = _attention(q, K, V)                                                     # eager: p [B, H, 1, n]
+        if self.quantized:
+            n = st.buf.n
+            st.buf["acc"].add_(saliency.group_sum(p[:, :, 0, -n:], k.shape[1]))
+            if n == self.N:  # flush: split the buffer by the attention it accumulated
+                hi, lo = saliency.split(st.buf["acc"], self.r)
+                self._append(st, st.buf["k"].float(), st.buf["v"].float(), hi, lo)
+                st.buf.n = 0
+        return out.to(q.dtype)
+
+    def _held(self, st):
+        return st.seen
+
+    def _paper_terms(self, st):
+        qel = bits = par = 0
+        for p in ("hi", "lo"):
+            s = getattr(st, p)
+            if s.n:
+                e = 2 * s["k_codes"].shape[0] * s["k_codes"].shape[1] * s.n * self.shape[2]
+                qel, bits, par = qel + e, bits + e * self.bits[p], par + 4 * s["k_scale"].numel()
+        return qel, bits, par
+
+
+# -----------------------------------------------------------------------------
+# the factory
+
+_ALIASES = {"high_bits": "bits_hi", "low_bits": "bits_lo", "recompress_every": "block_size",
+            "probe_strategy": "probe_mode"}
+
+
+def make_cache(name, config, **options):
+    """Build a cache by name (dense, zipcache, kivi, h2o, mikv). Options set to None are ignored, so a command line
+    can pass every flag. Accepted: zipcache: any ZipCacheConfig field, official, bits (both groups), probe_ratio
+    (split over the probe kinds of probe_mode), and the aliases high_bits, low_bits, recompress_every,
+    probe_strategy; kivi: bits, group, residual; h2o: heavy_ratio, recent_ratio, keep_ratio (= heavy + recent,
+    split evenly); mikv: salient_ratio, recent_ratio, bits / bits_hi / bits_lo, block_size. All: validate."""
+    opts = {_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
+    common = {k: opts.pop(k) for k in ("validate",) if k in opts}
+    if name == "latent" or getattr(config, "attn", "gqa") in ("cla", "mla", "clla"):
+        return _make_shared_cache(name, config, {**opts, **common})   # CLACache / LatentCache (end of this file)
+
+    def take(allowed):
+        unknown = sorted(set(opts) - set(allowed))
+        if unknown:
+            raise ValueError(f"option(s) {unknown} do not apply to --cache {name}; it accepts {sorted(allowed)}")
+        return opts
+
+    if name == "dense":
+        return DenseCache(config, **take(()), **common)
+    if name == "zipcache":
+        official = opts.pop("official", False)
+        if "bits" in opts:
+            opts["bits_hi"] = opts["bits_lo"] = opts.pop("bits")
+        if "probe_ratio" in opts:
+            pr, mode = opts.pop("probe_ratio"), opts.get("probe_mode", "recent+random")
+            _check_ratio("probe_ratio", pr)
+            opts["probe_recent"] = pr / 2 if mode == "recent+random" else pr
+            opts["probe_random"] = pr / 2 if mode == "recent+random" else pr
+        base = ZipCacheConfig().official() if official else ZipCacheConfig()
+        return ZipCache(config, replace(base, **take([f.name for f in fields(ZipCacheConfig)])), **common)
+    if name == "kivi":
+        return KIVICache(config, **take(("bits", "group", "residual")), **common)
+    if name == "h2o":
+        if "keep_ratio" in opts:
+            kr = opts.pop("keep_ratio")
+            _check_ratio("keep_ratio", kr)
+            opts["heavy_ratio"] = opts["recent_ratio"] = kr / 2
+        return H2OCache(config, **take(("heavy_ratio", "recent_ratio")), **common)
+    if name == "mikv":
+        if "bits" in opts:
+            opts["bits_hi"] = opts["bits_lo"] = opts.pop("bits")
+        return MiKVCache(config, **take(("salient_ratio", "recent_ratio", "bits_hi", "bits_lo", "block_size")),
+                         **common)
+    raise ValueError(f"unknown cache {name!r}; use one of dense, zipcache, kivi, h2o, mikv")
+
+
+# =============================================================================
+# CLLA section (the CLLA engineer's; spec clla.md §5, §7): caches for the cross-layer and latent attention variants.
+#   CLACache     attn="cla": one fp16 K/V store per group of share_factor layers
+#   LatentCache  attn="mla"/"clla": the latent c_KV and the rope key k_R, once per group, fp16 or packed int8/int4
+# make_cache routes to them from the config (attn), so `--cache dense` does the right thing for every variant.
+# The layer -> group rule is model.LayerRole's (cache.py does not import model.py): layer i is in group i // s and
+# produces iff i % s == 0; the last group may be shorter. A test checks nbytes() against model.kv_bits_per_token.
+
+class _Rows(_Growing):
+    dim = 1  # [B, CAP, ...] token rows (no head axis: one latent per token)
+
+
+def _causal_tail_mask(T, n, device):
+    """Query i of a T-token chunk sits at position n - T + i and sees keys j <= n - T + i. None when T == 1."""
+    if T == 1:
+        return None
+    return torch.arange(n, device=device)[None, :] <= torch.arange(n - T, n, device=device)[:, None]   # [T, n]
+
+
+class CLACache(DenseCache):
+    """Cross-layer attention (Brandon et al. 2024): the producer (first layer of a group) appends its k, v; the
+    consumers are handed the same k, v by the model and only read the group's store. Stored once: the cache is
+    1/share_factor of a DenseCache with the same KV heads."""
+    name = "cla"
+
+    def __init__(self, config, dtype=torch.float16, **kw):
+        self.share = config.share_factor
+        super().__init__(config, dtype=dtype, **kw)
+
+    def _producer(self, layer):
+        return layer - layer % self.share
+
+    def _prefill(self, layer, q, k, v):
+        if layer == self._producer(layer):
+            return super()._prefill(layer, q, k, v)
+        prod = self.layers[self._producer(layer)]
+        if prod is None or prod.kv.n != q.shape[2]:
+            raise ValueError(f"cla: layer {layer} attended before its producer layer {self._producer(layer)} wrote "
+                             f"this chunk; run the layers in order")
+        # the consumer's state shares the producer's store (nbytes counts it once)
+        return _State(kv=prod.kv), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def _decode(self, layer, st, q, k, v):
+        if layer == self._producer(layer):
+            return super()._decode(layer, st, q, k, v)
+        K, V = st.kv["k"].to(q.dtype), st.kv["v"].to(q.dtype)                      # the group's K/V, already updated
+        mask = _causal_tail_mask(q.shape[2], st.kv.n, q.device)
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+
+    def nbytes(self, allocated=False):
+        # producers: their store and counters; consumers: only their `seen` counter (8 B)
+        return sum(_state_bytes(s, allocated) if i == self._producer(i) else 8
+                   for i, s in enumerate(self.layers) if s is not None)
+
+    def info(self):
+        return f"cla (share_factor {self.share}, {self.dtype})"
+
+
+class LatentCache:
+    """The cache of MLA and CLLA (spec clla.md §7): per token, the latent c [d_c] and the rope key k_R [d_r], stored
+    once per slot. Slots: latent+rope: one per group; latent_only: + one k_R slot per layer; rope_only: one k_R slot
+    per group and one latent slot per layer. kv_bits=16: fp16 rows [B, L, d]; 8/4: packed codes [B, L, d*b/8] (planar,
+    quant.pack) + fp16 scale and min [B, L, n_groups], the same quantizer as the model's fake-quant (spec §4.4), so the
+    bytes read back reproduce the training-time tensor exactly.
+
+    The model calls (it never hands over weights, the cache never sees any):
+        write(layer, c, k_R)                    owners only; raw (unquantized) tensors [B, T, d_c], [B, T, d_r] or None
+        length(layer)                           tokens in the slots this layer reads
+        latent(layer, dtype) -> (C, R)          dequantized history [B, L, d_c], [B, L, d_r] (reference)
+        attend_latent(layer, q_lat, q_R, scale) absorbed attention -> z [B, H, T, d_c] (spec §3.4)
+    plus pos, len(), nbytes(), reset(), ratios(), dense_nbytes(), info() like every cache.
+    """
+    name = "latent"
+
+    def __init__(self, config, dtype=torch.float16, validate=True):
+        c = self.config = config
+        if c.attn not in ("mla", "clla"):
+            raise ValueError(f"LatentCache is for attn='mla' or 'clla', not {c.attn!r}; use --cache dense")
+        self.dtype, self.validate = dtype, validate           # dtype: unquantized rows (fp16; float32 for tests)
+        self.bits, self.group, self.quant_rope = c.kv_bits, c.kv_quant_group, c.kv_quant_rope
+        self.max_seq_len, self.n_layers = c.max_seq_len, c.n_layers
+        self.d = {"c": c.kv_lora_rank, "r": c.qk_rope_dim}
+        s = c.share_factor if c.attn == "clla" else 1
+        mode = c.share_mode if c.attn == "clla" else "latent+rope"
+        # layer -> slot keys; a layer writes the slots named after itself
+        self.slot_of = [(("c", i if mode == "rope_only" else i - i % s), ("r", i if mode == "latent_only" else i - i % s))
+                        for i in range(c.n_layers)]
+        self.reset()
+
+    def reset(self):
+        self.slots = {key: _Rows() for keys in self.slot_of for key in keys}
+        self.batch = None
+
+    # ---- storage
+    def _quantized(self, kind):
+        return self.bits < 16 and (kind == "c" or self.quant_rope)
+
+    def _g(self, kind):
+        return self.d[kind] if self.group == "token" else min(self.group, self.d[kind])
+
+    def write(self, layer, c, k_r):
+        """Append this layer's own latent and/or rope key, [B, T, d_c] / [B, T, d_r] (None = not its own)."""
+        for kind, x in (("c", c), ("r", k_r)):
+            key = self.slot_of[layer][kind == "r"]
+            if x is None:
+                continue
+            if key[1] != layer:
+                raise ValueError(f"latent cache: layer {layer} wrote a {kind} entry it does not own (its group's "
+                                 f"producer layer {key[1]} does); the cache's share settings differ from the model's")
+            store = self.slots[key]
+            if x.dim() != 3 or x.shape[-1] != self.d[kind]:
+                raise ValueError(f"latent cache: expected {kind} [B, T, {self.d[kind]}], got {tuple(x.shape)}")
+            if self.batch is not None and x.shape[0] != self.batch:
+                raise ValueError(f"latent cache: batch {x.shape[0]} differs from the cached {self.batch}; call "
+                                 f"cache.reset() before a new batch")
+            if store.n + x.shape[1] > self.max_seq_len:
+                raise ValueError(f"latent cache: {store.n} cached + {x.shape[1]} new tokens exceed max_seq_len="
+                                 f"{self.max_seq_len}; shorten the prompt or lower --max_new_tokens")
+            if self.validate:
+                quant.check_finite(x, f"latent cache layer {layer} {kind}")
+            self.batch = x.shape[0]
+            if not self._quantized(kind):
+                store.append(min_cap=64, x=x.detach().to(self.dtype))
+            else:  # spec §4.4: asymmetric min/scale per token or per g channels, fp16 parameters
+                codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1)
+                store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]
+                             scale=scale.squeeze(-1), mn=mn.squeeze(-1))                        # [B, T, n_grp]
+
+    def _read(self, key, dtype):
+        store, kind = self.slots[key], key[0]
+        if not self._quantized(kind):
+            return store["x"].to(dtype)
+        codes = quant.unpack(store["codes"], self.bits).unflatten(-1, (-1, self._g(kind)))  # [B, L, n_grp, g]
+        return quant.dequantize(codes, store["scale"][..., None], store["mn"][..., None], dtype).flatten(-2)
+
+    def length(self, layer):
+        return min(self.slots[key].n for key in self.slot_of[layer])
+
+    def latent(self, layer, dtype=torch.float32):
+        """(C [B, L, d_c], R [B, L, d_r]): the dequantized history this layer attends over."""
+        kc, kr = self.slot_of[layer]
+        if self.slots[kc].n != self.slots[kr].n:
+            raise ValueError(f"latent cache: layer {layer} reads {self.slots[kc].n} latents but "
+                             f"{self.slots[kr].n} rope keys; its producer has not written this chunk yet")
+        return self._read(kc, dtype), self._read(kr, dtype)
+
+    def attend_latent(self, layer, q_lat, q_r, scale):
+        """Absorbed attention (spec §3.4): q_lat [B, H, T, d_c] (= q_C W_UK), q_r [B, H, T, d_r] (RoPE applied) ->
+        z [B, H, T, d_c] = softmax((q_lat.C + q_r.R) * scale) @ C, causal within a T-token chunk. MQA over one latent
+        'head' with key width d_c + d_r and value width d_c; the model applies W_UV to z."""
+        C, R = self.latent(layer, q_lat.dtype)                                          # [B, L, d_c], [B, L, d_r]
+        k = torch.cat([C, R], dim=-1).unsqueeze(1)                                      # [B, 1, L, d_c + d_r]
+        mask = _causal_tail_mask(q_lat.shape[2], C.shape[1], q_lat.device)
+        return F.scaled_dot_product_attention(torch.cat([q_lat, q_r], dim=-1), k, C.unsqueeze(1), attn_mask=mask,
+                                              scale=scale, enable_gqa=True)
+
+    # ---- the common cache interface
+    @property
+    def pos(self):
+        """Tokens fully processed: every slot is written once per forward, so the least-filled one says."""
+        return min(s.n for s in self.slots.values())
+
+    def __len__(self):
+        return self.pos
+
+    def nbytes(self, allocated=False):
+        """Codes, fp16 scales/mins, fp16 rows (used part; allocated=True: capacity) + 8 B per slot counter."""
+        return sum(s.nbytes(allocated) for s in self.slots.values())
+
+    def dense_nbytes(self):
+        """An fp16 MHA cache of the same width: K and V of n_heads x head_dim per layer (the '% of MHA' reference)."""
+        c = self.config
+        return 4 * (self.batch or 0) * c.n_heads * c.head_dim * c.n_layers * self.pos
+
+    def ratios(self):
+        """real: MHA bytes / nbytes() (counters included); paper: the same per token without counters."""
+        nb, counters = self.nbytes(), 8 * len(self.slots)
+        return dict(real=self.dense_nbytes() / nb if nb else 1.0,
+                    paper=self.dense_nbytes() / (nb - counters) if nb > counters else 1.0)
+
+    def info(self):
+        c = self.config
+        share = f", {c.share_mode} s={c.share_factor}" if c.attn == "clla" else ""
+        q = (f"int{self.bits} {self.group}" + ("" if self.quant_rope else ", k_R fp16")) if self.bits < 16 \
+            else str(self.dtype).removeprefix("torch.")
+        return f"latent ({c.attn}{share}, {q})"
+
+
+def _make_shared_cache(name, config, opts):
+    """make_cache for attn = cla / mla / clla: these store K/V (or the latent) once per group of layers, which only
+    CLACache / LatentCache know how to do. The precision of a latent cache comes from the config (kv_bits)."""
+    attn = getattr(config, "attn", "gqa")
+    if attn in ("mla", "clla") and name in ("dense", "latent"):
+        cls = LatentCache
+    elif attn == "cla" and name in ("dense", "cla"):
+        cls = CLACache
+    else:
+        raise ValueError(f"--cache {name} does not apply to attn={attn!r}: "
+                         + ("the latent variants cache c_KV and k_rope, use --cache dense (a LatentCache; the "
+                            "checkpoint's kv_bits sets its precision)" if attn in ("mla", "clla") else
+                            "CLA shares K/V across layers, use --cache dense (a CLACache)" if attn == "cla" else
+                            "the latent cache is for attn='mla' or 'clla'"))
+    unknown = sorted(set(opts) - {"validate", "dtype"})
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to the {cls.name} cache; it accepts ['dtype', 'validate']")
+    return cls(config, **opts)
