@@ -258,6 +258,14 @@ class LayerRole:
         self.own_rope = self.producer or mode == "latent_only"
 
 
+# Named attention settings (spec §2 "Presets"); train.py accepts them as presets: `python train.py small clla-quant`
+ATTN_PRESETS = {
+    "clla": dict(attn="clla", share_factor=2, share_mode="latent+rope", kv_bits=16),
+    "clla-quant": dict(attn="clla", share_factor=2, share_mode="latent+rope", kv_bits=4, kv_quant_group="token",
+                       kv_quant_rope=True),
+}
+
+
 def kv_bits_per_token(cfg):
     """Bits the KV cache stores per token over all layers, scales and mins included (spec §6.1).
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
-from model import ModelConfig, Transformer
+from model import ATTN_PRESETS, ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
 
@@ -78,6 +78,8 @@ PRESETS = {
                        batch_size=8, learning_rate=6e-4, min_lr=6e-5),
     # the CLLA ablation's base shape (spec/clla.md §2): 16 heads x 32
     "small": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=16, max_seq_len=512, block_size=256),
+    # attention variants (spec/clla.md §2): `python train.py small clla-quant`
+    **ATTN_PRESETS,
 }
 
 # peak dense bf16/fp16 tensor-core FLOP/s, for MFU (by substring of the device name)
