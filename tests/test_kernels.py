@@ -460,3 +460,22 @@ def test_aot_compile_sm90_no_spills_no_i2f(tmp_path):
         assert r["local"] == 0 and r["stl"] == 0 and r["ldl"] == 0, r   # no register spills
         assert r["i2f_in_loops"] == 0, r                  # codes -> fp16 via the 0x6400 bitcast, not I2F
         assert r["regs"] <= 255 and r["shared"] <= 100 * 1024, r
+
+
+# -----------------------------------------------------------------------------
+# GPU only (skipped without CUDA): a long context with the bench's synthetic cache (random codes, realistic
+# parameter ranges, a 4k prompt block followed by 100-token decode blocks and a 99-token buffer)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_long_context_matches_reference_and_dequantize_then_sdpa():
+    import bench
+    B, Hq, Hkv, D = 8, 32, 8, 128
+    view = bench.synthetic_view(B, Hkv, D, 32768, 0.6, n_buf=99, prompt=4096, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").half()
+    out, lse = kernels.decode_attention(q, view, kernel="auto", return_lse=True)     # auto = Triton on CUDA
+    ref, ref_lse = kernels.zip_decode_attention_ref(q.float(), view, return_lse=True)
+    check_close(out, lse, ref, ref_lse)
+    k, v = bench.dequantize_view(view, bench.dequant_plan(view))                     # fp16 K̂, V̂
+    sd = bench.sdpa_decode(q, k, v)
+    # dequantize-then-SDPA rounds K̂ and V̂ to fp16 (as the official code does): the same fp16-level bounds
+    check_close(out, lse, sd.float(), ref_lse)
