@@ -43,7 +43,7 @@ def parse_args():
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--salient", type=float, default=0.6, help="fraction of tokens at 4 bits")
     p.add_argument("--n_buf", type=int, default=0, help="tokens in the fp16 decode buffer (added to the context)")
-    p.add_argument("--block_n", type=int, default=64)
+    p.add_argument("--block_n", type=int, default=None, help="tile rows (default: the launcher's choice)")
     p.add_argument("--num_warps", type=int, default=4)
     p.add_argument("--rep_ms", type=int, default=50, help="do_bench_cudagraph repetition time per measurement")
     p.add_argument("--mem_frac", type=float, default=0.4, help="skip sizes whose caches need more GPU memory")
@@ -209,7 +209,7 @@ def num_splits_for(B, Hkv, view_or_L):
 
 def measure(B, Hq, Hkv, D, ctx, salient, n_buf=0, prompt=None, paths=("sdpa", "dense", "deq", "fused"),
             block_n=None, num_warps=None):
-    block_n, num_warps = block_n or args.block_n, num_warps or args.num_warps
+    block_n, num_warps = block_n or args.block_n, num_warps or args.num_warps  # block_n None = launcher's default
     L = ctx + n_buf
     r = dict(B=B, ctx=ctx, Hq=Hq, Hkv=Hkv, salient=salient)
     kw = dict(block_n=block_n, num_warps=num_warps)
@@ -333,7 +333,7 @@ def main():
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     print(f"\nlayer: H_q={Hq}, H_kv={Hkv}, D={D}; {100 * args.salient:.0f}% of tokens at 4 bits, one prompt block, "
-          f"n_buf={args.n_buf}; block_n={args.block_n}, num_warps={args.num_warps}; times in µs per call")
+          f"n_buf={args.n_buf}; block_n={args.block_n or 'auto'}, num_warps={args.num_warps}; times in µs per call")
     print("x_* = speedup of fused over that path; bytes = fp16 bytes / fused bytes; x/byt = x_sdpa / bytes\n")
     print(HEADER)
     rows = []

@@ -15,6 +15,10 @@ The algebra every fast path uses (kernels.md §2). For a row t of block k,
 so the scores and the weighted value sum never need K̂ or V̂:
     q·K̂_t      = (q⊙a_k)·x_t + q·μ_k               fold the key scale into q, add one constant per block
     Σ_t p_t V̂_t = c_k ⊙ (Σ_t (p_t σ_t) y_t + Σ_t p_t ν_t)  fold the value scale into p, apply c once per tile
+Two refinements of kernels.md §2 in the Triton kernel, both free: the codes are centred (x - 2^(bits-1), by
+subtracting 1024 + 2^(bits-1) in the int->fp16 trick, with the shift folded into μ and ν), which halves the part of
+the score that the fp16 rounding of q⊙a multiplies; and sm_scale·log2(e) multiplies each dot's fp32 result instead
+of being folded into q, so the fp16 buffer's scores use the query exactly as given.
 """
 import os
 import weakref
@@ -131,7 +135,7 @@ def _dequantize_segment(seg, v_chan, b, n_blocks, dt):
     return K, V
 
 
-def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n=64, return_lse=False):
+def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False):
     """Oracle: out [B, H_q, D] in q.dtype (+ natural-log lse [B, H_q] fp32). Math in fp32 (fp64 for fp64 q).
     num_splits and block_n are accepted for a common signature and ignored. Slow (loops over the batch)."""
     B, Hq, Hkv, G, D = _shapes(q, view)
@@ -168,7 +172,7 @@ def _online_update(state, s, valid):
     return m_new, l * alpha + p.sum(-1), acc * alpha[..., None], p
 
 
-def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block_n=64, return_lse=False,
+def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False,
                                chunk=4096):
     """Same contract as zip_decode_attention_ref, without a dequantized copy of the cache: per chunk of rows
     (<= `chunk`), only its codes are unpacked; scales fold into q and p (module docstring)."""
@@ -223,43 +227,10 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
 
 
 # -----------------------------------------------------------------------------
-# split heuristic (kernels.md §3.4) and the one dispatch function cache.py calls
-
-def pick_num_splits(B, H_kv, n_tokens, n_sm):
-    """Splits of the sequence per (b, KV head): aim for B·H_kv·S ≈ 4 programs per SM, with >= 512 tokens per split,
-    a power of two (fewer recompiles), at most 64; 1 when B·H_kv alone fills the GPU (cf. xformers' get_split_k)."""
-    progs = max(1, B * H_kv)
-    s = min(4 * n_sm // progs, n_tokens // 512, 64)
-    return 1 << (max(1, s).bit_length() - 1)                         # round down to a power of two
-
-
-def decode_attention(q, view, kernel="auto", **kw):
-    """out [B, H_q, D] (+ lse if return_lse=True) of one decode step over a ZipLayerView.
-
-    kernel="auto": the Triton kernel on CUDA when D is supported, else the torch fast path;
-    "triton": force the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch": force the torch path."""
-    if kernel == "torch":
-        return zip_decode_attention_torch(q, view, **kw)
-    if kernel == "auto":
-        use = HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_D and q.dtype in (torch.float16, torch.bfloat16)
-        return (zip_decode_attention if use else zip_decode_attention_torch)(q, view, **kw)
-    if kernel == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("kernel='triton' needs the triton package: pip install triton (Linux), "
-                               "or use --kernel torch")
-        if not q.is_cuda and not INTERPRET:
-            raise RuntimeError("kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing "
-                               "kernels.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
-        return zip_decode_attention(q, view, **kw)
-    raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
-
-
-
-
-# -----------------------------------------------------------------------------
-# the Triton kernels (kernels.md §2-3). Scores live in the log2 domain: q is pre-multiplied by sm_scale·log2(e) so
-# the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the interpreter's bf16 dot is
-# garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only (runs on Triton 3.6 to 3.9).
+# the Triton kernels (kernels.md §2-3). Scores live in the log2 domain (each dot's result is multiplied by
+# sm_scale·log2(e)) so the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the
+# interpreter's bf16 dot is garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only, so the
+# file runs on Triton 3.6 to 3.9 (no block pointers, no tensor descriptors); int64 base offsets.
 
 if HAS_TRITON:
 
@@ -273,7 +244,8 @@ if HAS_TRITON:
     @triton.jit
     def _load_code_quarters(ptr, t, valid, stride_t, dq, D4: tl.constexpr, BITS: tl.constexpr):
         """Packed rows t of one (b, KV head) of a segment -> its four fp16 tiles [BLOCK_N, D/4] of centred codes
-        x - 2^(BITS-1). Planar packing (zipcache §2.2) makes every quarter a shift-and-mask of a contiguous byte tile."""
+        x - 2^(BITS-1). Planar packing (zipcache §2.2) makes every quarter a shift-and-mask of a contiguous
+        byte tile."""
         Z: tl.constexpr = 1 << (BITS - 1)
         offs = t[:, None] * stride_t + dq[None, :]
         if BITS == 4:
@@ -353,8 +325,8 @@ if HAS_TRITON:
             c2 = tl.load(cp + 2 * D4 + dq).to(tl.float32)
             c3 = tl.load(cp + 3 * D4 + dq).to(tl.float32)
             # keys: q' = fp16(q ⊙ a), the only rounding; qb = q·μ · sm_scale·log2e in fp32 from the raw q.
-            # Centred codes: K̂ = a·x + μ = a·(x - Z) + (μ + Z·a). The rounding error of q' now multiplies |x - Z| <= Z
-            # instead of x <= 2Z, and its mean over tokens (a shift of the whole block's scores) is gone.
+            # Centred codes: K̂ = a·x + μ = a·(x - Z) + (μ + Z·a). The rounding error of q' now multiplies
+            # |x - Z| <= Z instead of x <= 2Z, and its mean over tokens (a shift of the block's scores) is gone.
             Z: tl.constexpr = 1 << (BITS - 1)
             mu0 = mu0 + Z * a_0
             mu1 = mu1 + Z * a_1
@@ -588,13 +560,18 @@ def _n_sm(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=64, return_lse=False,
+def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False,
                          num_warps=4, num_stages=2):
     """Fused decode attention over a ZipLayerView: out [B, H_q, D] in q.dtype (+ natural-log lse [B, H_q] fp32).
-    num_splits=None picks with pick_num_splits from the segment capacities (an upper bound on the rows, no sync)."""
+    num_splits=None picks with pick_num_splits from the segment capacities (an upper bound on the rows, no sync);
+    block_n=None: 64-row tiles, 32 when a KV head serves more than 16 query heads. Fixed configs, no autotune:
+    bench.py sweeps (block_n, num_warps) on the GPU."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton kernel needs the triton package: pip install triton, or use kernel='torch'")
     B, Hq, Hkv, G, D = _shapes(q, view)
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    if block_n is None:  # [BLOCK_G, BLOCK_N] tiles: at G > 16, 64-row tiles spill registers on sm_90 (AOT check)
+        block_n = 64 if BLOCK_G <= 16 else 32
     _check_kernel_inputs(q, view, block_n)
     scale = D ** -0.5 if sm_scale is None else sm_scale
     if num_splits is None:
@@ -631,7 +608,7 @@ def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=64,
         view.k_buf, view.v_buf, *view.k_buf.stride()[:3], *view.v_buf.stride()[:3],
         tab, o_part, l_part, *s_o, l_part.stride(0), l_part.stride(1),
         Hkv, G, view.n_buf, scale * LOG2E,
-        D4=D // 4, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        D4=D // 4, BLOCK_G=BLOCK_G, BLOCK_N=block_n,
         HI_BITS=view.hi.bits, LO_BITS=view.lo.bits, SPLIT=S > 1,
         num_warps=num_warps, num_stages=num_stages)
     if S > 1:
@@ -640,3 +617,35 @@ def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=64,
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             D=D, BLOCK_S=triton.next_power_of_2(S), num_warps=4)
     return (out, lse) if return_lse else out
+
+
+# -----------------------------------------------------------------------------
+# split heuristic (kernels.md §3.4) and the one dispatch function cache.py calls
+
+def pick_num_splits(B, H_kv, n_tokens, n_sm):
+    """Splits of the sequence per (b, KV head): aim for B·H_kv·S ≈ 4 programs per SM, with >= 512 tokens per split,
+    a power of two (fewer recompiles), at most 64; 1 when B·H_kv alone fills the GPU (cf. xformers' get_split_k)."""
+    progs = max(1, B * H_kv)
+    s = min(4 * n_sm // progs, n_tokens // 512, 64)
+    return 1 << (max(1, s).bit_length() - 1)                         # round down to a power of two
+
+
+def decode_attention(q, view, kernel="auto", **kw):
+    """out [B, H_q, D] (+ lse if return_lse=True) of one decode step over a ZipLayerView.
+
+    kernel="auto": the Triton kernel on CUDA when D is supported, else the torch fast path;
+    "triton": force the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch": force the torch path."""
+    if kernel == "torch":
+        return zip_decode_attention_torch(q, view, **kw)
+    if kernel == "auto":
+        use = HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_D and q.dtype in (torch.float16, torch.bfloat16)
+        return (zip_decode_attention if use else zip_decode_attention_torch)(q, view, **kw)
+    if kernel == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("kernel='triton' needs the triton package: pip install triton (Linux), "
+                               "or use --kernel torch")
+        if not q.is_cuda and not INTERPRET:
+            raise RuntimeError("kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing "
+                               "kernels.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
+        return zip_decode_attention(q, view, **kw)
+    raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
