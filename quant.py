@@ -36,18 +36,21 @@ def quant_params(x, bits, dim, scale_eps=SCALE_EPS):
     return scale.half(), mn.half()  # stored fp16; quantize with these, so every path reconstructs the same values
 
 
-def quantize(x, bits, dim, scale_eps=SCALE_EPS):
+def quantize(x, bits, dim, scale_eps=SCALE_EPS, check=True):
     """x -> (codes uint8 [same shape as x], scale fp16, mn fp16), one (scale, mn) per slice over `dim`.
 
     s16 = fp16(max((max - min)/(2^k - 1), eps)); m16 = fp16(min); q = clamp(round((x - m16)/s16), 0, 2^k - 1).
     The clamp matters: fp16 rounding of the scale can push the top code to 2^k. torch.round is half-to-even.
+    check=False skips the NaN/Inf test when the caller has already validated x.
     """
-    check_finite(x, "quantize input")
+    if check:
+        check_finite(x, "quantize input")
     scale, mn = quant_params(x, bits, dim, scale_eps)
     q = (x.float() - mn.float()) / scale.float()
-    # scale_eps=0 and a constant group give 0/0: define the code as 0 (x_hat = mn, exact) instead of undefined
-    # NaN->uint8 casting. fake_quant keeps the official NaN so that mode can still be studied.
-    q = torch.nan_to_num(q, nan=0.0)
+    if scale_eps <= 0:
+        # a constant group gives 0/0: define the code as 0 (x_hat = mn, exact) instead of an undefined
+        # NaN->uint8 cast. fake_quant keeps the official NaN so that mode can still be studied.
+        q = torch.nan_to_num_(q, nan=0.0)
     codes = q.round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
     return codes, scale, mn
 
@@ -149,7 +152,7 @@ def cst_normalizer(x, scale_eps=SCALE_EPS, dim=-2):
     return x.float().abs().amax(dim=dim, keepdim=True).sqrt().clamp_min(scale_eps).half()
 
 
-def quantize_cst(x, bits, token_dims=(-1,), scale_eps=SCALE_EPS, chan=None):
+def quantize_cst(x, bits, token_dims=(-1,), scale_eps=SCALE_EPS, chan=None, check=True):
     """Channel-separable tokenwise quantization (ZipCache values; spec §2.4):
     c = sqrt(max_t |x|) per channel, then asymmetric tokenwise quantization of x / c.
 
@@ -157,13 +160,14 @@ def quantize_cst(x, bits, token_dims=(-1,), scale_eps=SCALE_EPS, chan=None):
     row over all heads (the official "row" scope). Pass `chan` to reuse a normalizer computed over a larger set.
     Returns (codes, scale, mn, chan); x_hat = chan * (codes*scale + mn).
     """
-    check_finite(x, "quantize input")
+    if check:
+        check_finite(x, "quantize input")
     if chan is None:
         chan = cst_normalizer(x, scale_eps)
-    c = chan.float()
-    # c == 0 only if scale_eps == 0 and the whole channel is 0; x/c would be 0/0, so store 0 there (exact).
-    xn = torch.where(c > 0, x.float() / c.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    codes, scale, mn = quantize(xn, bits, dim=token_dims, scale_eps=scale_eps)
+    xn = x.float() / chan.float()
+    if scale_eps == 0:  # c == 0 only then, for an all-zero channel: 0/0 -> store 0 there (exact)
+        xn = torch.nan_to_num_(xn, nan=0.0)
+    codes, scale, mn = quantize(xn, bits, dim=token_dims, scale_eps=scale_eps, check=False)
     return codes, scale, mn, chan
 
 

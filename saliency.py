@@ -69,21 +69,25 @@ def column_scores(attn, rows, L, score="normalized", norm="full"):
                  rows are summed) or the number of probe rows at positions >= j ("probe", the exact count, >= 1)
     locality:    p_j = j                                                    (a recency baseline, paper Table A)
     """
+    return normalize_columns(attn.float().sum(-2), rows, L, score, norm)
+
+
+def normalize_columns(col, rows, L, score="normalized", norm="full"):
+    """Column sums col [..., L] -> scores, as column_scores describes."""
     if score not in SCORES:
         raise ValueError(f"score {score!r} is unknown; use one of {SCORES}")
     if norm not in NORMS:
         raise ValueError(f"norm {norm!r} is unknown; use one of {NORMS}")
     if score == "locality":
-        return torch.arange(L, dtype=torch.float32, device=attn.device).expand(*attn.shape[:-2], L)
-    col = attn.float().sum(-2)  # [..., L]
+        return torch.arange(L, dtype=torch.float32, device=col.device).expand(*col.shape[:-1], L)
     if score == "accumulated":
         return col
-    j = torch.arange(L, device=attn.device)
+    j = torch.arange(L, device=col.device)
     if norm == "full":
         n = (L - j).float()
     else:
         # number of probe rows i with rows[i] >= j: a reversed cumulative count, duplicates included
-        cnt = torch.bincount(rows.to(attn.device), minlength=L).flip(0).cumsum(0).flip(0)
+        cnt = torch.bincount(rows.to(col.device), minlength=L).flip(0).cumsum(0).flip(0)
         n = cnt.float().clamp_min(1)
     return col / n
 
@@ -98,28 +102,36 @@ def probe_attention(q, k, rows, sm_scale=None):
     -> fp32 probabilities [B, g, P, L] (row i sees keys j <= rows[i])."""
     L, D = k.shape[-2], k.shape[-1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    s = torch.einsum("bgpd,bld->bgpl", q.float(), k.float()) * sm_scale
-    masked = torch.arange(L, device=k.device)[None, :] > rows.to(k.device)[:, None]  # [P, L], True = future
-    return s.masked_fill_(masked, float("-inf")).softmax(-1)
+    s = (q.float() * sm_scale) @ k.float()[:, None].transpose(-1, -2)               # [B, g, P, L]
+    lo = max(0, min(L, int(rows.min()) + 1))  # no row masks a key before its earliest position + 1
+    masked = torch.arange(lo, L, device=k.device)[None, :] > rows.to(k.device)[:, None]  # [P, L - lo], True = future
+    s[..., lo:].masked_fill_(masked, float("-inf"))
+    return s.softmax(-1)
 
 
-def probe_scores(q, k, rows, score="normalized", norm="full", sm_scale=None):
+def probe_scores(q, k, rows, score="normalized", norm="full", sm_scale=None, chunk=32):
     """Saliency [B, H_kv, L] fp32 from the probe rows only (spec §3.1-3.2).
 
     q [B, H, L, D], k [B, H_kv, L, D] (RoPE applied). Query head i reads KV head i // g; the g heads of a group are
-    summed. The loop over KV heads keeps at most B * g * P * L fp32 values live.
+    summed. Memory: one KV-head group and `chunk` probe rows at a time, so at most B * g * chunk * L fp32 values
+    are live (the official code materializes every head at once). Speed: the rows are processed in position order,
+    and a chunk whose last row sits at position m only scores keys [0, m] (column sums ignore row order).
     """
     B, H, L, D = q.shape
     H_kv = k.shape[1]
     g = H // H_kv
-    rows = rows.to(q.device)
     if score == "locality":
-        return column_scores(q.new_empty(B, H_kv, 0, L), rows, L, score)
-    out = torch.empty(B, H_kv, L, dtype=torch.float32, device=q.device)
+        return normalize_columns(q.new_zeros(B, H_kv, L, dtype=torch.float32), rows, L, score)
+    srt = rows.cpu().sort().values
+    col = torch.zeros(B, H_kv, L, dtype=torch.float32, device=q.device)
     for h in range(H_kv):
-        a = probe_attention(q[:, h * g:(h + 1) * g, rows], k[:, h], rows, sm_scale)  # [B, g, P, L]
-        out[:, h] = column_scores(a.sum(1), rows, L, score, norm)
-    return out
+        for c0 in range(0, len(srt), chunk):
+            r = srt[c0:c0 + chunk]
+            m = int(r[-1]) + 1
+            rd = r.to(q.device)
+            a = probe_attention(q[:, h * g:(h + 1) * g, rd], k[:, h, :m], rd, sm_scale)  # [B, g, p, m]
+            col[:, h, :m] += a.sum((1, 2))
+    return normalize_columns(col, rows, L, score, norm)
 
 
 def n_regular(n, salient_ratio):

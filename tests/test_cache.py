@@ -120,12 +120,15 @@ def test_prefill_is_exactly_sdpa(name):
     assert c.pos == 37 and out.dtype == q.dtype
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_decode_equals_attention_over_own_kv(name):
+@pytest.mark.parametrize("name,opts", [(n, SMALL[n]) for n in NAMES] + [
+    ("zipcache", dict(block_size=5, v_token_scope="head", decode_score="last_query")),
+    ("zipcache", dict(block_size=5, official=True)),
+    ("zipcache", dict(block_size=5, bits_hi=8, bits_lo=4, pool_batch_stats=True))])
+def test_decode_equals_attention_over_own_kv(name, opts):
     # decode output = float64 attention over what the cache holds *before* the step plus the new (fp16-stored) token;
     # fp32 math on ~50 tokens: 1e-5 relative (Frobenius) is ~100x the expected rounding error
     H, Hkv, D = 4, 2, 16
-    c = C.make_cache(name, mcfg(), **SMALL[name])
+    c = C.make_cache(name, mcfg(), **opts)
     c.attend(0, *qkv(2, H, Hkv, 37, D, seed=1))
     g = torch.Generator().manual_seed(2)
     for step in range(13):  # crosses ZipCache/MiKV flushes (5), KIVI's key residual (16 - 37 % 16 = 11) and evictions
@@ -225,15 +228,17 @@ def test_zipcache_blocks_and_rows():
     assert v.hi.k_codes.dtype == torch.uint8 and v.v_chan.dtype == torch.float16
 
 
-def test_zipcache_nbytes_closed_form():
+@pytest.mark.parametrize("scope", ["row", "head"])
+def test_zipcache_nbytes_closed_form(scope):
     # spec §4.6 for B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
     B, H, D, nb = 2, 2, 16, 3
-    c = C.make_cache("zipcache", mcfg(), block_size=5)
+    Hv = H if scope == "head" else 1
+    c = C.make_cache("zipcache", mcfg(), block_size=5, v_token_scope=scope)
     c.attend(0, *qkv(B, 4, H, 37, D, seed=0))
     run_steps(c, B, 4, H, D, 12, seed=1)
     n_hi, n_lo, n_buf = 29, 18, 2
     codes = 2 * B * H * (n_hi * D * 4 // 8 + n_lo * D * 2 // 8)           # K and V codes
-    v_params = 2 * 2 * B * H * (n_hi + n_lo)                                # fp16 v_scale, v_min per (token, head)
+    v_params = 2 * 2 * B * Hv * (n_hi + n_lo)                               # fp16 v_scale, v_min per (token, head/row)
     k_params = 2 * 2 * 2 * B * nb * H * D                                   # 2 groups x (scale, min) x fp16
     v_chan = 2 * B * nb * H * D
     rows = 2 * 4 * B * (nb + 1)                                             # int32 row tables
