@@ -482,7 +482,7 @@ class ZipCache(Cache):
                 # each buffered token's true probability under this query, summed over its group's heads
                 B, H, D = q1.shape
                 Hkv = k.shape[1]
-                s = q1.float().view(B, Hkv, H // Hkv, 1, D) @ st.buf["k"].float()[:, :, None].transpose(-1, -2)
+                s = q1.float().reshape(B, Hkv, H // Hkv, 1, D) @ st.buf["k"].float()[:, :, None].transpose(-1, -2)
                 p = torch.exp(s[..., 0, :] * D ** -0.5 - lse.view(B, Hkv, H // Hkv, 1)).sum(2)   # [B, H_kv, n_buf]
                 if c.decode_score == "normalized":
                     st.buf["acc"].add_(p)
