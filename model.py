@@ -1,9 +1,12 @@
 """
 A llama-like transformer in one file: config, RMSNorm, RoPE (with Llama-3.1 frequency scaling), attention with
-MHA/GQA/MQA, SwiGLU, the Transformer, and checkpoint loading (Hugging Face, Meta, and our own ckpt.pt).
+MHA/GQA/MQA, CLA, MLA and CLLA (config.attn), SwiGLU, the Transformer, and checkpoint loading (Hugging Face, Meta, and
+our own ckpt.pt).
 
 The model knows nothing about KV caches beyond one call: attention hands (layer, q, k, v) to the cache object it was
-given and gets the attention output back. Everything about compression lives in cache.py.
+given and gets the attention output back. Everything about compression lives in cache.py. The latent variants (MLA,
+CLLA) cache no per-head K/V; they call the cache's latent interface instead: write(layer, c, k_rope), length(layer),
+attend_latent(layer, q_lat, q_rope, scale), and apply their own weights before and after (spec/clla.md §7).
 """
 import glob
 import json
@@ -398,6 +401,9 @@ class LatentAttention(nn.Module):
         w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]                               # [H, d_nope, d_c], [H, d_v, d_c]
 
         if cache is not None:
+            if not hasattr(cache, "attend_latent"):
+                raise ValueError(f"attn={self.config.attn!r} caches a latent, but got a {type(cache).__name__}; build "
+                                 f"the cache with make_cache('dense', config) (a LatentCache)")
             if role.own_latent or role.own_rope:
                 cache.write(self.layer_idx, c_raw, kr_raw)                      # raw: the cache quantizes as _fq did
             if cache.length(self.layer_idx) > T:

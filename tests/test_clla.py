@@ -404,6 +404,8 @@ def test_cache_routing_and_checkpoint_round_trip(tmp_path):
     with pytest.raises(ValueError, match="latent cache is for attn"):
         C.make_cache("latent", M.ModelConfig(dim=64, n_heads=4))
     assert isinstance(C.make_cache("latent", m.config), C.LatentCache)
+    with pytest.raises(ValueError, match="caches a latent, but got a DenseCache"):
+        m(torch.zeros(1, 3, dtype=torch.long), cache=C.DenseCache(m.config))
     # the checkpoint records the toggle: load_model rebuilds the same variant with the same logits
     from dataclasses import asdict
     torch.save({"model": m.state_dict(), "config": asdict(m.config)}, tmp_path / "ckpt.pt")
