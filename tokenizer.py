@@ -9,6 +9,10 @@ exactly the tokenizer a model was trained with:
     {"kind": "gpt2"}                  OpenAI's GPT-2 BPE (50257 tokens), only if tiktoken already has it in its cache.
     {"kind": "llama3", "path": p}     Meta's Llama-3 `tokenizer.model`: a tiktoken ranks file (one "base64(token) rank"
                                       per line), Llama-3's split regex and its 256 special tokens.
+    {"kind": "words", "words": [...], "digits": 3}
+                                      bytes plus whole-piece tokens: every run of 1..digits digits (with and without a
+                                      leading space, chunked like Llama-3) and a short word list. Built in memory; made
+                                      for the synthetic line-retrieval task (retrieval.py), where a line costs 6 tokens.
 """
 import base64
 import hashlib
@@ -98,6 +102,24 @@ def byte_tokenizer():
     return Tokenizer(enc, {"kind": "bytes"}, bos=ENDOFTEXT, eos=ENDOFTEXT, stops=[ENDOFTEXT])
 
 
+# the words of retrieval.py's record format; a checkpoint stores its own list in the spec, so this may grow safely
+WORDS = ("line", " line", "What", " What", " is", " the", " in", " REGISTER_CONTENT")
+
+
+def words_tokenizer(words=WORDS, digits=3):
+    # A piece (regex match) that is a vocabulary entry becomes one token; any other piece falls back to its bytes:
+    # the only 2-byte entries are digit pairs and " d", which never occur inside a non-digit piece, so BPE merging
+    # cannot reach a word token through halves. Digits split in runs of <= `digits`, left to right, as in Llama-3.
+    nums = [str(i).zfill(n) for n in range(1, digits + 1) for i in range(10 ** n)]
+    ranks = {bytes([i]): i for i in range(256)}
+    for piece in nums + [" " + x for x in nums] + list(words):
+        ranks.setdefault(piece.encode(), len(ranks))
+    pat = r" ?\p{N}{1,%d}| ?[\p{L}_]+| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+" % digits
+    enc = tiktoken.Encoding(name="words", pat_str=pat, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})
+    spec = {"kind": "words", "words": list(words), "digits": digits}
+    return Tokenizer(enc, spec, bos=ENDOFTEXT, eos=ENDOFTEXT, stops=[ENDOFTEXT])
+
+
 def tiktoken_cache_dir():
     """Where tiktoken keeps downloads (same rule as tiktoken.load.read_file_cached)."""
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
@@ -167,19 +189,23 @@ def load_tokenizer(spec_or_path=None):
         return byte_tokenizer()
     if s == "gpt2":
         return gpt2_tokenizer()
+    if s == "words":
+        return words_tokenizer()
     if isinstance(s, dict):
         kind = s.get("kind")
         if kind in ("bytes", "gpt2"):
             return load_tokenizer(kind)
+        if kind == "words":
+            return words_tokenizer(tuple(s.get("words", WORDS)), s.get("digits", 3))
         if kind == "llama3":
             if not os.path.isfile(s.get("path", "")):
                 raise ValueError(f"the checkpoint's tokenizer file {s.get('path')!r} does not exist here; "
                                  f"pass --tokenizer=PATH to the Llama-3 tokenizer.model it was made with")
             return llama3_tokenizer(s["path"])
-        raise ValueError(f"unknown tokenizer spec {s!r}; expected kind bytes, gpt2 or llama3")
+        raise ValueError(f"unknown tokenizer spec {s!r}; expected kind bytes, gpt2, words or llama3")
     s = os.fspath(s)
     if os.path.isdir(s):
         return llama3_tokenizer(find_tokenizer_model(s))
     if os.path.isfile(s):
         return llama3_tokenizer(s)
-    raise ValueError(f"tokenizer {s!r} is neither 'bytes', 'gpt2', a tokenizer.model file nor a model directory")
+    raise ValueError(f"tokenizer {s!r} is neither 'bytes', 'gpt2', 'words', a tokenizer.model file nor a model directory")

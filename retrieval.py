@@ -1,0 +1,273 @@
+"""
+Synthetic line retrieval, in the spirit of LongEval (the task of the ZipCache paper's Fig. 1 and Fig. 5).
+
+A record is many lines `line <id>: <value>`, then a question about one of them; the answer is that line's value,
+which nothing but the context can tell (ids and values are uniform random, so guessing succeeds 1 time in 90,000):
+
+    line 372: 24802
+    line 915: 11093
+    ...
+    What is line 372? 24802
+
+Two styles of the same content. "compact" is what the model trained here reads (with the "words" tokenizer a line is
+6 tokens: line, " 372", ":", " 248", "02", newline). "longeval" is LongEval's own wording for real LLMs (Llama-3 etc.):
+a preamble, `line 372: REGISTER_CONTENT is <24802>` lines and a spelled-out question. eval.py picks the style from
+the tokenizer.
+
+Splits are decided by the content, not by the seed: a record belongs to train, val or test by a hash of its lines
+(80/10/10), and each generator skips records of the other splits, so no test record can ever appear in training.
+
+    python retrieval.py --export_to=ckpt/retrieval/ckpt.pt      # train the shipped model (recipe: RetrievalTrainConfig)
+    python retrieval.py --show=1 --lines=5                       # print an example
+"""
+import argparse
+import hashlib
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+ID_RANGE = (100, 1000)          # 3-digit line ids: one token each (" 372"), distinct within a record
+VALUE_RANGE = (10000, 100000)   # 5-digit values: two tokens (" 248", "02"), as Llama-3 splits digits in runs of 3
+SPLITS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}   # hash bucket (mod 10) -> split
+STYLES = ("compact", "longeval")
+LONGEVAL_PREAMBLE = (
+    "Below is a record of lines I want you to remember. Each line begins with 'line <line index>' and contains a "
+    "'<REGISTER_CONTENT>' at the end of the line as a numerical value. For each line index, memorize its corresponding "
+    "<REGISTER_CONTENT>. At the end of the record, I will ask you to retrieve the corresponding <REGISTER_CONTENT> of "
+    "a certain line index. Now the record start:\n\n")
+
+
+# -----------------------------------------------------------------------------
+# records and splits
+
+def split_of(lines):
+    """The split a record belongs to, from a hash of its content (stable across Python versions and machines)."""
+    h = hashlib.sha1(",".join(f"{i}:{v}" for i, v in lines).encode()).digest()
+    bucket = int.from_bytes(h[:4], "little") % 10
+    return next(name for name, b in SPLITS.items() if bucket in b)
+
+
+def make_record(rng, n_lines, split):
+    """n_lines (id, value) pairs of the given split: ids distinct, values uniform (repeats allowed, as in LongEval)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; use one of {list(SPLITS)}")
+    if not 1 <= n_lines <= ID_RANGE[1] - ID_RANGE[0]:
+        raise ValueError(f"n_lines={n_lines} must be in 1..{ID_RANGE[1] - ID_RANGE[0]} (the number of distinct ids)")
+    while True:  # rejection: ~1.25 draws for train, ~10 for val/test; cheap
+        ids = rng.sample(range(*ID_RANGE), n_lines)
+        lines = [(i, rng.randrange(*VALUE_RANGE)) for i in ids]
+        if split_of(lines) == split:
+            return lines
+
+
+def render_line(line_id, value, style="compact"):
+    if style == "compact":
+        return f"line {line_id}: {value}\n"
+    return f"line {line_id}: REGISTER_CONTENT is <{value}>\n"
+
+
+def render_question(line_id, style="compact"):
+    """The question; the answer follows it directly (compact: " 24802"; longeval: "24802>")."""
+    if style == "compact":
+        return f"What is line {line_id}?"
+    return (f"\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {line_id}? I need the number."
+            f"\nAnswer: The <REGISTER_CONTENT> in line {line_id} is <")
+
+
+def example(n_lines, index, split="test", seed=0, style="compact"):
+    """Example number `index` of a split at a line count: dict(prompt, answer, line_id, position, lines).
+
+    Deterministic in (seed, split, n_lines, index); the asked line is uniform over the record, its position kept
+    so accuracy can be broken down by where the line sits.
+    """
+    if style not in STYLES:
+        raise ValueError(f"style {style!r} is unknown; use one of {STYLES}")
+    rng = random.Random(f"{seed}/{split}/{n_lines}/{index}")
+    lines = make_record(rng, n_lines, split)
+    pos = rng.randrange(n_lines)
+    body = "".join(render_line(i, v, style) for i, v in lines)
+    # compact records open with a newline, as every record does in the training text (and it gives position 0 a
+    # fixed token, the model's attention sink)
+    head = "\n" if style == "compact" else LONGEVAL_PREAMBLE
+    return {"prompt": head + body + render_question(lines[pos][0], style), "answer": str(lines[pos][1]),
+            "line_id": lines[pos][0], "position": pos, "lines": lines}
+
+
+def examples(n_lines, n, split="test", seed=0, style="compact"):
+    return [example(n_lines, i, split, seed, style) for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# scoring: exact match of the retrieved number
+
+NUMBER = re.compile(r"\d+")
+
+
+def extract_answer(text):
+    """The first run of digits in the model's output, or None."""
+    m = NUMBER.search(text)
+    return m.group() if m else None
+
+
+def score(output, answer):
+    """True iff the first number in `output` is exactly `answer` (no prefix, no extra digits, no partial credit)."""
+    return extract_answer(output) == str(answer)
+
+
+
+# -----------------------------------------------------------------------------
+# training: whole records, loss on the answers only, a curriculum over line counts
+#
+# Why not train.py's next-token loss on random windows of a text file? Every line id and value is random, so ~95% of
+# the tokens carry an irreducible loss whose gradient noise drowns the few answer tokens: 5M tokens of that left a
+# 1.4M-parameter model at 0% retrieval, while the answer-only loss below learns the same lookup within minutes.
+# (Loss masking to the answer span is what instruction tuning does.) The model, optimizer, schedule and checkpoint
+# format are train.py's own.
+
+@dataclass
+class RetrievalTrainConfig:
+    out_dir: str = "out-retrieval"
+    export_to: str = ""             # also write a slim fp16 checkpoint here (what ships in ckpt/retrieval/)
+    lines: int = 200                # the longest records at the end of the curriculum
+    lines_start: int = 8            # the longest records at step 0; the cap grows linearly to `lines`
+    ramp: float = 0.6               # ... over this fraction of max_iters, then stays
+    questions: int = 8              # questions at the end of each record (each answer = 2 scored tokens)
+    batch_tokens: int = 4096        # tokens per step; batch size = batch_tokens // record length
+    max_iters: int = 3000
+    eval_interval: int = 250
+    eval_n: int = 100               # val examples per line count for the accuracy printout
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # the model (ModelConfig fields): head_dim 64 so ZipCache's ratio and the Triton kernel shape are the real ones
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 2
+    n_kv_heads: int = 1
+    head_dim: int = 64
+    tie_embeddings: bool = True     # copying a value = reading its embedding back out
+    max_seq_len: int = 1536
+
+
+def record_batch(tok, rng, n_lines, n_records, questions, split="train"):
+    """n_records records of n_lines lines + `questions` questions, equal lengths -> (x, y, mask) [B, T] with mask on
+    the answer tokens of y."""
+    texts = []
+    for _ in range(n_records):
+        lines = make_record(rng, n_lines, split)
+        qs = [lines[rng.randrange(n_lines)] for _ in range(questions)]
+        texts.append("\n" + "".join(render_line(i, v) for i, v in lines) +
+                     "".join(f"{render_question(i)} {v}\n" for i, v in qs))
+    ids = torch.tensor([tok.encode(t) for t in texts])                         # [B, T+1] (all the same length)
+    x, y = ids[:, :-1], ids[:, 1:]
+    q = tok.encode("?")[0]
+    after_q = x == q                                                           # y here is the first answer token
+    mask = after_q | F.pad(after_q[:, :-1], (1, 0))                            # ... and the second
+    return x, y, mask
+
+
+@torch.no_grad()
+def dense_accuracy(model, tok, n_lines, n, split="val", seed=0, batch=50):
+    """Greedy exact-match accuracy (%) with no cache at all: the model's own ceiling."""
+    model.eval()
+    device = next(model.parameters()).device
+    exs, hits = examples(n_lines, n, split, seed), 0
+    for b in range(0, n, batch):
+        chunk = exs[b:b + batch]
+        x = torch.tensor([tok.encode(e["prompt"]) for e in chunk], device=device)
+        for _ in range(3):
+            x = torch.cat([x, model(x, last_only=True)[0][:, -1:].argmax(-1)], 1)
+        hits += sum(score(tok.decode(r[-3:]), e["answer"]) for r, e in zip(x.tolist(), chunk))
+    model.train()
+    return 100.0 * hits / n
+
+
+def train(cfg, log=print):
+    import train as T  # train.py's optimizer, schedule and checkpoint writer
+    from model import ModelConfig, Transformer
+    from tokenizer import load_tokenizer
+
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} already exists; choose another --out_dir (runs are not resumed)")
+    tok = load_tokenizer("words")
+    mconf = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                        head_dim=cfg.head_dim, vocab_size=tok.n_vocab, tie_embeddings=cfg.tie_embeddings,
+                        max_seq_len=cfg.max_seq_len)
+    if 1 + 6 * cfg.lines + 8 * cfg.questions > cfg.max_seq_len:
+        raise ValueError(f"--lines={cfg.lines} records do not fit max_seq_len={cfg.max_seq_len}; raise it")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mconf)
+    opt = T.make_optimizer(model, cfg, torch.device("cpu"))
+    rng = random.Random(f"retrieval-train/{cfg.seed}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {asdict(mconf)}")
+    t0 = time.perf_counter()
+    history, acc = [], {}
+    for step in range(1, cfg.max_iters + 1):
+        lr = T.get_lr(step - 1, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        cap = cfg.lines_start + (cfg.lines - cfg.lines_start) * min(1.0, step / max(1, cfg.ramp * cfg.max_iters))
+        n = rng.randint(2, max(2, round(cap)))
+        length = 1 + 6 * n + 8 * cfg.questions
+        x, y, mask = record_batch(tok, rng, n, max(1, cfg.batch_tokens // length), cfg.questions)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits[mask], y[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        history.append(loss.item())
+        if step % 50 == 0:
+            log(f"iter {step}: answer loss {sum(history[-50:]) / 50:.4f}, lines <= {round(cap)}, lr {lr:.2e}, "
+                f"{time.perf_counter() - t0:.0f}s")
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            counts = sorted({c for c in (10, 50, 100, 150, 200, cfg.lines) if c <= cfg.lines})
+            acc = {c: dense_accuracy(model, tok, c, cfg.eval_n) for c in counts}
+            log(f"step {step}: val accuracy " + ", ".join(f"{c} lines {a:.1f}%" for c, a in acc.items()))
+            T.atomic_save({"model": model.state_dict(), "config": asdict(mconf), "tokenizer": tok.spec, "step": step,
+                           "train_config": asdict(cfg), "val_accuracy": acc, "elapsed_s": time.perf_counter() - t0,
+                           "optimizer": opt.state_dict()}, ckpt_path)
+    elapsed = time.perf_counter() - t0
+    log(f"done: {cfg.max_iters} steps in {elapsed:.0f}s")
+    if cfg.export_to:
+        size = T.export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
+        log(f"exported {cfg.export_to} ({size / 2**20:.1f} MB, fp16, no optimizer state)")
+    return acc, elapsed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="retrieval.py", description="train the line-retrieval model (see "
+                                "RetrievalTrainConfig for every --flag), or print examples with --show N")
+    p.add_argument("--show", type=int, default=0, help="print N test prompts of --lines lines and exit")
+    for f in fields(RetrievalTrainConfig):
+        p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool")
+                       else type(f.default), default=f.default)
+    a = vars(p.parse_args(argv))
+    if a.pop("show"):
+        for e in examples(a["lines"], 1):
+            print(e["prompt"] + " " + e["answer"])
+        return
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    train(RetrievalTrainConfig(**a))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"retrieval.py: error: {e}")
