@@ -9,10 +9,10 @@ exactly the tokenizer a model was trained with:
     {"kind": "gpt2"}                  OpenAI's GPT-2 BPE (50257 tokens), only if tiktoken already has it in its cache.
     {"kind": "llama3", "path": p}     Meta's Llama-3 `tokenizer.model`: a tiktoken ranks file (one "base64(token) rank"
                                       per line), Llama-3's split regex and its 256 special tokens.
-    {"kind": "words", "words": [...], "digits": 3}
+    {"kind": "words", "words": [...], "digits": 3, "keys": true}
                                       bytes plus whole-piece tokens: every run of 1..digits digits (with and without a
-                                      leading space, chunked like Llama-3) and a short word list. Built in memory; made
-                                      for the synthetic line-retrieval task (retrieval.py), where a line costs 6 tokens.
+                                      leading space, chunked like Llama-3), " 372:" keys and a short word list. Built in
+                                      memory; made for the synthetic line-retrieval task (retrieval.py): 5 tokens a line.
 """
 import base64
 import hashlib
@@ -106,17 +106,21 @@ def byte_tokenizer():
 WORDS = ("line", " line", "What", " What", " is", " the", " in", " REGISTER_CONTENT")
 
 
-def words_tokenizer(words=WORDS, digits=3):
-    # A piece (regex match) that is a vocabulary entry becomes one token; any other piece falls back to its bytes:
-    # the only 2-byte entries are digit pairs and " d", which never occur inside a non-digit piece, so BPE merging
-    # cannot reach a word token through halves. Digits split in runs of <= `digits`, left to right, as in Llama-3.
+def words_tokenizer(words=WORDS, digits=3, keys=True):
+    # A piece (regex match) that is a vocabulary entry becomes one token; any other piece falls back to BPE over its
+    # bytes, where the only multi-byte merges are digit runs, so a word token is reachable only as a whole piece.
+    # Digits split in runs of <= `digits`, left to right, as in Llama-3. keys: " 372:" (a full-width number and a
+    # colon) is one token too, so a retrieval line's key is a single token and its value follows it directly.
     nums = [str(i).zfill(n) for n in range(1, digits + 1) for i in range(10 ** n)]
+    pieces = nums + [" " + x for x in nums] + list(words)
+    if keys:
+        pieces += [f" {i}:" for i in range(10 ** (digits - 1), 10 ** digits)]
     ranks = {bytes([i]): i for i in range(256)}
-    for piece in nums + [" " + x for x in nums] + list(words):
+    for piece in pieces:
         ranks.setdefault(piece.encode(), len(ranks))
-    pat = r" ?\p{N}{1,%d}| ?[\p{L}_]+| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+" % digits
+    pat = r" ?\p{N}{1,%d}%s| ?[\p{L}_]+| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+" % (digits, ":?" if keys else "")
     enc = tiktoken.Encoding(name="words", pat_str=pat, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)})
-    spec = {"kind": "words", "words": list(words), "digits": digits}
+    spec = {"kind": "words", "words": list(words), "digits": digits, "keys": keys}
     return Tokenizer(enc, spec, bos=ENDOFTEXT, eos=ENDOFTEXT, stops=[ENDOFTEXT])
 
 
@@ -196,7 +200,7 @@ def load_tokenizer(spec_or_path=None):
         if kind in ("bytes", "gpt2"):
             return load_tokenizer(kind)
         if kind == "words":
-            return words_tokenizer(tuple(s.get("words", WORDS)), s.get("digits", 3))
+            return words_tokenizer(tuple(s.get("words", WORDS)), s.get("digits", 3), s.get("keys", False))
         if kind == "llama3":
             if not os.path.isfile(s.get("path", "")):
                 raise ValueError(f"the checkpoint's tokenizer file {s.get('path')!r} does not exist here; "

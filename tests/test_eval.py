@@ -18,7 +18,7 @@ from tokenizer import load_tokenizer
 def parse(prompt):
     """Independent reading of a compact prompt: {id: value} from the lines, and the asked id."""
     lines = {int(i): v for i, v in re.findall(r"^line (\d+): (\d+)$", prompt, re.M)}
-    asked = int(re.search(r"What is line (\d+)\?$", prompt).group(1))
+    asked = int(re.search(r"What is line (\d+):$", prompt).group(1))
     return lines, asked
 
 
@@ -53,18 +53,21 @@ def test_generator_deterministic_per_seed_and_splits_disjoint():
 
 
 def test_training_batch_scores_exactly_the_answers():
-    """record_batch: equal-length records whose loss mask covers exactly the two answer tokens of each question,
+    """record_batch: equal-length records whose loss mask covers exactly the answer of each question (two number tokens and the newline),
     and every answer is the value its record gave that line."""
     tok = load_tokenizer("words")
-    x, y, mask = R.record_batch(tok, random.Random(0), 9, 4, questions=3)
-    assert x.shape == y.shape == mask.shape == (4, 1 + 6 * 9 + 8 * 3 - 1)
-    assert mask.sum() == 4 * 3 * 2
+    x, y, mask, where = R.record_batch(tok, random.Random(0), 9, 4, questions=3)
+    assert x.shape == y.shape == mask.shape == (4, 1 + 5 * 9 + 7 * 3 - 1)
+    assert mask.sum() == 4 * 3 * 3
     for b in range(4):
         text = tok.decode([x[b, 0].item()] + y[b].tolist())
-        lines, _ = parse(text.split("What")[0] + "What is line 100?")
-        answers = [tok.decode(y[b, mask[b]].tolist()[i:i + 2]) for i in range(0, 6, 2)]
-        asked = re.findall(r"What is line (\d+)\? (\d+)", text)
-        assert [" " + v for _, v in asked] == answers and all(lines[int(i)] == v for i, v in asked)
+        lines, _ = parse(text.split("What")[0] + "What is line 100:")
+        answers = [tok.decode(y[b, mask[b]].tolist()[i:i + 3]) for i in range(0, 9, 3)]
+        asked = re.findall(r"What is line (\d+): (\d+)", text)
+        assert [f" {v}\n" for _, v in asked] == answers and all(lines[int(i)] == v for i, v in asked)
+        # the warm-start targets point at the line token holding the very token to predict
+        t = (where[b] >= 0).nonzero().flatten()
+        assert len(t) == 6 and (x[b, where[b, t]] == y[b, t]).all() and mask[b, t].all()
 
 
 def test_scorer_exact_match_only():
@@ -78,10 +81,12 @@ def test_scorer_exact_match_only():
 def test_words_tokenizer_compact_lines():
     tok = load_tokenizer("words")
     ids = tok.encode("line 372: 24802\n")
-    assert [tok.decode([i]) for i in ids] == ["line", " 372", ":", " 248", "02", "\n"]
+    assert [tok.decode([i]) for i in ids] == ["line", " 372:", " 248", "02", "\n"]
     e = R.example(50, 0)
     assert tok.decode(tok.encode(e["prompt"])) == e["prompt"]
-    assert len(tok.encode(e["prompt"])) == 1 + 6 * 50 + 5       # \n, 50 lines, "What is line 372?"
+    assert len(tok.encode(e["prompt"])) == 1 + 5 * 50 + 4       # \n, 50 lines, "What is line 372:"
+    # digits that are not a key fall back to ordinary chunks (the text always round-trips)
+    assert [tok.decode([i]) for i in tok.encode(" is 12:30 02:")] == [" is", " 12", ":", "30", " 02", ":"]
     assert load_tokenizer(tok.spec).encode(e["prompt"]) == tok.encode(e["prompt"])
 
 
@@ -98,7 +103,7 @@ def tiny_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     path = d / "ckpt.pt"
     torch.save({"model": m.state_dict(), "config": cfg.__dict__, "tokenizer": tok.spec}, path)
-    (d / "heldout.txt").write_text(R.training_text(20, 3, 10, seed=5))
+    (d / "heldout.txt").write_text("".join(e["prompt"] + " " + e["answer"] + "\n" for e in R.examples(8, 20, "val")))
     return d
 
 
