@@ -359,8 +359,10 @@ class ZipCache(Cache):
         c = self.cfg
         if not self.quantized:
             return "zipcache 16-bit (not quantized)"
+        share = {"recent": f"{c.probe_recent:.0%}", "random": f"{c.probe_random:.0%}",
+                 "recent+random": f"{c.probe_recent:.0%}+{c.probe_random:.0%}"}.get(c.probe_mode)
         return (f"zipcache {c.bits_hi}/{c.bits_lo}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
-                f"{c.probe_mode} ({c.probe_recent:.0%}+{c.probe_random:.0%}), block {c.block_size}"
+                f"{c.probe_mode}{f' ({share})' if share else ''}, block {c.block_size}"
                 f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}")
 
     # storage of one layer (spec §4.2) ------------------------------------------------------------------------
@@ -475,7 +477,11 @@ class ZipCache(Cache):
         extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.t else {}
         st.buf.append(k=k.half(), v=v.half(), **extra)
         q1 = q[:, :, 0]                                                                  # [B, H, D]
-        out, lse = kernels.decode_attention(q1, self.layer_view(layer), kernel=c.kernel, return_lse=True)
+        # the Triton kernel takes fp16/bf16 queries (its dots run on fp16 tensor-core operands); an fp32 model (CPU)
+        # hands it q rounded to fp16, the precision the keys are stored at anyway
+        qk = q1.half() if c.kernel == "triton" and q1.dtype == torch.float32 else q1
+        out, lse = kernels.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
+        out = out.to(q1.dtype)
         if self.quantized:
             flush = st.buf.n == c.block_size
             if c.decode_score == "normalized" or flush:

@@ -33,7 +33,7 @@ import quant
 import retrieval
 import saliency
 from cache import DenseCache, make_cache
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, special_probe_ids as special_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "ckpt", "retrieval", "ckpt.pt")
@@ -174,16 +174,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def special_ids(tok):
-    """Token ids of the 'special tokens' probes (Table 2 gives no list): newline, colon, question mark, period."""
-    ids = set()
-    for s in ("\n", ":", "?", ".", "\n\n"):
-        e = tok.encode(s)
-        if len(e) == 1:
-            ids.add(e[0])
-    return sorted(ids)
-
-
 @torch.no_grad()
 def prefill_all(model, idx, specs, special):
     """Prefill idx [B, L] once into a fresh cache per spec -> (caches, last logits [B, V], prefill seconds per cache)."""
@@ -240,7 +230,7 @@ def encode_prompt(tok, text, chat):
 
 
 @torch.no_grad()
-def run_retrieval(model, tok, specs, args, log):
+def run_retrieval(model, tok, specs, args, log, hold_back=0):
     style = "compact" if tok.spec.get("kind") == "words" else "longeval"
     steps = 3 if style == "compact" else 6
     device = next(model.parameters()).device
@@ -263,7 +253,7 @@ def run_retrieval(model, tok, specs, args, log):
             for b in range(0, len(members), args.batch_size):
                 rows = members[b:b + args.batch_size]
                 idx = torch.tensor([enc[i] for i in rows], device=device)
-                hb = args.hold_back
+                hb = hold_back
                 caches, last, pre_s = prefill_all(model, idx[:, :L - hb] if hb else idx, specs, special)
                 first = None if hb else last.argmax(-1)
                 for s, c in enumerate(caches):
@@ -422,6 +412,12 @@ def report(rows, args, meta, log_lines):
               f"{acc(zip_) - acc(mikv):+.1f} points (paper, 200 lines: +{PAPER['zip_minus_mikv_200']:.0f}). "
               "Closest to ZipCache's real ratio: " + "; ".join(
                   f"{r['label']} {acc(r):.1f}% at {r['real']:.2f}×" for r in matched) + ".")
+    hb = by("holdback")
+    if hb:
+        md += [f"\n## Every answer token through the cache (hold_back={args.hold_back + 1})\n",
+               "The prompt minus its last token is prefilled (so the probes and scores never see the question's final "
+               "key token), then that token is fed as a decode step: the first answer token is also predicted through "
+               "the compressed cache.\n"] + table(hb)
     md += ["\n## Sweeps (accuracy vs compression, `eval_fig1.png`; ZipCache rows = the salient-ratio sweep)\n"]
     md += table(sorted([r for r in pool if r["cache"] != "dense"], key=lambda r: (r["cache"], -r["real"])))
     probe = by("probe")
@@ -495,8 +491,9 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=20)
     p.add_argument("--hold_back", type=int, default=0, help="feed the last K prompt tokens as decode steps")
     p.add_argument("--chat", action="store_true", help="Llama-3 instruct chat template around the question")
-    p.add_argument("--groups", default="main,sweep,probe,score,granularity",
-                   help="which configuration groups to run (main, sweep, probe, score, granularity)")
+    p.add_argument("--groups", default="main,sweep,probe,score,granularity,holdback",
+                   help="configuration groups: main, sweep, probe, score, granularity, holdback (= main again with "
+                        "the prompt's last token fed through the cache)")
     p.add_argument("--ppl_checkpoint", default="auto",
                    help="model for perplexity: auto = ckpt/stdlib-byte for our retrieval model, else --checkpoint; "
                         "'none' skips perplexity")
@@ -516,10 +513,10 @@ def get_args(argv=None):
     a.ppl_windows = a.ppl_windows or (8 if a.quick else 16)
     a.ppl_decode = a.ppl_decode or (121 if a.quick else 201)
     a.groups = a.groups.split(",")
-    bad = set(a.groups) - {"main", "sweep", "probe", "score", "granularity"}
+    bad = set(a.groups) - {"main", "sweep", "probe", "score", "granularity", "holdback"}
     if bad or "main" not in a.groups:
-        raise ValueError(f"--groups={','.join(a.groups)}: choose from main, sweep, probe, score, granularity "
-                         f"(main is always needed)")
+        raise ValueError(f"--groups={','.join(a.groups)}: choose from main, sweep, probe, score, granularity, "
+                         f"holdback (main is always needed)")
     if min(a.lines) < 1 or a.n < 1 or a.batch_size < 1 or a.hold_back < 0:
         raise ValueError("--lines, --n and --batch_size must be positive, --hold_back >= 0")
     return a
@@ -550,7 +547,13 @@ def main(argv=None):
     model, tok = load(args.checkpoint, args.tokenizer, device, dtype)
     log(f"retrieval: {args.checkpoint} ({model.config.n_layers} layers, {model.config.n_heads} heads / "
         f"{model.config.n_kv_heads} kv x {model.config.head_dim}), {len(specs)} cache configurations, lines {args.lines}")
-    rows, style = run_retrieval(model, tok, specs, args, log)
+    rows, style = run_retrieval(model, tok, specs, args, log, args.hold_back)
+    if "holdback" in args.groups:
+        log(f"again, the main caches with hold_back={args.hold_back + 1}:")
+        again = [dict(s, group="holdback") for s in specs if s["group"] == "main"]
+        rows_hb, _ = run_retrieval(model, tok, again, args, log, args.hold_back + 1)
+    else:
+        rows_hb = []
 
     meta = dict(checkpoint=os.path.relpath(args.checkpoint, HERE) if os.path.isfile(args.checkpoint) else
                 args.checkpoint, style=style, device=f"{device.type} ({torch.get_num_threads()} threads)"
@@ -570,6 +573,7 @@ def main(argv=None):
                 r.update(p)
             meta.update(ppl_checkpoint=os.path.relpath(ppl_ck, HERE) if os.path.isfile(ppl_ck) else ppl_ck,
                         ppl_source=source, ppl_ref=ref)
+    rows += rows_hb
     meta["wall_s"] = time.perf_counter() - t_start
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, args.name)

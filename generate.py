@@ -17,7 +17,8 @@ import torch
 
 import model as M
 from cache import make_cache
-from tokenizer import load_tokenizer
+import saliency
+from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
@@ -47,12 +48,15 @@ def get_args(argv=None):
     g = p.add_argument_group("cache")
     g.add_argument("--cache", default="dense", choices=CACHES)
     g.add_argument("--compare", action="store_true", help="also run the dense cache and count agreeing tokens")
-    g.add_argument("--bits", type=int, help="kivi: 2 or 4 (16 = no quantization)")
+    g.add_argument("--bits", type=int, help="kivi: 2 or 4; zipcache/mikv: both groups (16 = no quantization)")
+    g.add_argument("--group", type=int, help="kivi: tokens (keys) / channels (values) per quantization group (32)")
     g.add_argument("--high_bits", type=int, help="zipcache/mikv: bits of salient tokens (default 4)")
     g.add_argument("--low_bits", type=int, help="zipcache/mikv: bits of regular tokens (default 2)")
     g.add_argument("--salient_ratio", type=float, help="zipcache/mikv: fraction of tokens kept at high_bits")
-    g.add_argument("--probe_ratio", type=float, help="zipcache: fraction of probe queries (half recent, half random)")
-    g.add_argument("--probe_strategy", help="zipcache: recent+random, recent, random, all")
+    g.add_argument("--probe_ratio", type=float,
+                   help="zipcache: fraction of prompt rows used as probes (recent+random: half each; default 0.1)")
+    g.add_argument("--probe_strategy", choices=["recent+random", "recent", "random", "special", "all"],
+                   help="zipcache: which prompt rows are probes (special = newline/colon/?/. tokens)")
     g.add_argument("--recompress_every", type=int, help="zipcache/mikv: decode tokens per compressed block (N)")
     g.add_argument("--requantize", action="store_true", help="zipcache: re-quantize the whole cache every N (official)")
     g.add_argument("--official", action="store_true", help="zipcache: the official code's settings (see README)")
@@ -63,22 +67,14 @@ def get_args(argv=None):
 
 
 def cache_options(args):
-    """Map command-line flags onto make_cache keyword options; flags left unset keep each cache's defaults."""
-    o = {}
+    """Map command-line flags onto make_cache keyword options; flags left unset (None) keep each cache's defaults,
+    and a flag that does not apply to the chosen cache is an error from make_cache."""
+    o = dict(bits=args.bits, group=args.group, high_bits=args.high_bits, low_bits=args.low_bits,
+             salient_ratio=args.salient_ratio, probe_ratio=args.probe_ratio, probe_strategy=args.probe_strategy,
+             recompress_every=args.recompress_every, requantize=args.requantize or None,
+             official=args.official or None, keep_ratio=args.keep_ratio)
     if args.cache == "zipcache":
-        o = dict(bits_hi=args.high_bits, bits_lo=args.low_bits, salient_ratio=args.salient_ratio,
-                 probe_mode=args.probe_strategy, block_size=args.recompress_every, kernel=args.kernel,
-                 requantize=args.requantize or None, official=args.official or None)
-        if args.probe_ratio is not None:
-            o["probe_recent"] = o["probe_random"] = args.probe_ratio / 2
-    elif args.cache == "kivi":
-        o = dict(bits=args.bits)
-    elif args.cache == "h2o":
-        if args.keep_ratio is not None:
-            o = dict(heavy_ratio=args.keep_ratio / 2, recent_ratio=args.keep_ratio / 2)
-    elif args.cache == "mikv":
-        o = dict(bits_hi=args.high_bits, bits_lo=args.low_bits, salient_ratio=args.salient_ratio,
-                 block_size=args.recompress_every)
+        o["kernel"] = args.kernel
     return {k: v for k, v in o.items() if v is not None}
 
 
@@ -142,13 +138,13 @@ def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=No
     return ids, stats
 
 
-def kv_summary(cache, cfg, batch):
-    """Real bytes of the cache, and what an fp16 dense cache would hold for the same tokens."""
-    real = cache.nbytes()
-    dense = 2 * 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * cache.pos   # K and V, 2 bytes each
-    r = cache.ratios() if hasattr(cache, "ratios") else {}
-    return dict(kv_bytes=real, dense_fp16_bytes=dense, real_ratio=dense / max(real, 1),
-                paper_ratio=r.get("paper", float("nan")))
+def kv_summary(cache):
+    """Real bytes of the cache, what a dense fp16 cache would hold for the same tokens (for CLA/MLA/CLLA: an MHA
+    cache of the same width), and the two ratios (zipcache spec §4.6: real counts every byte, paper ignores
+    buffers and index storage)."""
+    r = cache.ratios()
+    return dict(kv_bytes=cache.nbytes(), dense_fp16_bytes=cache.dense_nbytes(), real_ratio=r["real"],
+                paper_ratio=r["paper"], info=cache.info())
 
 
 def pick_device(name):
@@ -194,9 +190,11 @@ def main(argv=None):
 
     def run(name, opts):
         cache = make_cache(name, cfg, **opts)
+        if getattr(cache, "cfg", None) is not None and cache.cfg.probe_mode == "special":
+            cache.set_special_positions(saliency.special_positions(torch.tensor([ids]), special_probe_ids(tok)))
         out, stats = generate(model, ids, cache, max_new, args.temperature, args.top_k, args.top_p, args.seed,
                               tok.stop_ids, args.num_samples)
-        return out, stats, kv_summary(cache, cfg, args.num_samples)
+        return out, stats, kv_summary(cache)
 
     out, stats, kv = run(args.cache, cache_options(args))
     if not args.quiet:
@@ -209,7 +207,7 @@ def main(argv=None):
           f"{cfg.n_kv_heads} kv heads x {cfg.head_dim}, device {device}, {str(dtype).replace('torch.', '')}")
     print(f"tokens      prompt {len(ids)} x {args.num_samples}, generated {n_gen}")
     print(f"time        prefill {stats['prefill_ms']:.1f} ms (first token), decode {stats['decode_tok_s']:.1f} tok/s")
-    print(f"kv cache    {args.cache}: {kv['kv_bytes']:,} B real, {kv['dense_fp16_bytes']:,} B as dense fp16 -> "
+    print(f"kv cache    {kv['info']}: {kv['kv_bytes']:,} B real, {kv['dense_fp16_bytes']:,} B as dense fp16 -> "
           f"real ratio {kv['real_ratio']:.2f}x, paper-formula ratio {kv['paper_ratio']:.2f}x")
     if args.compare and args.cache != "dense":
         ref, _, _ = run("dense", {})

@@ -213,3 +213,14 @@ def load_tokenizer(spec_or_path=None):
     if os.path.isfile(s):
         return llama3_tokenizer(s)
     raise ValueError(f"tokenizer {s!r} is neither 'bytes', 'gpt2', 'words', a tokenizer.model file nor a model directory")
+
+
+def special_probe_ids(tok):
+    """Token ids used as ZipCache's 'special token' probes (paper Table 2 gives no list; ours): newline, colon,
+    question mark, period: the tokens that end a line or a clause. Ids that are not single tokens are skipped."""
+    ids = set()
+    for s in ("\n", ":", "?", ".", "\n\n"):
+        e = tok.encode(s)
+        if len(e) == 1:
+            ids.add(e[0])
+    return sorted(ids)

@@ -36,12 +36,27 @@ def test_shipped_checkpoint_cli():
 
 @pytest.mark.parametrize("cache", G.CACHES)
 def test_every_cache_runs(tmp_path, cache):
+    extra = ["--group", "16"] if cache == "kivi" else []     # KIVI's 32-channel groups do not split head_dim 16
     out, stats, kv = run_main("--checkpoint", tiny_ckpt(tmp_path), "--cache", cache, "--max_new_tokens", "12",
-                              "--temperature", "0", "--prompt", "x" * 40, "--num_samples", "2")
+                              "--temperature", "0", "--prompt", "x" * 40, "--num_samples", "2", *extra)
     assert len(out) == 2 and all(1 <= len(r) <= 12 for r in out)
     assert kv["kv_bytes"] > 0 and stats["prefill_ms"] > 0
+    assert kv["dense_fp16_bytes"] == 2 * 2 * 2 * 2 * 2 * 16 * (41 + 11)   # K+V x fp16 x layers x B x H_kv x D x tokens
     if cache == "dense":
-        assert kv["real_ratio"] == pytest.approx(1.0)
+        assert kv["real_ratio"] == pytest.approx(1.0, rel=0.01)    # only the 8-byte length counters are extra
+    elif cache == "kivi":
+        assert kv["real_ratio"] == pytest.approx(1.0, rel=0.01)    # all 52 tokens sit in KIVI's 128-token fp16 window
+    else:
+        assert kv["real_ratio"] > 1.5
+
+
+def test_special_probes_and_flag_mismatch(tmp_path):
+    ck = tiny_ckpt(tmp_path)
+    out, _, kv = run_main("--checkpoint", ck, "--cache", "zipcache", "--probe_strategy", "special",
+                          "--probe_ratio", "0.2", "--max_new_tokens", "4", "--prompt", "a.b:c\nd? " * 6)
+    assert "probes special," in kv["info"] and len(out[0]) == 4
+    with pytest.raises(ValueError, match="do not apply to --cache kivi"):
+        run_main("--checkpoint", ck, "--cache", "kivi", "--salient_ratio", "0.5")
 
 
 def test_greedy_is_deterministic_and_bits16_matches_dense(tmp_path):

@@ -112,7 +112,7 @@ def test_dense_cache_decode_equals_full_forward(n_kv):
     idx = torch.randint(0, 50, (2, 24))
     with torch.no_grad():
         full, _ = m(idx)
-        cache = DenseCache(cfg)
+        cache = DenseCache(cfg, dtype=torch.float32)   # fp32 storage: this checks exactness, not fp16 rounding
         pre, _ = m(idx[:, :10], cache=cache)        # prefill, then one token at a time
         steps = [m(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
     got = torch.cat([pre] + steps, dim=1)
