@@ -499,9 +499,10 @@ def get_args(argv=None):
                         "'none' skips perplexity")
     p.add_argument("--ppl_text", default=None, help="held-out text file (default: stdlib files past the training cap)")
     p.add_argument("--ppl_windows", type=int, default=None, help="default 16; quick 8")
-    p.add_argument("--ppl_prefill", type=int, default=256)
-    p.add_argument("--ppl_decode", type=int, default=None, help="tokens per window after the prefill (default 201; "
-                                                                "quick 121): >100 so ZipCache compresses one block")
+    p.add_argument("--ppl_prefill", type=int, default=128)
+    p.add_argument("--ppl_decode", type=int, default=121, help="tokens per window after the prefill: > 100 so "
+                   "ZipCache compresses one decode block; prefill + decode must stay within the length the model "
+                   "was trained on (256 for ckpt/stdlib-byte)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -511,7 +512,6 @@ def get_args(argv=None):
     a.lines = [int(x) for x in (a.lines or ("100,200" if a.quick else "50,100,150,200")).split(",")]
     a.n = a.n or (40 if a.quick else 100)
     a.ppl_windows = a.ppl_windows or (8 if a.quick else 16)
-    a.ppl_decode = a.ppl_decode or (121 if a.quick else 201)
     a.groups = a.groups.split(",")
     bad = set(a.groups) - {"main", "sweep", "probe", "score", "granularity", "holdback"}
     if bad or "main" not in a.groups:

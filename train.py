@@ -69,7 +69,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     # ModelConfig fields (model.py), set on the command line by their own names: --dim=512 --attn=clla ...
-    model: dict = field(default_factory=lambda: dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512))
+    model: dict = field(default_factory=lambda: dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256))
 
 
 # Named starting points, applied before --key=value overrides. Keys may be TrainConfig or ModelConfig fields.
