@@ -558,7 +558,7 @@ def main(argv=None):
     meta = dict(checkpoint=os.path.relpath(args.checkpoint, HERE) if os.path.isfile(args.checkpoint) else
                 args.checkpoint, style=style, device=f"{device.type} ({torch.get_num_threads()} threads)"
                 if device.type == "cpu" else torch.cuda.get_device_name(device),
-                command="python eval.py " + " ".join(sys.argv[1:] if argv is None else argv))
+                command=" ".join(["python eval.py", *(sys.argv[1:] if argv is None else argv)]))
     ppl_ck = args.ppl_checkpoint
     if ppl_ck == "auto":
         ppl_ck = DEFAULT_PPL_CKPT if tok.spec.get("kind") == "words" else args.checkpoint

@@ -161,6 +161,9 @@ def main(argv=None):
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max_new_tokens and --num_samples must be at least 1")
     device = pick_device(args.device)
+    if args.kernel == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("--kernel triton needs a CUDA device (or TRITON_INTERPRET=1 in the environment, slow); "
+                         "use --kernel torch or auto")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     torch.manual_seed(args.seed)

@@ -1,5 +1,6 @@
 """retrieval.py (task generator + scorer) and eval.py (every cache, end to end on a tiny random model)."""
 import json
+import os
 import random
 import re
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 import eval as E
+import model as M
 import retrieval as R
+from cache import DenseCache
 from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
@@ -30,6 +33,7 @@ def test_generator_answers_are_right(n_lines):
         assert lines[asked] == e["answer"] and e["line_id"] == asked
         assert e["lines"][e["position"]] == (asked, int(e["answer"]))
         assert all(100 <= i < 1000 and 10000 <= int(v) < 100000 for i, v in lines.items())
+        assert len({int(v) // 100 for v in lines.values()}) == n_lines   # first chunks distinct (make_record)
         assert R.split_of(e["lines"]) == "test"
 
 
@@ -161,3 +165,23 @@ def test_simquant_granularity_params_and_error():
         assert (xh - x).abs().max() < (x.max() - x.min()) / 255
     with pytest.raises(ValueError, match="granularity"):
         E.fake_quantize(x, 4, "rowwise")
+
+
+def test_shipped_retrieval_model_is_near_perfect_with_the_dense_cache():
+    """The issue's bar: >= 95% exact match at the trained line count (200) with the dense cache. 40 test-split
+    records (the README's eval.py run uses 100 per line count); at the measured 100%, 38/40 leaves room for noise."""
+    ck = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ckpt", "retrieval", "ckpt.pt")
+    model, _ = M.load_model(ck, device="cpu", dtype=torch.float32)
+    tok = load_tokenizer("words")
+    exs = R.examples(200, 40, "test", seed=0)
+    x = torch.tensor([tok.encode(e["prompt"]) for e in exs])                     # [40, 1005]
+    cache = DenseCache(model.config)
+    with torch.no_grad():
+        nxt = model(x, cache=cache, last_only=True)[0][:, -1].argmax(-1)
+        out = [nxt]
+        for _ in range(2):                                                         # " 248", "02", newline
+            nxt = model(nxt[:, None], cache=cache)[0][:, -1].argmax(-1)
+            out.append(nxt)
+    got = torch.stack(out, 1).tolist()
+    hits = sum(R.score(tok.decode(g), e["answer"]) for g, e in zip(got, exs))
+    assert hits >= 38, f"{hits}/40"
