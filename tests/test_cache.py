@@ -564,3 +564,18 @@ def test_mikv_scores_are_full_matrix_column_sums():
     hi = acc.argsort(dim=-1, stable=True)[..., 15:].sort(-1).values              # n_lo = 15
     codes, _, _ = quant.quantize(torch.gather(k, 2, hi[..., None].expand(-1, -1, -1, D)), 4, dim=-1)
     assert torch.equal(c.layers[0].hi["k_codes"], quant.pack(codes, 4))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_real_ratio_at_4k_tokens(D):
+    """Spec §0.6 target: >= 4.7x real bytes (everything stored) at 4k tokens for head_dim 64 and 128, with the default
+    value scope "row". The README quotes these figures (row 4.94x / 4.96x, head 4.62x / 4.80x)."""
+    torch.manual_seed(0)
+    cfg = mcfg(H=8, Hkv=8, D=D, max_seq_len=4096)
+    want = {("row", 64): 4.94, ("row", 128): 4.96, ("head", 64): 4.62, ("head", 128): 4.80}
+    q, k, v = (torch.randn(1, 8, 4096, D) for _ in range(3))
+    for scope in ("row", "head"):
+        c = C.make_cache("zipcache", cfg, v_token_scope=scope)
+        c.attend(0, q, k, v)
+        assert round(c.ratios()["real"], 2) == want[scope, D]
+    assert want["row", D] >= 4.7
