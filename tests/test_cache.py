@@ -579,3 +579,12 @@ def test_real_ratio_at_4k_tokens(D):
         c.attend(0, q, k, v)
         assert round(c.ratios()["real"], 2) == want[scope, D]
     assert want["row", D] >= 4.7
+
+
+def test_bench_cache_runs_and_compares_to_dense():
+    import bench_cache
+    rows = bench_cache.main(["--tokens", "160", "--reps", "1", "--steps", "2", "--head_dims", "32", "--threads", "1"])
+    by = {r["cache"]: r for r in rows}
+    assert set(by) == set(bench_cache.CACHES)
+    assert by["dense"]["prefill_x"] == by["dense"]["decode_x"] == 1.0
+    assert by["zipcache"]["real"] > 2 and all(r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows)

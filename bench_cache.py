@@ -1,0 +1,95 @@
+"""
+The caches side by side on one attention layer (the ZipCache issue's targets): real bytes, prefill time and one
+decode step at a long context, every ratio measured against the dense cache in the same run.
+
+    python bench_cache.py                     # 4k tokens, 8 query / 2 KV heads, head_dim 64 and 128, on the CPU
+    python bench_cache.py --tokens 1024 --reps 1   # a quick look
+
+Protocol. Fresh random q, k, v (one outlier key channel, as real keys have) are handed to each cache's `attend` as a
+prefill, then `--steps` single-token decode steps follow. Repetitions are interleaved across caches (rep 1 of every
+cache, then rep 2, ...) so that drift of a shared machine hits all of them alike; times are medians. Prefill = the
+whole `attend` call (dense: SDPA + storing fp16; ZipCache: SDPA + probe attention + split + quantize + pack; MiKV:
+the full attention matrix). Decode = one `attend` of a single token (ZipCache: the PyTorch path on CPU, the Triton
+kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything counted; paper = the paper's formula.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from cache import make_cache
+from model import ModelConfig
+
+CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(D, args, device):
+    H, Hkv, T = args.heads, args.kv_heads, args.tokens
+    cfg = ModelConfig(dim=H * D, n_layers=1, n_heads=H, n_kv_heads=Hkv, head_dim=D, vocab_size=64,
+                      max_seq_len=T + args.steps)
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float32 if device.type == "cpu" else torch.float16
+    q, k, v = (torch.randn(1, h, T, D, generator=g).to(device, dt) for h in (H, Hkv, Hkv))   # [1, h, T, D]
+    k[..., 3] += 4.0
+    steps = [tuple(torch.randn(1, h, 1, D, generator=g).to(device, dt) for h in (H, Hkv, Hkv))
+             for _ in range(args.steps)]
+    pre, dec, ratios = {n: [] for n in CACHES}, {n: [] for n in CACHES}, {}
+    for _ in range(args.reps):
+        for name in CACHES:
+            c = make_cache(name, cfg)
+            sync(device)
+            t0 = time.perf_counter()
+            c.attend(0, q, k, v)
+            sync(device)
+            pre[name].append(time.perf_counter() - t0)
+            ratios[name] = c.ratios()                 # after the prefill: T tokens, no decode buffer yet
+            for s in steps:
+                t0 = time.perf_counter()
+                c.attend(0, *s)
+                sync(device)
+                dec[name].append(time.perf_counter() - t0)
+    med = {n: (statistics.median(pre[n]), statistics.median(dec[n])) for n in CACHES}
+    rows = []
+    for n in CACHES:
+        p, d = med[n]
+        rows.append(dict(cache=n, D=D, real=ratios[n]["real"], paper=ratios[n]["paper"], prefill_ms=p * 1e3,
+                         prefill_x=p / med["dense"][0], decode_ms=d * 1e3, decode_x=d / med["dense"][1]))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench_cache.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--tokens", type=int, default=4096, help="prompt length (cached tokens)")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--head_dims", default="64,128")
+    p.add_argument("--steps", type=int, default=8, help="decode steps timed per repetition")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    print(f"one layer, {args.heads} query / {args.kv_heads} KV heads, {args.tokens} tokens, batch 1, {device} "
+          f"({torch.get_num_threads()} threads), medians of {args.reps} prefills and {args.reps * args.steps} "
+          f"decode steps; x = time / dense time")
+    print(f"| cache | head_dim | real × | paper × | prefill ms | prefill x | decode ms | decode x |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    with torch.no_grad():
+        for D in (int(d) for d in args.head_dims.split(",")):
+            for r in run(D, args, device):
+                rows.append(r)
+                print(f"| {r['cache']} | {D} | {r['real']:.2f} | {r['paper']:.2f} | {r['prefill_ms']:.1f} | "
+                      f"{r['prefill_x']:.2f} | {r['decode_ms']:.2f} | {r['decode_x']:.2f} |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
