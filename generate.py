@@ -16,8 +16,8 @@ import time
 import torch
 
 import model as M
-from cache import make_cache
 import saliency
+from cache import ZipCache, make_cache
 from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,7 +193,7 @@ def main(argv=None):
 
     def run(name, opts):
         cache = make_cache(name, cfg, **opts)
-        if getattr(cache, "cfg", None) is not None and cache.cfg.probe_mode == "special":
+        if isinstance(cache, ZipCache) and cache.cfg.probe_mode == "special":   # probes at newline/colon/?/.
             cache.set_special_positions(saliency.special_positions(torch.tensor([ids]), special_probe_ids(tok)))
         out, stats = generate(model, ids, cache, max_new, args.temperature, args.top_k, args.top_p, args.seed,
                               tok.stop_ids, args.num_samples)

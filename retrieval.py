@@ -154,7 +154,6 @@ class RetrievalTrainConfig:
     # attention warm start: until the cap reaches `lines`, an auxiliary loss points head 0 of the last layer at
     # the line token that holds each answer (see warm_start_loss); after that only the answer loss trains
     warm_weight: float = 1.0
-    warm_iters: int = 0             # ... and in any case for the first warm_iters steps
     questions: int = 8              # questions at the end of each record: n_lines of them, at least this many ...
     max_questions: int = 48         # ... and at most this many (each answer = 3 scored tokens)
     batch_tokens: int = 3072        # tokens per step; batch size = batch_tokens // record length
@@ -290,7 +289,7 @@ def train(cfg, log=print):
         n = rng.randint(max(2, cap // 4), cap)
         k = min(max(n, cfg.questions), cfg.max_questions)
         x, y, mask, where = record_batch(tok, rng, n, max(1, cfg.batch_tokens // (1 + 5 * n + 7 * k)), k)
-        warm = cfg.warm_weight > 0 and (cap < cfg.lines or step <= cfg.warm_iters)
+        warm = cap < cfg.lines and cfg.warm_weight > 0
         tap = AttentionTap((cfg.n_layers - 1,)) if warm else None
         logits, _ = model(x, cache=tap)                                         # [B, T, V]
         loss = F.cross_entropy(logits[mask], y[mask])
@@ -311,8 +310,7 @@ def train(cfg, log=print):
                 f"{time.perf_counter() - t0:.0f}s")
             if recent < cfg.grow_below and cap < cfg.lines:
                 cap = min(cfg.lines, math.ceil(cap * cfg.grow_factor))
-                log(f"curriculum: lines <= {cap}" + (" (warm start off)" if cap == cfg.lines and
-                                                     step > cfg.warm_iters else ""))
+                log(f"curriculum: lines <= {cap}" + (" (warm start off)" if cap == cfg.lines else ""))
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
             counts = sorted({c for c in (10, 50, 100, 150, 200, cfg.lines) if c <= cfg.lines})
             acc = {c: dense_accuracy(model, tok, c, cfg.eval_n) for c in counts}
