@@ -19,14 +19,10 @@ import time
 import torch
 
 from cache import make_cache
+from generate import sync
 from model import ModelConfig
 
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(D, args, device):

@@ -33,7 +33,8 @@ import quant
 import retrieval
 import saliency
 from cache import DenseCache, make_cache
-from tokenizer import load_tokenizer, special_probe_ids as special_ids
+from generate import sync
+from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "ckpt", "retrieval", "ckpt.pt")
@@ -169,11 +170,6 @@ class FanOut:
         return outs[0]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def prefill_all(model, idx, specs, special):
     """Prefill idx [B, L] once into a fresh cache per spec -> (caches, last logits [B, V], prefill seconds per cache)."""
@@ -234,7 +230,7 @@ def run_retrieval(model, tok, specs, args, log, hold_back=0):
     style = "compact" if tok.spec.get("kind") == "words" else "longeval"
     steps = 3 if style == "compact" else 6
     device = next(model.parameters()).device
-    special = special_ids(tok)
+    special = special_probe_ids(tok)
     res = {i: {"acc": {}, "real": [], "paper": [], "prefill_ms": [], "decode_tok_s": []} for i in range(len(specs))}
     for n_lines in args.lines:
         exs = retrieval.examples(n_lines, args.n, args.split, args.seed, style)
@@ -322,7 +318,7 @@ def run_ppl(model, tok, ids, specs, args, log):
         raise ValueError(f"held-out text has {len(ids)} tokens, fewer than {args.ppl_windows} windows of {W}")
     stride = len(ids) // args.ppl_windows
     x = torch.tensor([ids[i * stride:i * stride + W] for i in range(args.ppl_windows)], device=device)  # [B, W]
-    caches, _, pre_s = prefill_all(model, x[:, :P], specs, special_ids(tok))
+    caches, _, pre_s = prefill_all(model, x[:, :P], specs, special_probe_ids(tok))
     ref, _ = model(x)                                                    # no cache at all: the fp32 reference
     ref_nll = F.cross_entropy(ref[:, P:W - 1].flatten(0, 1), x[:, P + 1:].flatten())
     out = []
