@@ -115,7 +115,7 @@ def test_fanout_prefill_is_exact(tiny_ckpt):
     model, tok = E.load(str(tiny_ckpt / "ckpt.pt"), None, torch.device("cpu"), torch.float32)
     idx = torch.tensor([tok.encode(e["prompt"]) for e in R.examples(6, 3)])
     specs = [s for s in E.configurations(True)]
-    caches, last, pre_s = E.prefill_all(model, idx, specs, E.special_ids(tok))
+    caches, last, pre_s = E.prefill_all(model, idx, specs, E.special_probe_ids(tok))
     ref, _ = model(idx)
     # every cache returns exact SDPA at prefill, so the fanned-out forward is the no-cache forward (fp32 rounding)
     torch.testing.assert_close(last, ref[:, -1], rtol=1e-5, atol=1e-5)
