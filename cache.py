@@ -301,6 +301,14 @@ class ZipCacheConfig:
     v_token_scope: str = "row"
     keep_saliency_mask: bool = False  # store a 1-bit salient/regular mask per (seq, KV head, position)
     kernel: str = "auto"             # decode attention: auto | triton | torch
+    # Beyond the paper (README "Closing the gap on a real model"): at most k_group rows of each precision group share
+    # one key (min, scale) per channel. 0 = the paper's one pair per channel over the whole block. A block is cut
+    # into sub-blocks of consecutive (by position) rows of each group, so the stored layout and the kernel are
+    # unchanged; the CST value normalizer is then taken per sub-block too. Costs 32/k_group bits per key element.
+    k_group: int = 0
+    # Beyond the paper: the first n_sink positions (the "attention sinks" of StreamingLLM, which take a large share
+    # of every query's attention) stay in fp16, bit-identical to a dense cache, and are never compressed.
+    n_sink: int = 0
 
     def __post_init__(self):
         _check_bits("bits_hi", self.bits_hi)
@@ -320,11 +328,18 @@ class ZipCacheConfig:
             raise ValueError(f"block_size={self.block_size} must be >= 1 (decode tokens per compressed block)")
         if self.scale_eps < 0:
             raise ValueError(f"scale_eps={self.scale_eps} must be >= 0")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
+        if self.n_sink and self.keep_saliency_mask:
+            raise ValueError("n_sink > 0 and keep_saliency_mask cannot be combined (the mask covers compressed "
+                             "positions only); drop one of them")
+        if self.k_group < 0:
+            raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
 
     def official(self):
         """The official code's behaviour where it changes numbers (spec §0.2, §0.3)."""
         return replace(self, pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
-                       v_token_scope="row")
+                       v_token_scope="row", k_group=0, n_sink=0)
 
 
 class ZipCache(Cache):
@@ -381,6 +396,19 @@ class ZipCache(Cache):
         return self.cfg.bits_hi if p == "hi" else self.cfg.bits_lo
 
     def _append_block(self, st, k, v, hi, lo):
+        """Append one block, cut into sub-blocks of at most k_group rows per precision group when k_group > 0."""
+        G, m_hi, m_lo = self.cfg.k_group, hi.shape[-1], lo.shape[-1]
+        n_sub = math.ceil(max(m_hi, m_lo) / G) if G else 1
+        if n_sub <= 1:
+            return self._append_one_block(st, k, v, hi, lo)
+        # the j-th run of consecutive salient rows and the j-th run of regular rows form sub-block j
+        for h, l in zip(hi.tensor_split(n_sub, -1), lo.tensor_split(n_sub, -1)):
+            sel = torch.cat([h, l], -1)                                                  # [B, H, m_j]
+            idx = torch.arange(sel.shape[-1], device=k.device).expand(*sel.shape[:2], -1)
+            self._append_one_block(st, _gather_tokens(k, sel), _gather_tokens(v, sel),
+                                   idx[..., :h.shape[-1]], idx[..., h.shape[-1]:])
+
+    def _append_one_block(self, st, k, v, hi, lo):
         """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, n_p] and append it (spec §2.4)."""
         c = self.cfg
         B, H, n, D = k.shape
@@ -445,14 +473,18 @@ class ZipCache(Cache):
         c = self.cfg
         rows = saliency.probe_positions(L, c.probe_mode, c.probe_recent, c.probe_random, self.gen, self.special)
         scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
-        hi, lo = self._split(scores)
-        self._append_block(st, k, v, hi, lo)                                             # the prompt = block 0
+        S = min(c.n_sink, L - 1)             # sink tokens: the buffer's first S rows, never flushed (block 0 keeps
+                                             # at least one prompt token, so every layer has the same layout)
+        if c.n_sink:
+            st.n_sink = S                    # a counter only when the option is on (nbytes counts 8 B for it)
+        hi, lo = self._split(scores[..., S:])
+        self._append_block(st, k[:, :, S:], v[:, :, S:], hi, lo)                        # the prompt = block 0
         if c.keep_saliency_mask:
             self._record_mask(st, 0, L, hi)
-        buf = dict(k=k.new_zeros(B, H, 0, D, dtype=torch.float16), v=k.new_zeros(B, H, 0, D, dtype=torch.float16))
+        buf = dict(k=k[:, :, :S].half(), v=v[:, :, :S].half())                          # [B, H_kv, S, D]
         if c.decode_score == "normalized":
-            buf["acc"] = k.new_zeros(B, H, 0, dtype=torch.float32)
-        st.buf.append(min_cap=c.block_size, **buf)
+            buf["acc"] = k.new_zeros(B, H, S, dtype=torch.float32)
+        st.buf.append(min_cap=S + c.block_size, **buf)
         return st, out
 
     # decode (spec §4.4) ---------------------------------------------------------------------------------------
@@ -483,7 +515,7 @@ class ZipCache(Cache):
         out, lse = kernels.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
         out = out.to(q1.dtype)
         if self.quantized:
-            flush = st.buf.n == c.block_size
+            flush = st.buf.n - getattr(st, "n_sink", 0) == c.block_size
             if c.decode_score == "normalized" or flush:
                 # each buffered token's true probability under this query, summed over its group's heads
                 B, H, D = q1.shape
@@ -498,17 +530,17 @@ class ZipCache(Cache):
 
     def _flush(self, st, p_last):
         """Compress the full buffer into a new block with its own statistics and split (spec §4.4)."""
-        c, N = self.cfg, self.cfg.block_size
+        c, N, S = self.cfg, self.cfg.block_size, getattr(st, "n_sink", 0)                 # buffer rows [S, S + N) are compressed
         if c.decode_score == "normalized":
-            score = st.buf["acc"] / (N - torch.arange(N, device=p_last.device))  # token j was seen by N - j queries
+            score = st.buf["acc"][..., S:] / (N - torch.arange(N, device=p_last.device))  # token j: seen by N - j queries
         else:
-            score = p_last                                                       # official: the last query's attention
+            score = p_last[..., S:]                                              # official: the last query's attention
         hi, lo = self._split(score)
         start = st.seen + 1 - N  # position of the block's first token (seen is updated after this step)
-        self._append_block(st, st.buf["k"], st.buf["v"], hi, lo)
+        self._append_block(st, st.buf["k"][:, :, S:], st.buf["v"][:, :, S:], hi, lo)
         if c.keep_saliency_mask:
             self._record_mask(st, start, N, hi)
-        st.buf.n = 0
+        st.buf.n = S
         if c.requantize:
             self._requantize(st)
 

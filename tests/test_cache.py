@@ -123,7 +123,8 @@ def test_prefill_is_exactly_sdpa(name):
 @pytest.mark.parametrize("name,opts", [(n, SMALL[n]) for n in NAMES] + [
     ("zipcache", dict(block_size=5, v_token_scope="head", decode_score="last_query")),
     ("zipcache", dict(block_size=5, official=True)),
-    ("zipcache", dict(block_size=5, bits_hi=8, bits_lo=4, pool_batch_stats=True))])
+    ("zipcache", dict(block_size=5, bits_hi=8, bits_lo=4, pool_batch_stats=True)),
+    ("zipcache", dict(block_size=5, k_group=4, n_sink=3))])
 def test_decode_equals_attention_over_own_kv(name, opts):
     # decode output = float64 attention over what the cache holds *before* the step plus the new (fp16-stored) token;
     # fp32 math on ~50 tokens: 1e-5 relative (Frobenius) is ~100x the expected rounding error
@@ -212,8 +213,56 @@ def test_nbytes_counts_every_tensor(name):
     assert c.dense_nbytes() == 2 * 4 * 2 * 2 * 16 * 49  # 2 layers x 4 B x B x H_kv x D x tokens seen
 
 
+def test_nbytes_counts_every_tensor_with_groups_and_sinks():
+    c = C.make_cache("zipcache", mcfg(), block_size=5, k_group=4, n_sink=3)
+    c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
+    run_steps(c, 2, 4, 2, 16, 12, seed=1)
+    assert c.nbytes(allocated=True) == walk_tensor_bytes(c.layers)
+    assert c.dense_nbytes() == 4 * 2 * 2 * 16 * 49
+
+
 # -----------------------------------------------------------------------------
 # ZipCache: structure, bytes, ratios
+
+def test_sink_tokens_are_bit_identical_to_dense():
+    # the first n_sink positions stay fp16 in the buffer through every flush: exactly what DenseCache stores
+    z = C.make_cache("zipcache", mcfg(), block_size=5, n_sink=4)
+    d = C.make_cache("dense", mcfg())
+    x = qkv(2, 4, 2, 37, 16, seed=0)
+    z.attend(0, *x), d.attend(0, *x)
+    run_steps(z, 2, 4, 2, 16, 12, seed=1)
+    v = z.layer_view(0)
+    assert v.n_buf == 4 + 12 % 5 and v.n_blocks == 3
+    assert torch.equal(v.k_buf[:, :, :4], d.layers[0].kv["k"][:, :, :4])
+    assert torch.equal(v.v_buf[:, :, :4], d.layers[0].kv["v"][:, :, :4])
+    assert v.hi.rows[0, 1] + v.lo.rows[0, 1] == 37 - 4                     # block 0 = the prompt after the sinks
+    short = C.make_cache("zipcache", mcfg(), n_sink=64)        # a prompt shorter than n_sink: one token compressed
+    short.attend(0, *x)
+    assert short.layer_view(0).n_blocks == 1 and short.layer_view(0).n_buf == 36
+
+
+def test_key_groups_cut_blocks_and_lower_key_error():
+    # k_group=G: no sub-block holds more than G rows of a precision group, rows keep their positions' order, and a
+    # drifting key channel (as RoPE rotation makes) is reconstructed better than with one pair per block
+    q, k, v = qkv(1, 4, 2, 200, 16, seed=3)
+    k = k + torch.linspace(-6, 6, 200)[:, None] * torch.linspace(0, 1, 16)    # slow drift along positions
+    err = {}
+    for G in (0, 16):
+        c = C.make_cache("zipcache", mcfg(), k_group=G)
+        c.attend(0, q, k, v)
+        view = c.layer_view(0)
+        for seg in view.segments:
+            sizes = (seg.rows[0, 1:view.n_blocks + 1] - seg.rows[0, :view.n_blocks]).tolist()
+            assert max(sizes) <= (G or 200)
+        K, _ = deq_view(view)
+        n_hi = int(view.hi.rows[0, view.n_blocks])
+        _, lo = C.saliency.split(C.saliency.probe_scores(q, k, C.saliency.probe_positions(
+            200, "recent+random", 0.05, 0.05, torch.Generator().manual_seed(0))), 0.6)
+        ref_lo = C._gather_tokens(k, lo).double()
+        err[G] = ((K[:, :, n_hi:] - ref_lo).norm() / ref_lo.norm()).item()
+    assert view.n_blocks == math.ceil(120 / 16)
+    assert err[16] < 0.6 * err[0], err
+
 
 def test_zipcache_blocks_and_rows():
     # after L + S steps: n_blocks = 1 + S // N, n_buf = S % N; each block splits floor(0.4 n) regular tokens
