@@ -309,6 +309,9 @@ class ZipCacheConfig:
     # Beyond the paper: the first n_sink positions (the "attention sinks" of StreamingLLM, which take a large share
     # of every query's attention) stay in fp16, bit-identical to a dense cache, and are never compressed.
     n_sink: int = 0
+    # order of the regular rows inside a block: by position, or by ascending score as the official top-k returns
+    # them. Only changes numbers with v_token_scope="row" and H_kv > 1 (a value row spans all KV heads).
+    lo_order: str = "position"
 
     def __post_init__(self):
         _check_bits("bits_hi", self.bits_hi)
@@ -319,7 +322,7 @@ class ZipCacheConfig:
         for name in ("salient_ratio", "probe_recent", "probe_random"):
             _check_ratio(name, getattr(self, name))
         choices = dict(probe_mode=saliency.PROBE_MODES, score=saliency.SCORES, norm=saliency.NORMS,
-                       decode_score=("normalized", "last_query"), v_token_scope=("head", "row"),
+                       decode_score=("normalized", "last_query"), v_token_scope=("head", "row"), lo_order=("position", "score"),
                        kernel=("auto", "triton", "torch"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -339,7 +342,7 @@ class ZipCacheConfig:
     def official(self):
         """The official code's behaviour where it changes numbers (spec §0.2, §0.3)."""
         return replace(self, pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
-                       v_token_scope="row", k_group=0, n_sink=0)
+                       v_token_scope="row", k_group=0, n_sink=0, lo_order="score")
 
 
 class ZipCache(Cache):
@@ -441,7 +444,10 @@ class ZipCache(Cache):
             seg.rows.append(min_cap=5, rows=torch.full((B, 1), seg.codes.n, dtype=torch.int32, device=k.device))
 
     def _split(self, scores):
-        return saliency.split(scores, self.cfg.salient_ratio)
+        hi, lo = saliency.split(scores, self.cfg.salient_ratio)
+        if self.cfg.lo_order == "score":  # official: the regular rows in ascending score order
+            lo = lo.gather(-1, scores.gather(-1, lo).sort(dim=-1, stable=True).indices)
+        return hi, lo
 
     def _record_mask(self, st, start, n, hi):
         """Set the 1-bit salient mask for positions [start, start+n) (bit i of byte j = position 8j + i)."""
@@ -537,12 +543,14 @@ class ZipCache(Cache):
             score = p_last[..., S:]                                              # official: the last query's attention
         hi, lo = self._split(score)
         start = st.seen + 1 - N  # position of the block's first token (seen is updated after this step)
-        self._append_block(st, st.buf["k"][:, :, S:], st.buf["v"][:, :, S:], hi, lo)
+        k, v = st.buf["k"][:, :, S:], st.buf["v"][:, :, S:]                     # [B, H_kv, N, D] fp16
         if c.keep_saliency_mask:
             self._record_mask(st, start, N, hi)
-        st.buf.n = S
         if c.requantize:
-            self._requantize(st)
+            self._requantize(st, k, v, hi, lo)
+        else:
+            self._append_block(st, k, v, hi, lo)
+        st.buf.n = S
 
     def _dequantize(self, st, p):
         """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""
@@ -558,15 +566,18 @@ class ZipCache(Cache):
         sig, nu = seg.codes["v_scale"].float()[..., None], seg.codes["v_min"].float()[..., None]
         return a * x + mu, ch * (sig * y + nu)
 
-    def _requantize(self, st):
-        """Official behaviour: dequantize everything, merge each precision group, re-quantize it as one block."""
+    def _requantize(self, st, k, v, hi, lo):
+        """Official behaviour: dequantize the cache, append the new block's raw fp16 tokens k, v [B, H, N, D] to each
+        precision group (hi/lo indices into the block), and quantize each merged group once, as one block."""
         (Kh, Vh), (Kl, Vl) = self._dequantize(st, "hi"), self._dequantize(st, "lo")
-        B, H, nh, D = Kh.shape
-        nl = Kl.shape[2]
-        dev = Kh.device
-        new = self._new_state(B, H, D, dev)
-        idx = torch.arange(nh + nl, device=dev).expand(B, H, -1)
-        self._append_block(new, torch.cat([Kh, Kl], 2), torch.cat([Vh, Vl], 2), idx[..., :nh], idx[..., nh:])
+        kf, vf = k.float(), v.float()
+        K = torch.cat([Kh, _gather_tokens(kf, hi), Kl, _gather_tokens(kf, lo)], 2)      # [B, H, n_all, D]
+        V = torch.cat([Vh, _gather_tokens(vf, hi), Vl, _gather_tokens(vf, lo)], 2)
+        B, H, n, D = K.shape
+        nh = Kh.shape[2] + hi.shape[-1]
+        new = self._new_state(B, H, D, K.device)
+        idx = torch.arange(n, device=K.device).expand(B, H, -1)
+        self._append_block(new, K, V, idx[..., :nh], idx[..., nh:])
         st.hi, st.lo, st.v_chan = new.hi, new.lo, new.v_chan
 
     def kv(self, layer):

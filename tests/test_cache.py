@@ -431,9 +431,10 @@ def _official_block(K, V, hi, lo, bits=(4, 2)):
 
 
 def _split(score, r=0.6):
+    """Official split: salient rows by position, regular rows in ascending score order (the official top-k's)."""
     n_lo = math.floor((1 - r) * score.shape[-1] + 1e-9)
     order = torch.sort(score, dim=-1, stable=True).indices
-    return order[..., n_lo:].sort(-1).values, order[..., :n_lo].sort(-1).values
+    return order[..., n_lo:].sort(-1).values, order[..., :n_lo]
 
 
 def test_official_mode_matches_spec_formulas():
@@ -470,11 +471,12 @@ def test_official_mode_matches_spec_formulas():
             Kb, Vb = torch.cat(kb, 2), torch.cat(vb, 2)                            # the block [B, H_kv, N, D]
             p = torch.exp(qs.double() @ Kb.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(D) - lse[..., None])
             bhi, blo = _split(p[:, :, 0].unflatten(1, (Hkv, -1)).sum(2))
-            (bKh, bVh), (bKl, bVl) = _official_block(Kb.float(), Vb.float(), bhi, blo)
-            # requantize: dequantized groups merged in block order, re-quantized as one block with fresh statistics
-            mK = torch.cat([Kh, bKh, Kl, bKl], 2)
-            mV = torch.cat([Vh, bVh, Vl, bVl], 2)
-            n_hi = nh + bKh.shape[2]
+            # requantize: the new block's raw fp16 tokens join the dequantized cache's groups, and each merged group
+            # is quantized once, as one block with fresh statistics (the new block is never quantized twice)
+            raw = lambda X, idx: torch.gather(X.float(), 2, idx[..., None].expand(-1, -1, -1, D))
+            mK = torch.cat([Kh, raw(Kb, bhi), Kl, raw(Kb, blo)], 2)
+            mV = torch.cat([Vh, raw(Vb, bhi), Vl, raw(Vb, blo)], 2)
+            n_hi = nh + bhi.shape[-1]
             idx = torch.arange(mK.shape[2]).expand(B, Hkv, -1)
             (Kh2, Vh2), (Kl2, Vl2) = _official_block(mK, mV, idx[..., :n_hi], idx[..., n_hi:])
             Kq, Vq = torch.cat([Kh2, Kl2], 2).double(), torch.cat([Vh2, Vl2], 2).double()
