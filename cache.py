@@ -333,9 +333,6 @@ class ZipCacheConfig:
             raise ValueError(f"scale_eps={self.scale_eps} must be >= 0")
         if self.n_sink < 0:
             raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
-        if self.n_sink and self.keep_saliency_mask:
-            raise ValueError("n_sink > 0 and keep_saliency_mask cannot be combined (the mask covers compressed "
-                             "positions only); drop one of them")
         if self.k_group < 0:
             raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
 
@@ -454,6 +451,7 @@ class ZipCache(Cache):
         B, H = hi.shape[:2]
         old = st.mask["m"] if st.mask.n else torch.zeros(B, H, 0, dtype=torch.uint8, device=hi.device)
         bits = ((old[..., None] >> torch.arange(8, device=hi.device, dtype=torch.uint8)) & 1).flatten(2)[..., :start]
+        bits = F.pad(bits, (0, start - bits.shape[-1]), value=1)    # fp16 sink positions count as high precision
         new = torch.zeros(B, H, n, dtype=torch.uint8, device=hi.device).scatter_(2, hi, 1)
         bits = torch.cat([bits, new], 2)
         bits = F.pad(bits, (0, -bits.shape[-1] % 8)).unflatten(2, (-1, 8))
@@ -462,10 +460,11 @@ class ZipCache(Cache):
         st.mask.append(min_cap=64, m=packed)
 
     def salient_mask(self, layer):
-        """bool [B, H_kv, quantized positions]: which tokens were stored at bits_hi (needs keep_saliency_mask)."""
+        """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at bits_hi (or kept
+        fp16 as sinks; needs keep_saliency_mask)."""
         st = self.layers[layer]
         m = st.mask["m"]
-        n_pos = st.seen - st.buf.n
+        n_pos = st.seen - st.buf.n + getattr(st, "n_sink", 0)
         return ((m[..., None] >> torch.arange(8, device=m.device, dtype=torch.uint8)) & 1).flatten(2)[..., :n_pos] > 0
 
     # prefill (spec §4.3) --------------------------------------------------------------------------------------
@@ -486,7 +485,7 @@ class ZipCache(Cache):
         hi, lo = self._split(scores[..., S:])
         self._append_block(st, k[:, :, S:], v[:, :, S:], hi, lo)                        # the prompt = block 0
         if c.keep_saliency_mask:
-            self._record_mask(st, 0, L, hi)
+            self._record_mask(st, S, L - S, hi)
         buf = dict(k=k[:, :, :S].half(), v=v[:, :, :S].half())                          # [B, H_kv, S, D]
         if c.decode_score == "normalized":
             buf["acc"] = k.new_zeros(B, H, S, dtype=torch.float32)

