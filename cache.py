@@ -283,7 +283,7 @@ class DenseCache(Cache):
 class ZipCacheConfig:
     bits_hi: int = 4                 # salient tokens
     bits_lo: int = 2                 # regular tokens
-    salient_ratio: float = 0.6       # r: the paper's 4.98x setting (spec §6.2)
+    salient_ratio: float = 0.5       # r (the paper uses 0.6, its 4.98x setting; see k_group for why 0.5 here)
     probe_recent: float = 0.05       # fraction of prompt rows used as recent probes
     probe_random: float = 0.05       # fraction used as random probes (with replacement, seeded)
     probe_mode: str = "recent+random"  # recent | random | recent+random | special | all  (spec §3.2)
@@ -305,10 +305,10 @@ class ZipCacheConfig:
     # one key (min, scale) per channel. 0 = the paper's one pair per channel over the whole block. A block is cut
     # into sub-blocks of consecutive (by position) rows of each group, so the stored layout and the kernel are
     # unchanged; the CST value normalizer is then taken per sub-block too. Costs 32/k_group bits per key element.
-    k_group: int = 0
+    k_group: int = 64
     # Beyond the paper: the first n_sink positions (the "attention sinks" of StreamingLLM, which take a large share
     # of every query's attention) stay in fp16, bit-identical to a dense cache, and are never compressed.
-    n_sink: int = 0
+    n_sink: int = 4
     # order of the regular rows inside a block: by position, or by ascending score as the official top-k returns
     # them. Only changes numbers with v_token_scope="row" and H_kv > 1 (a value row spans all KV heads).
     lo_order: str = "position"
@@ -336,9 +336,15 @@ class ZipCacheConfig:
         if self.k_group < 0:
             raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
 
+    def paper(self):
+        """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
+        60% salient; our storage and statistics choices stay (per-sequence statistics, scale clamp)."""
+        return replace(self, k_group=0, n_sink=0, salient_ratio=0.6)
+
     def official(self):
-        """The official code's behaviour where it changes numbers (spec §0.2, §0.3)."""
-        return replace(self, pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
+        """The official code's behaviour where it changes numbers (spec §0.2, §0.3): the paper preset plus pooled
+        batch statistics, no scale clamp, last-query decode scores, whole-cache re-quantization."""
+        return replace(self.paper(), pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
                        v_token_scope="row", k_group=0, n_sink=0, lo_order="score")
 
 
@@ -901,7 +907,7 @@ _ALIASES = {"high_bits": "bits_hi", "low_bits": "bits_lo", "recompress_every": "
 
 def make_cache(name, config, **options):
     """Build a cache by name (dense, zipcache, kivi, h2o, mikv). Options set to None are ignored, so a command line
-    can pass every flag. Accepted: zipcache: any ZipCacheConfig field, official, bits (both groups), probe_ratio
+    can pass every flag. Accepted: zipcache: any ZipCacheConfig field, paper, official, bits (both groups), probe_ratio
     (split over the probe kinds of probe_mode), and the aliases high_bits, low_bits, recompress_every,
     probe_strategy; kivi: bits, group, residual; h2o: heavy_ratio, recent_ratio, keep_ratio (= heavy + recent,
     split evenly); mikv: salient_ratio, recent_ratio, bits / bits_hi / bits_lo, block_size. All: validate."""
@@ -919,7 +925,7 @@ def make_cache(name, config, **options):
     if name == "dense":
         return DenseCache(config, **take(()), **common)
     if name == "zipcache":
-        official = opts.pop("official", False)
+        official, paper = opts.pop("official", False), opts.pop("paper", False)
         if "bits" in opts:
             opts["bits_hi"] = opts["bits_lo"] = opts.pop("bits")
         if "probe_ratio" in opts:
@@ -927,7 +933,7 @@ def make_cache(name, config, **options):
             _check_ratio("probe_ratio", pr)
             opts["probe_recent"] = pr / 2 if mode == "recent+random" else pr
             opts["probe_random"] = pr / 2 if mode == "recent+random" else pr
-        base = ZipCacheConfig().official() if official else ZipCacheConfig()
+        base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
         return ZipCache(config, replace(base, **take([f.name for f in fields(ZipCacheConfig)])), **common)
     if name == "kivi":
         return KIVICache(config, **take(("bits", "group", "residual")), **common)
