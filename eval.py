@@ -502,10 +502,15 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--out_dir", default=None,
+                   help="default results/, and results/quick/ for --quick (so it never replaces the full run's files)")
     p.add_argument("--name", default="eval", help="output files: OUT_DIR/NAME.md, .json, _fig1.png")
     a = p.parse_args(argv)
-    a.lines = [int(x) for x in (a.lines or ("100,200" if a.quick else "50,100,150,200")).split(",")]
+    a.out_dir = a.out_dir or os.path.join(HERE, "results", *(["quick"] if a.quick else []))
+    try:
+        a.lines = [int(x) for x in (a.lines or ("100,200" if a.quick else "50,100,150,200")).split(",")]
+    except ValueError:
+        raise ValueError(f"--lines={a.lines!r}: give comma-separated whole numbers, e.g. --lines 100,200") from None
     a.n = a.n or (40 if a.quick else 100)
     a.ppl_windows = a.ppl_windows or (8 if a.quick else 16)
     a.groups = a.groups.split(",")
