@@ -174,7 +174,10 @@ def kv_summary(cache):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    d = torch.device(name)
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:1") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
     return d
