@@ -18,6 +18,7 @@ import bench_cache
 import eval as E
 import generate as G
 import model as M
+import retrieval
 import train
 from cache import make_cache
 
@@ -193,6 +194,9 @@ ROWS = [
     ("train", ["{run_fresh}", "--val_frac=0"], "--val_frac=0.0 must be a fraction strictly between 0 and 1"),
     ("train", ["{run_fresh}", "--val_frac=1.5"], "--val_frac=1.5 must be a fraction strictly between 0 and 1"),
     ("train", ["{run_fresh}", "--max_iters=-1"], "--max_iters=-1 must be >= 0"),
+    ("retrieval", ["--batch_tokens", "0"], "--batch_tokens=0 must be at least 1"),
+    ("retrieval", ["--learning_rate", "nan"], "--learning_rate=nan must be finite and >= 0"),
+    ("retrieval", ["--max_iters", "-1"], "--max_iters=-1 must be finite and >= 0"),
     ("eval", ["--lines", "abc"], "--lines='abc'"),
     ("eval", ["--n", "0"], "--n and --batch_size must be positive"),
     ("eval", ["--ppl_windows", "0"], "windows and prefill must be at least 1"),
@@ -228,7 +232,8 @@ def test_bad_input(kind, argv, msg, paths, tmp_path, capsys, monkeypatch):
         code, text = run_cli(lambda _: CALLS[argv](paths, *([monkeypatch] if argv == "save_disk_full" else [])),
                              None, capsys)
     else:
-        fn = {"generate": _generate, "train": _train, "eval": E.main, "bench": bench_cache.main}[kind]
+        fn = {"generate": _generate, "train": _train, "eval": E.main, "bench": bench_cache.main,
+              "retrieval": retrieval.main}[kind]
         code, text = run_cli(fn, _expand(argv, paths, tmp_path), capsys)
     assert code != 0, f"accepted: {argv}"
     assert msg in text, text
