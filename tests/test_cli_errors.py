@@ -114,6 +114,14 @@ def _fp16_range(p, name):
     c.attend(1, q, k, v)
 
 
+def _nan_fp32(p):
+    # NaN in a float32 run comes from the model (e.g. its weights), not from fp16 overflow: the hint says so
+    cfg = M.ModelConfig(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=64)
+    q, k, v = (torch.randn(1, h, 8, 32) for h in (4, 2, 2))
+    k[0, 0, 3, 5] = float("nan")
+    make_cache("zipcache", cfg).attend(0, q, k, v)
+
+
 def _empty(p, name, B, T):
     cfg = M.ModelConfig(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=64)
     q, k, v = (torch.randn(B, h, T, 32) for h in (4, 2, 2))
@@ -134,7 +142,7 @@ def _save_disk_full(p, monkeypatch):
     train.atomic_save({"model": {"w": torch.ones(2)}}, os.path.join(p["dir"], "run", "ckpt.pt"))
 
 
-CALLS = {"ragged": _ragged, "save_nan": _save_nan, "save_disk_full": _save_disk_full,
+CALLS = {"ragged": _ragged, "nan_fp32": _nan_fp32, "save_nan": _save_nan, "save_disk_full": _save_disk_full,
          **{f"fp16_{n}": (lambda n: lambda p: _fp16_range(p, n))(n) for n in ("dense", "zipcache", "kivi", "mikv")},
          **{f"empty_{n}_{B}x{T}": (lambda n, B, T: lambda p: _empty(p, n, B, T))(n, B, T)
             for n in G.CACHES for B, T in ((1, 0), (0, 4))}}
@@ -148,6 +156,8 @@ ROWS = [
     ("call", "save_disk_full", "No space left on device"),
     *[("call", f"fp16_{n}", "layer 1 keys reach 7e+04, beyond the 65504") for n in ("dense", "zipcache", "kivi",
                                                                                         "mikv")],
+    ("call", "nan_fp32", "layer 0 keys contain NaN or Inf values; quantizing them would poison the cache (check the "
+                         "checkpoint's weights for NaN/Inf)"),
     ("generate", ["--temperature", "-1"], "--temperature: -1 must be a finite number >= 0"),
     ("generate", ["--temperature", "nan"], "--temperature: nan must be a finite number >= 0"),
     ("generate", ["--checkpoint", "{nan}"], "NaN or Inf logits"),
