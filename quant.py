@@ -25,11 +25,11 @@ def check_finite(x, what="tensor", limit=None):
         # in fp16 the usual cause is overflow; in fp32/bf16 the model itself produced them (e.g. NaN weights)
         hint = ("check the model's dtype/overflow, e.g. run in float32 or bfloat16 instead of float16"
                 if x.dtype == torch.float16 else "check the checkpoint's weights for NaN/Inf")
-        raise ValueError(f"{what} contain NaN or Inf values; quantizing them would poison the cache ({hint})")
+        raise ValueError(f"{what} contains NaN or Inf values; quantizing it would poison the cache ({hint})")
     if limit is not None and max(-lo.item(), hi.item()) > limit:
-        raise ValueError(f"{what} reach {max(-lo.item(), hi.item()):.4g}, beyond the {limit:g} that the cache's fp16 "
-                         f"storage holds (they would be stored as Inf); check the checkpoint's weights, or use "
-                         f"--cache dense with a float32 model")
+        peak = max(-lo.item(), hi.item())
+        raise ValueError(f"{what} reach {peak:.4g}, beyond the {limit:g} that the cache's storage dtype holds (they "
+                         f"would be stored as Inf); the model's activations overflow: check the checkpoint's weights")
 
 
 def _check_bits(bits, allowed=range(1, 9)):

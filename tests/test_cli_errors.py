@@ -156,7 +156,7 @@ ROWS = [
     ("call", "save_disk_full", "No space left on device"),
     *[("call", f"fp16_{n}", "layer 1 keys reach 7e+04, beyond the 65504") for n in ("dense", "zipcache", "kivi",
                                                                                         "mikv")],
-    ("call", "nan_fp32", "layer 0 keys contain NaN or Inf values; quantizing them would poison the cache (check the "
+    ("call", "nan_fp32", "layer 0 keys contains NaN or Inf values; quantizing it would poison the cache (check the "
                          "checkpoint's weights for NaN/Inf)"),
     ("generate", ["--temperature", "-1"], "--temperature: -1 must be a finite number >= 0"),
     ("generate", ["--temperature", "nan"], "--temperature: nan must be a finite number >= 0"),
