@@ -14,12 +14,13 @@ kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything coun
 """
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 from cache import make_cache
-from generate import sync
+from generate import Parser, sync
 from model import ModelConfig
 
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
@@ -59,18 +60,47 @@ def run(D, args, device):
     return rows
 
 
+def positive(text):
+    """argparse type=: a whole number >= 1 (a bad size is one usage line, not a traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
+    return n
+
+
+def head_dims(text):
+    """argparse type=: comma-separated head sizes, each >= 4 and divisible by 4 (the 2/4-bit planar packing)."""
+    try:
+        dims = [positive(d) for d in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated whole numbers, e.g. 64,128") from None
+    if any(d % 4 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: every head_dim must be divisible by 4 (2/4-bit packing)")
+    return dims
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="bench_cache.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--tokens", type=int, default=4096, help="prompt length (cached tokens)")
-    p.add_argument("--heads", type=int, default=8, help="query heads")
-    p.add_argument("--kv_heads", type=int, default=2)
-    p.add_argument("--head_dims", default="64,128")
-    p.add_argument("--steps", type=int, default=8, help="decode steps timed per repetition")
-    p.add_argument("--reps", type=int, default=3)
+    p = Parser(prog="bench_cache.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--tokens", type=positive, default=4096, help="prompt length (cached tokens)")
+    p.add_argument("--heads", type=positive, default=8, help="query heads")
+    p.add_argument("--kv_heads", type=positive, default=2)
+    p.add_argument("--head_dims", type=head_dims, default="64,128")
+    p.add_argument("--steps", type=positive, default=8, help="decode steps timed per repetition")
+    p.add_argument("--reps", type=positive, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} must be a multiple of --kv_heads {args.kv_heads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
     torch.set_num_threads(args.threads)
     print(f"one layer, {args.heads} query / {args.kv_heads} KV heads, {args.tokens} tokens, batch 1, {device} "
           f"({torch.get_num_threads()} threads), medians of {args.reps} prefills and {args.reps * args.steps} "
@@ -79,7 +109,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     with torch.no_grad():
-        for D in (int(d) for d in args.head_dims.split(",")):
+        for D in args.head_dims:
             for r in run(D, args, device):
                 rows.append(r)
                 print(f"| {r['cache']} | {D} | {r['real']:.2f} | {r['paper']:.2f} | {r['prefill_ms']:.1f} | "
@@ -88,4 +118,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a cache's own check (e.g. a shape it does not support): one line
+        sys.exit(f"bench_cache.py: error: {e}")

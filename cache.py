@@ -202,6 +202,9 @@ class Cache:
             raise ValueError(f"attend expects q [B, H, T, D] and k, v [B, H_kv, T, D] with H % H_kv == 0, got "
                              f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
         T = q.shape[2]
+        if T == 0 or k.shape[0] == 0:
+            raise ValueError(f"{self.name}: got {k.shape[0]} sequence(s) of {T} token(s); a prompt must hold at "
+                             f"least one token and a batch at least one sequence")
         seen = st.seen if st is not None else 0
         if seen + T > self.max_seq_len:
             raise ValueError(f"{self.name}: {seen} cached + {T} new tokens exceed max_seq_len={self.max_seq_len}; "
@@ -214,8 +217,10 @@ class Cache:
                 raise ValueError(f"{self.name}: got a {T}-token chunk after the prefill; this cache decodes one token "
                                  f"per step (feed generated tokens one at a time, or use --cache dense)")
         if self.validate:
-            quant.check_finite(k, f"{self.name} layer {layer} keys")
-            quant.check_finite(v, f"{self.name} layer {layer} values")
+            # the range of what is stored: fp16 (scales, mins, buffers, dense K/V) unless a cache keeps another dtype
+            limit = torch.finfo(getattr(self, "dtype", torch.float16)).max
+            quant.check_finite(k, f"{self.name} layer {layer} keys", limit)
+            quant.check_finite(v, f"{self.name} layer {layer} values", limit)
 
     # bytes and ratios (zipcache spec §4.6)
     def nbytes(self, allocated=False):
@@ -634,6 +639,8 @@ class KIVICache(Cache):
     def __init__(self, config, bits=2, group=32, residual=128, **kw):
         _check_bits("bits", bits)
         D = config.head_dim
+        if group < 1 or residual < 1:
+            raise ValueError(f"KIVI group={group} and residual={residual} must be at least 1 (default 32 and 128)")
         self.bits, self.G, self.R = bits, group, residual
         self.quantized = bits < 16
         if self.quantized:
@@ -735,6 +742,10 @@ class H2OCache(Cache):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         B, H, L, D = k.shape
         hh, rec = math.floor(self.heavy_ratio * L), math.floor(self.recent_ratio * L)
+        if not self.unbounded and hh + rec == 0:  # a zero budget would evict every token, the prompt included
+            raise ValueError(f"h2o keeps floor(ratio x {L} prompt tokens) = 0 tokens at heavy_ratio="
+                             f"{self.heavy_ratio:g}, recent_ratio={self.recent_ratio:g}; raise --keep_ratio (at least "
+                             f"{2 / L:.2g} for this prompt) or use a longer prompt")
         self.budget = self.budget or (hh, rec)
         # accumulated attention over every prompt row (materialized, one KV-head group at a time)
         scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # [B, H_kv, L]
@@ -924,6 +935,11 @@ def make_cache(name, config, **options):
 
     if name == "dense":
         return DenseCache(config, **take(()), **common)
+    both = sorted({"bits_hi", "bits_lo"} & set(opts))
+    if "bits" in opts and both and name in ("zipcache", "mikv"):  # bits sets both groups: the specific one would be lost
+        alias = {"bits_hi": "high_bits", "bits_lo": "low_bits"}
+        raise ValueError(f"bits={opts['bits']} sets both groups and conflicts with "
+                         f"{', '.join(f'{alias[b]}={opts[b]}' for b in both)}; pass either bits or high_bits/low_bits")
     if name == "zipcache":
         official, paper = opts.pop("official", False), opts.pop("paper", False)
         if "bits" in opts:
@@ -931,6 +947,9 @@ def make_cache(name, config, **options):
         if "probe_ratio" in opts:
             pr, mode = opts.pop("probe_ratio"), opts.get("probe_mode", "recent+random")
             _check_ratio("probe_ratio", pr)
+            if pr == 0:
+                raise ValueError("probe_ratio=0 selects no probe queries; use a fraction in (0, 1] (default 0.1), "
+                                 "or --probe_strategy all for the exact attention")
             opts["probe_recent"] = pr / 2 if mode == "recent+random" else pr
             opts["probe_random"] = pr / 2 if mode == "recent+random" else pr
         base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
@@ -941,6 +960,8 @@ def make_cache(name, config, **options):
         if "keep_ratio" in opts:
             kr = opts.pop("keep_ratio")
             _check_ratio("keep_ratio", kr)
+            if kr == 0:
+                raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
             opts["heavy_ratio"] = opts["recent_ratio"] = kr / 2
         return H2OCache(config, **take(("heavy_ratio", "recent_ratio")), **common)
     if name == "mikv":
@@ -1070,7 +1091,7 @@ class LatentCache:
                 raise ValueError(f"latent cache: {store.n} cached + {x.shape[1]} new tokens exceed max_seq_len="
                                  f"{self.max_seq_len}; shorten the prompt or lower --max_new_tokens")
             if self.validate:
-                quant.check_finite(x, f"latent cache layer {layer} {kind}")
+                quant.check_finite(x, f"latent cache layer {layer} {kind}", torch.finfo(self.dtype).max)
             self.batch = x.shape[0]
             if not self._quantized(kind):
                 store.append(min_cap=64, x=x.detach().to(self.dtype))

@@ -502,12 +502,18 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--out_dir", default=None,
+                   help="default results/, and results/quick/ for --quick (so it never replaces the full run's files)")
     p.add_argument("--name", default="eval", help="output files: OUT_DIR/NAME.md, .json, _fig1.png")
     a = p.parse_args(argv)
-    a.lines = [int(x) for x in (a.lines or ("100,200" if a.quick else "50,100,150,200")).split(",")]
-    a.n = a.n or (40 if a.quick else 100)
-    a.ppl_windows = a.ppl_windows or (8 if a.quick else 16)
+    a.out_dir = a.out_dir or os.path.join(HERE, "results", *(["quick"] if a.quick else []))
+    try:
+        a.lines = [int(x) for x in (a.lines or ("100,200" if a.quick else "50,100,150,200")).split(",")]
+    except ValueError:
+        raise ValueError(f"--lines={a.lines!r}: give comma-separated whole numbers, e.g. --lines 100,200") from None
+    # "is None", not "or": an explicit 0 is an error below, not the default
+    a.n = (40 if a.quick else 100) if a.n is None else a.n
+    a.ppl_windows = (8 if a.quick else 16) if a.ppl_windows is None else a.ppl_windows
     a.groups = a.groups.split(",")
     bad = set(a.groups) - {"main", "sweep", "probe", "score", "granularity", "holdback"}
     if bad or "main" not in a.groups:
@@ -515,6 +521,16 @@ def get_args(argv=None):
                          f"holdback (main is always needed)")
     if min(a.lines) < 1 or a.n < 1 or a.batch_size < 1 or a.hold_back < 0:
         raise ValueError("--lines, --n and --batch_size must be positive, --hold_back >= 0")
+    if a.ppl_windows < 1 or a.ppl_prefill < 1 or a.ppl_decode < 2:
+        raise ValueError(f"--ppl_windows={a.ppl_windows}, --ppl_prefill={a.ppl_prefill}, --ppl_decode={a.ppl_decode}: "
+                         f"windows and prefill must be at least 1, decode at least 2")
+    if a.device != "auto":
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError:
+            raise ValueError(f"--device {a.device!r} is not a device; use auto, cpu, cuda or cuda:1") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {a.device} but no CUDA GPU is visible; use --device cpu (or auto)")
     return a
 
 
@@ -524,6 +540,9 @@ def load(path, tokenizer, device, dtype):
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model {model.config.vocab_size}; pass the "
                          f"--tokenizer the checkpoint was trained with")
+    if tokenizer and meta.get("tokenizer") and tok.spec != meta["tokenizer"] and tok.n_vocab < model.config.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer} has {tok.n_vocab} tokens but the model {model.config.vocab_size}; "
+                         f"pass the tokenizer the checkpoint was trained with, or leave --tokenizer out")
     return model, tok
 
 

@@ -17,7 +17,7 @@ import torch
 
 import model as M
 import saliency
-from cache import ZipCache, make_cache
+from cache import ZipCache, check_prompt_lengths, make_cache
 from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,16 +30,31 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"{self.prog}: error: {message} (see --help)")
 
 
+def _number(kind, ok, what):
+    """argparse type= for a number that must satisfy ok(x): a bad value is one usage line, not a traceback."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if x != x or not ok(x):  # x != x: NaN, which no comparison rejects
+            raise argparse.ArgumentTypeError(f"{text} must be {what}")
+        return x
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def get_args(argv=None):
     p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a ckpt.pt, a Hugging Face Llama dir or a Meta dir")
     p.add_argument("--tokenizer", default=None, help="override: bytes, gpt2, a tokenizer.model or a model dir")
     p.add_argument("--prompt", default="import os\n\n\ndef main(", help="text, or @file to read it from a file")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--num_samples", type=int, default=1, help="samples drawn in one batch")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=_number(int, lambda x: x >= 1, "at least 1"), default=200)
+    p.add_argument("--num_samples", type=_number(int, lambda x: x >= 1, "at least 1"), default=1, help="samples drawn in one batch")
+    p.add_argument("--temperature", type=_number(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0"),
+                   default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=_number(int, lambda x: x >= 0, ">= 0 (0 = off)"), default=200)
+    p.add_argument("--top_p", type=_number(float, lambda x: 0 < x <= 1, "in (0, 1] (1 = off)"), default=1.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -80,6 +95,9 @@ def cache_options(args):
 
 def sample(logits, temperature, top_k, top_p, generator):
     """logits [B, V] -> next ids [B]. temperature 0 is greedy."""
+    if not torch.isfinite(logits.amax()):  # amax propagates NaN; -inf entries alone are fine
+        raise ValueError("the model produced NaN or Inf logits; the checkpoint's weights are probably corrupt "
+                         "(check them for NaN/Inf), or float16 overflowed (try --dtype float32)")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -107,7 +125,13 @@ def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=No
     """Prefill + decode loop. Returns (ids [num_samples, <=max_new_tokens] list of lists, stats dict)."""
     device = model.rope_cos.device
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)    # [B, T]
+    # one prompt (a list of ids) repeated num_samples times, or a batch of prompts (a list of lists); the caches have
+    # no padding mask, so a batch of prompts must be of one length
+    batch = prompt_ids if prompt_ids and isinstance(prompt_ids[0], (list, tuple)) else [prompt_ids] * num_samples
+    check_prompt_lengths([len(p) for p in batch])
+    if not batch or not batch[0]:
+        raise ValueError("the prompt is empty; give at least one token")
+    idx = torch.tensor(batch, dtype=torch.long, device=device)                         # [B, T]
     cache.reset()
     sync(device)
     t0 = time.perf_counter()
@@ -150,7 +174,10 @@ def kv_summary(cache):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    d = torch.device(name)
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:1") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
     return d
@@ -175,10 +202,25 @@ def main(argv=None):
     if tok.n_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {cfg.vocab_size}; "
                          f"pass the --tokenizer the checkpoint was trained with")
+    # an override smaller than the tokenizer the checkpoint records: the model would sample ids it cannot decode
+    # (a model dir without a recorded tokenizer may pad its vocabulary, so there only "larger" is an error)
+    if args.tokenizer and meta.get("tokenizer") and tok.spec != meta["tokenizer"] and tok.n_vocab < cfg.vocab_size:
+        raise ValueError(f"--tokenizer {args.tokenizer} has {tok.n_vocab} tokens but the model {cfg.vocab_size}; "
+                         f"pass the tokenizer the checkpoint was trained with, or leave --tokenizer out")
     prompt = args.prompt
     if prompt.startswith("@"):
-        with open(prompt[1:], encoding="utf-8", errors="replace") as f:
-            prompt = f.read()
+        path = prompt[1:]
+        if not os.path.isfile(path):
+            raise ValueError(f"--prompt @{path}: {'is a directory' if os.path.isdir(path) else 'no such file'}; "
+                             f"give @FILE with the prompt text, or the text itself")
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            prompt = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            prompt = raw.decode("utf-8", errors="replace")
+            print(f"note: {path} is not valid UTF-8 (first bad byte at offset {e.start}); undecodable bytes became "
+                  f"U+FFFD", file=sys.stderr)
     ids = tok.encode(prompt, bos=True)     # Llama: <|begin_of_text|>; our byte models: the <|endoftext|> separator
     if len(ids) >= cfg.max_seq_len:
         raise ValueError(f"the prompt is {len(ids)} tokens but max_seq_len is {cfg.max_seq_len}; shorten it")

@@ -572,10 +572,32 @@ def _check_shapes(model, sd, path):
 
 
 def _torch_load(path):
+    import zipfile
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"cannot read checkpoint {path!r}: it is empty (0 bytes), from an interrupted save or "
+                         f"download; re-create it")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else gets torch's unrelated mmap advice
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"
+        why = ("a plain pickle, not written by torch.save" if pickled else
+               "not a zip archive as torch.save writes; truncated, or another kind of file")
+        raise ValueError(f"cannot read checkpoint {path!r}: it is not a PyTorch checkpoint ({why}); pass "
+                         f"--checkpoint a ckpt.pt or a model directory")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # corrupt file, truncated download, or a pickle that needs code execution
-        raise ValueError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # truncated download, or a pickle that needs code execution
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read checkpoint {path!r} ({size:,} bytes; corrupt or truncated?): "
+                         f"{type(e).__name__}: {first}") from None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the file from the model's release") from None
 
 
 def _read_ckpt(path):
@@ -630,8 +652,7 @@ def hf_config_to_model_config(c):
 
 def _read_hf(path):
     from safetensors.torch import load_file
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
+    c = _read_json(os.path.join(path, "config.json"))
     config = hf_config_to_model_config(c)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -681,8 +702,7 @@ _META_CAT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo":
 
 
 def _read_meta(path):
-    with open(os.path.join(path, "params.json")) as f:
-        params = json.load(f)
+    params = _read_json(os.path.join(path, "params.json"))
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth")

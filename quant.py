@@ -14,15 +14,22 @@ import torch
 SCALE_EPS = 2 ** -14  # smallest normal fp16: keeps constant groups finite (0 = the official code, NaN there)
 
 
-def check_finite(x, what="tensor"):
+def check_finite(x, what="tensor", limit=None):
     """One clear error instead of a silently NaN cache. min and max are finite iff every element is (NaN propagates
-    through both): one reduction pass, ~20x cheaper than isfinite(x).all() on CPU. (This syncs on GPU.)"""
+    through both): one reduction pass, ~20x cheaper than isfinite(x).all() on CPU. (This syncs on GPU.) limit: the
+    largest magnitude the storage dtype holds (65504 for fp16): fp32 values beyond it would be stored as Inf."""
     if x.numel() == 0:
         return
     lo, hi = torch.aminmax(x.detach())
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        raise ValueError(f"{what} contains NaN or Inf values; quantizing it would poison the cache "
-                         f"(check the model's dtype/overflow, e.g. run in float32 or bfloat16 instead of float16)")
+        # in fp16 the usual cause is overflow; in fp32/bf16 the model itself produced them (e.g. NaN weights)
+        hint = ("check the model's dtype/overflow, e.g. run in float32 or bfloat16 instead of float16"
+                if x.dtype == torch.float16 else "check the checkpoint's weights for NaN/Inf")
+        raise ValueError(f"{what} contains NaN or Inf values; quantizing it would poison the cache ({hint})")
+    if limit is not None and max(-lo.item(), hi.item()) > limit:
+        peak = max(-lo.item(), hi.item())
+        raise ValueError(f"{what} reach {peak:.4g}, beyond the {limit:g} that the cache's storage dtype holds (they "
+                         f"would be stored as Inf); the model's activations overflow: check the checkpoint's weights")
 
 
 def _check_bits(bits, allowed=range(1, 9)):

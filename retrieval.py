@@ -334,6 +334,14 @@ def main(argv=None):
         p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool")
                        else type(f.default), default=f.default)
     a = vars(p.parse_args(argv))
+    # sizes and counts must be >= 1, every other number finite and >= 0 (seed aside): a bad value is one line
+    positive = ("lines", "lines_start", "questions", "max_questions", "batch_tokens", "eval_interval", "eval_n", "dim",
+                "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len")
+    for k, v in a.items():
+        if k == "seed" or isinstance(v, (bool, str)):
+            continue
+        if not (math.isfinite(v) and v >= (1 if k in positive else 0)):
+            sys.exit(f"retrieval.py: error: --{k}={v} must be {'at least 1' if k in positive else 'finite and >= 0'}")
     if a.pop("show"):
         for e in examples(a["lines"], 1):
             print(e["prompt"] + " " + e["answer"])

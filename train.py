@@ -182,15 +182,32 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
+def check_finite_weights(state_dict, what):
+    """A diverged run must never replace a good checkpoint: refuse to save NaN/Inf weights."""
+    for k, v in state_dict.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{what}: tensor {k} contains NaN or Inf values; not saved (the run diverged: lower "
+                             f"--learning_rate or raise --warmup_iters)")
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file in the same directory, fsync, rename: a crash leaves the old file or the new one."""
+    if isinstance(obj.get("model"), dict):
+        check_finite_weights(obj["model"], f"refusing to write {path}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions: the old file stays, the partial one goes
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"could not write {path} ({msg}); free disk space or choose another --out_dir "
+                         f"(any previous checkpoint there is unchanged)") from None
 
 
 def export_slim(ckpt, path):
@@ -209,9 +226,35 @@ def flops_per_token(model, T):
 
 # -----------------------------------------------------------------------------
 
+def validate(cfg):
+    """Every cheap check of the settings, before any data preparation or model building."""
+    for key in ("batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key}={getattr(cfg, key)} must be at least 1")
+    for key in ("max_iters", "eval_iters", "warmup_iters", "lr_decay_iters"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"--{key}={getattr(cfg, key)} must be >= 0")
+    if not 0.0 < cfg.val_frac < 1.0:
+        raise ValueError(f"--val_frac={cfg.val_frac} must be a fraction strictly between 0 and 1 (e.g. 0.1)")
+    for key in ("learning_rate", "min_lr", "grad_clip", "weight_decay", "max_corpus_mb"):
+        v = getattr(cfg, key)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{key}={v} must be a finite number >= 0")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out_dir={cfg.out_dir} is a file, not a directory; choose another --out_dir")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device={cfg.device!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device={cfg.device} but no CUDA GPU is visible; use --device=cpu (or auto)")
+
+
 def main(argv=None, log=print):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = apply_overrides(TrainConfig(), argv)
+    validate(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
     if cfg.resume:
@@ -229,6 +272,7 @@ def main(argv=None, log=print):
         known = {f.name for f in fields(TrainConfig)}
         cfg = apply_overrides(TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}), argv)
         cfg.resume = True
+        validate(cfg)
         for k, v in apply_overrides(TrainConfig(model={}), argv).model.items():
             if ckpt["config"].get(k) != v:
                 raise ValueError(f"--{k}={v} differs from the checkpoint's {k}={ckpt['config'].get(k)}; the model's "
@@ -408,6 +452,10 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
                 dist.all_reduce(loss_acc)
                 loss_acc /= world
             lossf = loss_acc.item() / steps_since  # .item() syncs the GPU: only here, once per log interval
+            if not math.isfinite(lossf):
+                raise ValueError(f"training loss is {lossf} at step {step} (lr {lr:.2e}): the run diverged and "
+                                 f"stopped; {ckpt_path} keeps the last good weights, if any. Lower --learning_rate "
+                                 f"or raise --warmup_iters")
             now = time.perf_counter()
             dt = (now - t_last) / steps_since
             tps = tokens_per_iter / dt
@@ -423,6 +471,10 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
 
         if cfg.eval_iters > 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             losses = evals[step] = evaluate()
+            if not all(math.isfinite(x) for x in losses.values()):
+                raise ValueError(f"evaluation loss is {losses} at step {step} (lr {lr:.2e}): the run diverged and "
+                                 f"stopped; {ckpt_path} keeps the last good weights, if any. Lower --learning_rate "
+                                 f"or raise --warmup_iters")
             best_val = min(best_val, losses["val"])
             log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             checkpoint(losses)
