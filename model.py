@@ -171,6 +171,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in fp32 (as Meta and HF do), then cast back before the gain; F.rms_norm is one fused kernel
         # for x * rsqrt(mean(x^2) + eps) forward and backward, where the three-op form made a temporary per op
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)     # same math; the gain fused in too
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
 
 
@@ -447,9 +449,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)   # up
 
     def forward(self, x):
-        # gate and up projections in one matmul over the stacked weights (the checkpoint keeps w1 and w3)
-        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)  # [B, T, hidden] x 2
-        return self.w2(F.silu(gate) * up)                                                     # SwiGLU
+        # two matmuls, not one over stacked w1|w3: the halves of a fused output are strided views, and the slower
+        # elementwise ops and the gradient concatenation cost more than the call saved (bench_train.py on CPU)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))                  # SwiGLU
 
 
 class Block(nn.Module):
