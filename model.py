@@ -236,12 +236,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, shared=None):
         B, T, _ = x.shape
         H, H_kv = self.n_heads, self.n_kv_heads
-        # q, k, v in one matmul over the stacked weights (the checkpoint keeps wq/wk/wv; stacking them costs a copy
-        # of the weights, far less than two more passes over the activations), and RoPE on q and k in one call
+        # q, k, v in one matmul over the stacked weights: one pass over x instead of three (the checkpoint keeps
+        # wq/wk/wv; stacking copies the weights, small next to the activations), and RoPE on q and k in one call
         w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
         qkv = F.linear(x, w).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)  # [B, H + 2 H_kv, T, D]
-        qk = apply_rope(qkv[:, :H + H_kv], cos, sin)                                   # [B, H + H_kv, T, D]
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv:]                             # [B, H|H_kv|H_kv, T, D]
+        qk, v = qkv.split([H + H_kv, H_kv], dim=1)                    # split, not slices: one cat in the backward
+        q, k = apply_rope(qk, cos, sin).split([H, H_kv], dim=1)       # [B, H, T, D], [B, H_kv, T, D]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
