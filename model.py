@@ -169,10 +169,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 (as Meta and HF do), then cast back before the gain
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # normalise in fp32 (as Meta and HF do), then cast back before the gain; F.rms_norm is one fused kernel
+        # for x * rsqrt(mean(x^2) + eps) forward and backward, where the three-op form made a temporary per op
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)     # same math; the gain fused in too
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
 
 
 def rope_frequencies(head_dim, theta, scaling=None):
@@ -205,10 +206,13 @@ def apply_rope(x, cos, sin):
     x: [B, H, T, D]; cos, sin: [T, D/2]. HF checkpoints use rotate-half instead; their q/k weights are permuted on load
     so that both conventions compute the same scores.
     """
-    xf = x.float().unflatten(-1, (-1, 2))                              # [B, H, T, D/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    # An adjacent pair is one complex number x0 + i x1, and the rotation is one complex multiply by cos + i sin:
+    # (x0 cos - x1 sin) + i (x0 sin + x1 cos). That is one pass over x, where slicing out x0 and x1 and stacking
+    # the results made strided copies in the forward and again in the backward.
+    xf = x if x.dtype == torch.float64 else x.float()
+    xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))              # [B, H, T, D/2] complex
+    out = torch.view_as_real(xc * torch.complex(cos.to(xf.dtype), sin.to(xf.dtype)))  # [B, H, T, D/2, 2]
+    return out.flatten(-2).type_as(x)                                   # [B, H, T, D]
 
 
 # -----------------------------------------------------------------------------
@@ -231,10 +235,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, shared=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, T, D]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, H_kv, T, D]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, H_kv, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, H_kv = self.n_heads, self.n_kv_heads
+        # q, k, v in one matmul over the stacked weights: one pass over x instead of three (the checkpoint keeps
+        # wq/wk/wv; stacking copies the weights, small next to the activations), and RoPE on q and k in one call
+        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        qkv = F.linear(x, w).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)  # [B, H + 2 H_kv, T, D]
+        qk, v = qkv.split([H + H_kv, H_kv], dim=1)                    # split, not slices: one cat in the backward
+        q, k = apply_rope(qk, cos, sin).split([H, H_kv], dim=1)       # [B, H, T, D], [B, H_kv, T, D]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -442,6 +449,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)   # up
 
     def forward(self, x):
+        # two matmuls, not one over stacked w1|w3: the halves of a fused output are strided views, and the slower
+        # elementwise ops and the gradient concatenation cost more than the call saved (bench_train.py on CPU)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))                  # SwiGLU
 
 
