@@ -66,7 +66,9 @@ def config_of(overrides, hidden_dim=None, base=BASE):
 
 
 def n_params(cfg):
-    with torch.device("meta"):
+    # built on the CPU, not the meta device: meta-device init goes through torch's Python reference ops (~10 ms per
+    # tensor, plus a one-time torch._dynamo import of seconds); fork_rng keeps the caller's random stream untouched
+    with torch.random.fork_rng():
         return sum(p.numel() for p in M.Transformer(cfg).parameters())
 
 
@@ -335,10 +337,11 @@ SCALE_VARIANTS = [  # (name, ModelConfig overrides)
 ]
 SEED2 = 2024                         # the second seed (init and batch order) for the noise band
 NOISE_VARIANTS = ("mha", "clla-quant")
-TARGETED = [  # (name, overrides on clla-quant, qat_after as a fraction of the steps, the question it answers)
-    ("clla-quant-qat20", {}, 0.2, "QAT from step 0 vs switched on after 20% of the steps"),
-    ("clla-quant-dr32", dict(qk_rope_dim=2.0), 0, "decoupled RoPE width d_r x2 (16 -> 32)"),
+TARGETED = [  # (name, overrides on clla-quant, qat_after as a fraction of the steps, the question it answers), most
+    # telling first: a capacity limit of the latent, then RoPE starvation, then the QAT start
     ("clla-quant-dc256", dict(kv_lora_rank=2.0), 0, "latent width d_c x2 (128 -> 256)"),
+    ("clla-quant-dr32", dict(qk_rope_dim=2.0), 0, "decoupled RoPE width d_r x2 (16 -> 32)"),
+    ("clla-quant-qat20", {}, 0.2, "QAT from step 0 vs switched on after 20% of the steps"),
     ("clla-quant-dr8", dict(qk_rope_dim=0.5), 0, "decoupled RoPE width d_r /2 (16 -> 8)"),
     ("clla-quant-dc64", dict(kv_lora_rank=0.5), 0, "latent width d_c /2 (128 -> 64)"),
 ]   # widths as factors of the shape's defaults (d_c = 4 d_h, d_r = d_h / 2; spec §2); the names say the main shape
