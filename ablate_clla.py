@@ -551,7 +551,8 @@ def run_scaling(args, cmd):
         raise ValueError(f"--scaling_steps={args.scaling_steps}: give >= 2 budgets, each >= 4x the previous")
     dim, layers, heads = (int(x) for x in args.shape.split("x"))
     base = {**SCALE_BASE, "dim": dim, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads}
-    TRAIN = {**TRAIN, "device": args.device, **({"data": args.data} if args.data else {})}
+    TRAIN = {**TRAIN, "device": args.device, "max_corpus_mb": args.max_corpus_mb, **({"data": args.data} if args.data
+                                                                                    else {})}
     meta = datalib.prepare(TRAIN["data"], load_tokenizer(TRAIN["tokenizer"]), train.TrainConfig.data_dir,
                            TRAIN["max_corpus_mb"], TRAIN["val_frac"])
     target = n_params(config_of(dict(attn="mha"), base=base))
@@ -565,7 +566,8 @@ def run_scaling(args, cmd):
         d = n_params(config_of(ov, hidden, base)) / target - 1
         assert abs(d) <= 0.05, f"{name}: parameter budget off by {100 * d:.1f}%"
         key = dict(base=base, overrides=ov, train_overrides=tov, hidden=hidden, steps=s, qat_after=qat_after,
-                   eval_batches=args.eval_batches, data=TRAIN["data"], device=TRAIN["device"])
+                   eval_batches=args.eval_batches, data=TRAIN["data"], device=TRAIN["device"],
+                   **({"max_corpus_mb": args.max_corpus_mb} if args.max_corpus_mb != 8.0 else {}))
         path = os.path.join(args.out_dir, name, "result.json")
         r = None
         if os.path.exists(path):
@@ -608,6 +610,8 @@ def main(argv=None):
     g.add_argument("--shape", default="{dim}x{n_layers}x{n_heads}".format(**SCALE_BASE), help="dim x layers x heads")
     g.add_argument("--device", default="cpu")
     g.add_argument("--data", default="", help="corpus (default: the Python standard library)")
+    g.add_argument("--max_corpus_mb", type=float, default=TRAIN["max_corpus_mb"],
+                   help="corpus cap; budgets past ~7M tokens repeat the default 8 MB (raise it, or give --data)")
     g.add_argument("--eval_batches", type=int, default=EVAL_BATCHES)
     g.add_argument("--out_dir", default=SCALE_OUT)
     g.add_argument("--results_dir", default=RESULTS)
