@@ -326,7 +326,9 @@ def plot(results):
 # frequencies); d_c = 4 d_h = 128, nope = v = 32: DeepSeek-V2-Lite's proportions (spec §2). Same dim and depth as the
 # smoke shape, so the cost per token is about the same (~7k train tok/s at 1 thread).
 SCALE_BASE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256, vocab_size=257)
-SCALE_STEPS = (64, 256, 1024)        # x 8 x 128 tokens = 65k, 262k, 1.05M: 4x apart
+# x 8 x 128 tokens = 16k, 65k, 262k: 4x apart. What 7 + 5 runs fit in ~55 min at 1 thread on a shared 2-core CPU
+# (1.6-4k tok/s measured); --scaling_steps=64,256,1024 or more on a faster machine
+SCALE_STEPS = (16, 64, 256)
 SCALE_OUT = os.path.join("out", "ablate_clla_scaling")
 SCALE_VARIANTS = [  # (name, ModelConfig overrides)
     ("mha", dict(attn="mha")),
