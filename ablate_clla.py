@@ -428,7 +428,7 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
          f"a time, 1 torch thread, on a 2-core CPU shared with other jobs.", "",
          f"Shape: dim {b['dim']}, {b['n_layers']} layers, {b['n_heads']} heads x {b['dim'] // b['n_heads']}; MLA/CLLA "
          f"d_c {cfg.get('kv_lora_rank', 4 * b['dim'] // b['n_heads'])}, d_r {b['dim'] // b['n_heads'] // 2}, nope = v "
-         f"= {b['dim'] // b['n_heads']}; GQA n_kv {dict(SCALE_VARIANTS)['gqa']['n_kv_heads']}. Byte tokenizer, the "
+         f"= {b['dim'] // b['n_heads']}; GQA n_kv {dict(SCALE_VARIANTS).get('gqa', {}).get('n_kv_heads', '-')}. Byte tokenizer, the "
          f"Python standard library as corpus (first {TRAIN['max_corpus_mb']:g} MB), batch {TRAIN['batch_size']} x "
          f"{TRAIN['block_size']}; budgets {', '.join(f'{s} steps ({fmt_tok(s * tpi)} tokens)' for s in steps)}, each "
          f"a full schedule (AdamW lr {TRAIN['learning_rate']}, 10% warm-up, cosine to {TRAIN['min_lr']}), seed "
@@ -454,7 +454,7 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
             seeds = " (2 seeds)" if len([r for r in results if r["variant"] == n and r["steps"] == s
                                            and not r.get("targeted")]) == 2 else ""
             cells.append(f"{v:.4f}" + seeds if n == "mha" else f"{g:+.2f}%" + (f" ±{noise:.2f}" if s == steps[-1]
-                                                                                else "") + f" ({v:.4f})")
+                                                                                and noise == noise else "") + f" ({v:.4f})")
         slope = f"{rows[n]['b']:+.2f} pp" if "b" in rows[n] else ""
         c = rows[n].get("cross_2pct_tokens", "")
         cross = ("" if c == "" else "already ≤ 2%" if c is None else "never (gap not shrinking)" if c == float("inf")
@@ -598,7 +598,7 @@ def run_scaling(args, cmd):
 
 
 def main(argv=None):
-    global TRAIN
+    global TRAIN, SCALE_VARIANTS, NOISE_VARIANTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="comma-separated run names (default: all)")
     p.add_argument("--steps", type=int, default=TRAIN["max_iters"])
@@ -615,15 +615,23 @@ def main(argv=None):
     g.add_argument("--max_corpus_mb", type=float, default=TRAIN["max_corpus_mb"],
                    help="corpus cap; budgets past ~7M tokens repeat the default 8 MB (raise it, or give --data)")
     g.add_argument("--eval_batches", type=int, default=EVAL_BATCHES)
+    g.add_argument("--variants", default="", help="a subset of the variants (mha is the reference, always in)")
+    g.add_argument("--no_seed2", action="store_true", help="skip the second-seed runs (no noise band)")
     g.add_argument("--out_dir", default=SCALE_OUT)
     g.add_argument("--results_dir", default=RESULTS)
     args = p.parse_args(argv)
     if args.scaling:
-        saved = TRAIN
+        saved = TRAIN, SCALE_VARIANTS, NOISE_VARIANTS
+        names = {"mha", *filter(None, args.variants.split(","))} if args.variants else set(dict(SCALE_VARIANTS))
+        if names - set(dict(SCALE_VARIANTS)):
+            raise ValueError(f"unknown variant(s) {sorted(names - set(dict(SCALE_VARIANTS)))}; variants: "
+                             f"{', '.join(dict(SCALE_VARIANTS))}")
+        SCALE_VARIANTS = [v for v in SCALE_VARIANTS if v[0] in names]
+        NOISE_VARIANTS = () if args.no_seed2 else tuple(n for n in NOISE_VARIANTS if n in names)
         try:
             return run_scaling(args, "python ablate_clla.py " + " ".join(sys.argv[1:] if argv is None else argv))
         finally:
-            TRAIN = saved
+            TRAIN, SCALE_VARIANTS, NOISE_VARIANTS = saved
     runs = RUNS if not args.only else [r for r in RUNS if r[0] in args.only.split(",")]
     unknown = set(filter(None, args.only.split(","))) - {r[0] for r in RUNS}
     if unknown:
