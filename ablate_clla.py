@@ -339,6 +339,7 @@ SCALE_VARIANTS = [  # (name, ModelConfig overrides)
 ]
 SEED2 = 2024                         # the second seed (init and batch order) for the noise band
 NOISE_VARIANTS = ("mha", "clla-quant")
+FFN_RUNS = ("clla-quant", "mla")     # targeted: trained with MHA's SwiGLU width instead of a matched one
 TARGETED = [  # (name, overrides on clla-quant, qat_after as a fraction of the steps, the question it answers), most
     # telling first: a capacity limit of the latent, then RoPE starvation, then the QAT start
     ("clla-quant-dc256", dict(kv_lora_rank=2.0), 0, "latent width d_c x2 (128 -> 256)"),
@@ -352,14 +353,19 @@ TARGETED = [  # (name, overrides on clla-quant, qat_after as a fraction of the s
 def scaling_jobs(steps, base, targeted):
     """Every run of the study, in the order they train: each budget smallest first, then the second seeds, then the
     targeted runs (so a study cut short still has a complete scaling table)."""
-    jobs = [(f"{n}-s{s}", n, ov, {}, s, 0, "") for s in steps for n, ov in SCALE_VARIANTS]
-    jobs += [(f"{n}-s{steps[-1]}-seed2", n, dict(SCALE_VARIANTS)[n], dict(seed=SEED2), steps[-1], 0, "")
+    jobs = [(f"{n}-s{s}", n, ov, {}, s, 0, "", None) for s in steps for n, ov in SCALE_VARIANTS]
+    jobs += [(f"{n}-s{steps[-1]}-seed2", n, dict(SCALE_VARIANTS)[n], dict(seed=SEED2), steps[-1], 0, "", None)
              for n in NOISE_VARIANTS]
     if targeted:
         h = base["dim"] // base["n_heads"]
         default = dict(kv_lora_rank=4 * h, qk_rope_dim=h // 2)
         jobs += [(f"{n}-s{steps[-1]}", n, {**Q4, **{k: int(x * default[k]) for k, x in ov.items()}}, {}, steps[-1],
-                  max(1, round(f * steps[-1])) if f else 0, q) for n, ov, f, q in TARGETED]
+                  max(1, round(f * steps[-1])) if f else 0, q, None) for n, ov, f, q in TARGETED]
+        # the parameter match itself: MLA's attention has more weights than MHA's at this shape (wkv_b), so matching
+        # shrinks its SwiGLU; these runs keep MHA's SwiGLU width instead (more parameters, same FFN)
+        jobs += [(f"{n}-ffn-of-mha-s{steps[-1]}", n, dict(SCALE_VARIANTS)[n], {}, steps[-1], 0,
+                  f"{n} with MHA's SwiGLU width (parameters not matched)", "mha") for n in FFN_RUNS
+                 if n in dict(SCALE_VARIANTS)]
     return jobs
 
 
@@ -465,14 +471,16 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
           "extrapolation of it.", ""]
     tg = [r for r in results if r.get("targeted")]
     if tg:
-        ref = mean.get(("clla-quant", steps[-1]))
         mha = mean.get(("mha", steps[-1]))
-        L += [f"## Targeted ablation at the largest budget ({fmt_tok(steps[-1] * tpi)} tokens), each run vs "
-              f"clla-quant (mean of 2 seeds: {ref:.4f})", "",
-              "| run | question | KV % of MHA | val loss | vs clla-quant | gap to MHA | val loss kv16 |",
-              "|---|---|---|---|---|---|---|"]
+        L += [f"## Targeted ablation at the largest budget ({fmt_tok(steps[-1] * tpi)} tokens), each run vs its "
+              f"variant's run at that budget (clla-quant: mean of 2 seeds, "
+              f"{mean.get(('clla-quant', steps[-1]), float('nan')):.4f})", "",
+              "| run | question | ffn | params | KV % of MHA | val loss | vs its variant | gap to MHA | val loss kv16 |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for r in tg:
-            L.append(f"| {r['name']} | {r['question']} | {r['kv_pct_of_mha']:.2f}% | {r['val_loss']:.4f} | "
+            ref = mean.get((r["variant"], steps[-1]), mean.get(("clla-quant", steps[-1])))   # d_r/d_c/QAT: clla-quant
+            L.append(f"| {r['name']} | {r['question']} | {r['hidden_dim']} | {r['params']:,} | "
+                     f"{r['kv_pct_of_mha']:.2f}% | {r['val_loss']:.4f} | "
                      f"{gap_pct(r['val_loss'], ref):+.2f}% | {gap_pct(r['val_loss'], mha):+.2f}% | "
                      f"{r.get('val_loss_kv16', float('nan')):.4f} |")
         L += ["", f"A difference is real only beyond the noise band (±{noise:.2f} pp)."
@@ -562,14 +570,15 @@ def run_scaling(args, cmd):
     n_scaling = len(scaling_jobs(steps, base, False))
     print(f"{len(jobs)} runs, one at a time; parameter target {target:,} (MHA); out {args.out_dir}", flush=True)
     results = []
-    for i, (name, variant, ov, tov, s, qat_after, question) in enumerate(jobs):
+    for i, (name, variant, ov, tov, s, qat_after, question, ffn) in enumerate(jobs):
         tov = {"warmup_iters": max(1, s // 10), **tov}     # 10% warm-up at every budget, as the smoke run's 35/350
-        hidden = matched_hidden(ov, target, base)
+        hidden = matched_hidden(ov if ffn is None else dict(attn="mha"), target, base)
         d = n_params(config_of(ov, hidden, base)) / target - 1
-        assert abs(d) <= 0.05, f"{name}: parameter budget off by {100 * d:.1f}%"
+        assert ffn or abs(d) <= 0.05, f"{name}: parameter budget off by {100 * d:.1f}%"
         key = dict(base=base, overrides=ov, train_overrides=tov, hidden=hidden, steps=s, qat_after=qat_after,
                    eval_batches=args.eval_batches, data=TRAIN["data"], device=TRAIN["device"],
-                   **({"max_corpus_mb": args.max_corpus_mb} if args.max_corpus_mb != 8.0 else {}))
+                   **({"max_corpus_mb": args.max_corpus_mb} if args.max_corpus_mb != 8.0 else {}),
+                   **({"ffn": ffn} if ffn else {}))
         path = os.path.join(args.out_dir, name, "result.json")
         r = None
         if os.path.exists(path):
