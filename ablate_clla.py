@@ -463,7 +463,8 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
                                                                                 and noise == noise else "") + f" ({v:.4f})")
         slope = f"{rows[n]['b']:+.2f} pp" if "b" in rows[n] else ""
         c = rows[n].get("cross_2pct_tokens", "")
-        cross = ("" if c == "" else "fit already ≤ 2% here" if c is None else "never: the fitted gap grows" if c == float("inf")
+        cross = ("" if c == "" else "fit already ≤ 2% here" if c is None
+                 else "never: the fitted gap grows" if c == float("inf")
                  else f"~{fmt_tok(c)} tokens (~{c / tpi:,.0f} steps)")
         L.append(f"| {n} | {kv.get(n, float('nan')):.2f}% | " + " | ".join(cells) + f" | {slope} | {cross} |")
     L += ["", "MHA's row is its val loss. Each cell: gap (val loss). Fit: least squares of gap% on log4(tokens) over the "
