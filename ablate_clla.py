@@ -110,7 +110,8 @@ def run_one(job):
     ffn hidden, steps, data meta[, opts]); opts (the scaling study): base shape, out root, eval batches, cache_eval
     (the teacher-forced decode through the real cache), qat_after (int4 QAT switched on after this many steps)."""
     name, spec_run, overrides, toverrides, hidden, steps, meta, *rest = job
-    o = {**dict(base=BASE, out=OUT, eval_batches=EVAL_BATCHES, cache_eval=True, qat_after=0), **(rest[0] if rest else {})}
+    o = {**dict(base=BASE, out=OUT, eval_batches=EVAL_BATCHES, cache_eval=True, qat_after=0),
+         **(rest[0] if rest else {})}
     base = o["base"]
     torch.set_num_threads(1)
     out_dir = os.path.join(o["out"], name)
@@ -434,7 +435,8 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
          f"a time, 1 torch thread, on a 2-core CPU shared with other jobs.", "",
          f"Shape: dim {b['dim']}, {b['n_layers']} layers, {b['n_heads']} heads x {b['dim'] // b['n_heads']}; MLA/CLLA "
          f"d_c {cfg.get('kv_lora_rank', 4 * b['dim'] // b['n_heads'])}, d_r {b['dim'] // b['n_heads'] // 2}, nope = v "
-         f"= {b['dim'] // b['n_heads']}; GQA n_kv {dict(SCALE_VARIANTS).get('gqa', {}).get('n_kv_heads', '-')}. Byte tokenizer, the "
+         f"= {b['dim'] // b['n_heads']}; GQA n_kv {dict(SCALE_VARIANTS).get('gqa', {}).get('n_kv_heads', '-')}. "
+         f"Byte tokenizer, the "
          f"Python standard library as corpus (first {TRAIN['max_corpus_mb']:g} MB), batch {TRAIN['batch_size']} x "
          f"{TRAIN['block_size']}; budgets {', '.join(f'{s} steps ({fmt_tok(s * tpi)} tokens)' for s in steps)}, each "
          f"a full schedule (AdamW lr {TRAIN['learning_rate']}, 10% warm-up, cosine to {TRAIN['min_lr']}), seed "
@@ -459,16 +461,16 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
             v, g = pts[s]
             seeds = " (2 seeds)" if len([r for r in results if r["variant"] == n and r["steps"] == s
                                            and not r.get("targeted")]) == 2 else ""
-            cells.append(f"{v:.4f}" + seeds if n == "mha" else f"{g:+.2f}%" + (f" ±{noise:.2f}" if s == steps[-1]
-                                                                                and noise == noise else "") + f" ({v:.4f})")
+            band = f" ±{noise:.2f}" if s == steps[-1] and noise == noise else ""     # nan: no second seed
+            cells.append(f"{v:.4f}" + seeds if n == "mha" else f"{g:+.2f}%{band} ({v:.4f})")
         slope = f"{rows[n]['b']:+.2f} pp" if "b" in rows[n] else ""
         c = rows[n].get("cross_2pct_tokens", "")
         cross = ("" if c == "" else "fit already ≤ 2% here" if c is None
                  else "never: the fitted gap grows" if c == float("inf")
                  else f"~{fmt_tok(c)} tokens (~{c / tpi:,.0f} steps)")
         L.append(f"| {n} | {kv.get(n, float('nan')):.2f}% | " + " | ".join(cells) + f" | {slope} | {cross} |")
-    L += ["", "MHA's row is its val loss. Each cell: gap (val loss). Fit: least squares of gap% on log4(tokens) over the "
-          f"{len(steps)} budgets, i.e. {len(steps)} points per line: a weak trend, and the crossing is an "
+    L += ["", "MHA's row is its val loss. Each cell: gap (val loss). Fit: least squares of gap% on log4(tokens) over "
+          f"the {len(steps)} budgets, i.e. {len(steps)} points per line: a weak trend, and the crossing is an "
           "extrapolation of it.", ""]
     tg = [r for r in results if r.get("targeted")]
     if tg:
@@ -476,7 +478,8 @@ def scaling_report(results, steps, wall_s, cmd, results_dir, targeted_done):
         L += [f"## Targeted ablation at the largest budget ({fmt_tok(steps[-1] * tpi)} tokens), each run vs its "
               f"variant's run at that budget (clla-quant: mean of 2 seeds, "
               f"{mean.get(('clla-quant', steps[-1]), float('nan')):.4f})", "",
-              "| run | question | ffn | params | KV % of MHA | val loss | vs its variant | gap to MHA | val loss kv16 |",
+              "| run | question | ffn | params | KV % of MHA | val loss | vs its variant | gap to MHA "
+              "| val loss kv16 |",
               "|---|---|---|---|---|---|---|---|---|"]
         for r in tg:
             ref = mean.get((r["variant"], steps[-1]), mean.get(("clla-quant", steps[-1])))   # d_r/d_c/QAT: clla-quant
