@@ -418,3 +418,35 @@ def test_cache_routing_and_checkpoint_round_trip(tmp_path):
     torch.save({"model": m.state_dict(), "config": bad}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="missing from the checkpoint"):
         M.load_model(str(tmp_path / "bad.pt"))
+
+
+def test_scaling_mode_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
+    """ablate_clla.py --scaling at a seconds-long budget: every variant at 3 budgets plus the 2-seed runs, the three
+    result files with the expected rows, and a restart reuses every finished run instead of training again."""
+    import json
+
+    import ablate_clla as A
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(3000)))
+    monkeypatch.chdir(tmp_path)                   # train.py's data_cache/ lands in tmp_path
+    monkeypatch.setitem(A.TRAIN, "batch_size", 2)
+    monkeypatch.setitem(A.TRAIN, "block_size", 32)
+    monkeypatch.setitem(A.TRAIN, "eval_iters", 1)
+    argv = ["--scaling", "--scaling_steps=1,4,16", "--shape=32x1x2", "--eval_batches=1", f"--data={corpus}",
+            "--out_dir=out", "--results_dir=res"]
+    A.main(argv)
+    md = (tmp_path / "res" / "clla_scaling.md").read_text()
+    for name, _ in A.SCALE_VARIANTS:
+        assert f"| {name} |" in md
+    assert "(2 seeds)" in md and "change per 4x tokens" in md and A.MARKER in md
+    js = json.loads((tmp_path / "res" / "clla_scaling.json").read_text())
+    assert len(js["results"]) == 3 * len(A.SCALE_VARIANTS) + len(A.NOISE_VARIANTS)
+    assert js["steps"] == [1, 4, 16] and set(js["summary"]) == {n for n, _ in A.SCALE_VARIANTS}
+    assert all("b" in js["summary"][n] for n, _ in A.SCALE_VARIANTS if n != "mha")
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "res" / "clla_scaling.png").stat().st_size > 0
+    capsys.readouterr()
+    A.main(argv)                                   # restart: nothing trains again
+    assert capsys.readouterr().out.count("reused") == len(js["results"])
+    with pytest.raises(ValueError, match="4x the previous"):
+        A.main(["--scaling", "--scaling_steps=4,8"])
