@@ -101,7 +101,8 @@ def dequantize(t, path, dtype=torch.float32):
     if a.size != math.prod(shape):
         raise ValueError(f"{path}: tensor {t.name} holds {a.size} values, expected {shape}; the file is truncated or "
                          f"corrupt: download it again")
-    return torch.from_numpy(np.array(a, dtype=np.float32).reshape(shape))  # a copy: F32 data is a read-only memmap.to(dtype)
+    # np.array copies: F32/F16 data would otherwise be a read-only view of the memory-mapped file
+    return torch.from_numpy(np.array(a, dtype=np.float32).reshape(shape)).to(dtype)
 
 
 def load_gguf(path, dtype=torch.float32):
