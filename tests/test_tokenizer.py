@@ -95,8 +95,8 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not a tiktoken ranks line"):
         load_tokenizer(str(tmp_path / "tokenizer.model"))
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="only tokenizer.json"):
+    (tmp_path / "d" / "tokenizer.json").write_text("{}")    # a dir with only tokenizer.json reads it: not BPE here
+    with pytest.raises(ValueError, match="is not byte-level BPE"):
         load_tokenizer(str(tmp_path / "d"))
 
 
