@@ -62,7 +62,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"{self.prog}: error: {message} (see --help)")
 
 
-def get_args(argv=None):
+def get_args(argv=None, defaults=None):
     p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", default=None,
                    help="a .gguf, a ckpt.pt, a Hugging Face Llama dir or a Meta dir (default: SmolLM2-135M-Instruct "
@@ -101,6 +101,7 @@ def get_args(argv=None):
     g.add_argument("--keep_ratio", type=float, help="h2o: fraction of tokens kept (half heavy hitters, half recent)")
     g.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
                    help="zipcache decode attention: Triton on CUDA, PyTorch elsewhere")
+    p.set_defaults(**(defaults or {}))
     return p.parse_args(argv)
 
 
@@ -216,8 +217,14 @@ def main(argv=None):
         raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {cfg.vocab_size}; "
                          f"pass the --tokenizer the checkpoint was trained with")
     prompt, chat = args.prompt, args.chat
-    if prompt is None:
-        prompt, chat = (document_prompt(), True) if tok.chat_template else (CODE_PROMPT, chat)
+    if prompt is None and tok.chat_template:
+        prompt, chat = document_prompt(), True
+        # a factual question is answered greedily (and --compare then counts what compression changes, not sampling
+        # noise) unless --temperature is on the command line
+        if get_args(argv, {"temperature": None}).temperature is None:
+            args.temperature = 0.0
+    elif prompt is None:
+        prompt = CODE_PROMPT
     if prompt.startswith("@"):
         with open(prompt[1:], encoding="utf-8", errors="replace") as f:
             prompt = f.read()
