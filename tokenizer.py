@@ -438,11 +438,10 @@ def hf_tokenizer(path):
     template = cfg.get("chat_template")
     if isinstance(template, list):          # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    post = json.dumps(tj.get("post_processor") or {})
-    bos = tok_id("bos_token")
-    add_bos = cfg.get("add_bos_token", bos is not None and cfg.get("bos_token") is not None and
-                      json.dumps(cfg.get("bos_token") if isinstance(cfg.get("bos_token"), str) else "") in post)
-    eos = tok_id("eos_token")
+    bos, eos = tok_id("bos_token"), tok_id("eos_token")
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:     # Llama 3 says it only in its post-processor, which prepends <|begin_of_text|>
+        add_bos = bos is not None and json.dumps(tokens[bos]) in json.dumps(tj.get("post_processor") or {})
     return BPETokenizer({"kind": "hf", "path": os.path.abspath(path)}, tokens, m.get("merges", []), set(added.values()),
                         pat, bos, eos if eos is not None else bos, bool(add_bos), template, path,
                         vocab.get(m.get("unk_token")) if m.get("unk_token") else None)
