@@ -261,9 +261,8 @@ def main(argv=None):
     def show(name, rows):
         for i, row in enumerate(rows):
             print(f"---------- sample {i} ({name})" if args.num_samples > 1 else f"---------- {name}")
-            # a chat answer is shown after the question; plain text continues the prompt
-            print(f"{shown(prompt)}\n---------- answer ({name}):\n{tok.decode(row)}" if chat else
-                  shown(prompt) + tok.decode(row))
+            # a chat answer is shown after the question (printed once, above); plain text continues the prompt
+            print(tok.decode(row) if chat else shown(prompt) + tok.decode(row))
         print("----------")
 
     out, stats, kv = run(args.cache, cache_options(args))
@@ -271,6 +270,8 @@ def main(argv=None):
     if args.compare and args.cache != "dense":
         ref, _, _ = run("dense", {})
     if not args.quiet:
+        if chat:
+            print(f"---------- prompt (chat, user message)\n{shown(prompt)}")
         if ref is not None:
             show("dense", ref)
         show(args.cache, out)
