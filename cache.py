@@ -314,6 +314,9 @@ class ZipCacheConfig:
     # Beyond the paper: the first n_sink positions (the "attention sinks" of StreamingLLM, which take a large share
     # of every query's attention) stay in fp16, bit-identical to a dense cache, and are never compressed.
     n_sink: int = 4
+    # Beyond the paper: the last n_recent prompt tokens (the question, on a long-context task) wait in the fp16
+    # buffer and are compressed with the first decode block, as KIVI's full-precision residual window does.
+    n_recent: int = 0
     # order of the regular rows inside a block: by position, or by ascending score as the official top-k returns
     # them. Only changes numbers with v_token_scope="row" and H_kv > 1 (a value row spans all KV heads).
     lo_order: str = "position"
@@ -336,6 +339,8 @@ class ZipCacheConfig:
             raise ValueError(f"block_size={self.block_size} must be >= 1 (decode tokens per compressed block)")
         if self.scale_eps < 0:
             raise ValueError(f"scale_eps={self.scale_eps} must be >= 0")
+        if self.n_recent < 0:
+            raise ValueError(f"n_recent={self.n_recent} must be >= 0 (prompt tokens kept fp16 until the first flush)")
         if self.n_sink < 0:
             raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
         if self.k_group < 0:
@@ -344,13 +349,13 @@ class ZipCacheConfig:
     def paper(self):
         """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
         60% salient; our storage and statistics choices stay (per-sequence statistics, scale clamp)."""
-        return replace(self, k_group=0, n_sink=0, salient_ratio=0.6)
+        return replace(self, k_group=0, n_sink=0, n_recent=0, salient_ratio=0.6)
 
     def official(self):
         """The official code's behaviour where it changes numbers (spec §0.2, §0.3): the paper preset plus pooled
         batch statistics, no scale clamp, last-query decode scores, whole-cache re-quantization."""
         return replace(self.paper(), pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
-                       v_token_scope="row", k_group=0, n_sink=0, lo_order="score")
+                       v_token_scope="row", k_group=0, n_sink=0, n_recent=0, lo_order="score")
 
 
 class ZipCache(Cache):
@@ -491,16 +496,20 @@ class ZipCache(Cache):
         scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
         S = min(c.n_sink, L - 1)             # sink tokens: the buffer's first S rows, never flushed (block 0 keeps
                                              # at least one prompt token, so every layer has the same layout)
+        R = min(c.n_recent, L - 1 - S)       # recent prompt tokens: buffered until the first flush
         if c.n_sink:
-            st.n_sink = S                    # a counter only when the option is on (nbytes counts 8 B for it)
-        hi, lo = self._split(scores[..., S:])
-        self._append_block(st, k[:, :, S:], v[:, :, S:], hi, lo)                        # the prompt = block 0
+            st.n_sink = S                    # counters only when the option is on (nbytes counts 8 B each)
+        if c.n_recent:
+            st.n_tail = R
+        hi, lo = self._split(scores[..., S:L - R])
+        self._append_block(st, k[:, :, S:L - R], v[:, :, S:L - R], hi, lo)              # the prompt = block 0
         if c.keep_saliency_mask:
-            self._record_mask(st, S, L - S, hi)
-        buf = dict(k=k[:, :, :S].half(), v=v[:, :, :S].half())                          # [B, H_kv, S, D]
+            self._record_mask(st, S, L - R - S, hi)
+        keep = torch.cat([torch.arange(S), torch.arange(L - R, L)]).to(k.device)        # sinks | recent tail
+        buf = dict(k=k[:, :, keep].half(), v=v[:, :, keep].half())                      # [B, H_kv, S + R, D]
         if c.decode_score == "normalized":
-            buf["acc"] = k.new_zeros(B, H, S, dtype=torch.float32)
-        st.buf.append(min_cap=S + c.block_size, **buf)
+            buf["acc"] = k.new_zeros(B, H, S + R, dtype=torch.float32)
+        st.buf.append(min_cap=S + max(R, c.block_size), **buf)
         return st, out
 
     # decode (spec §4.4) ---------------------------------------------------------------------------------------
@@ -548,7 +557,9 @@ class ZipCache(Cache):
         """Compress the full buffer into a new block with its own statistics and split (spec §4.4)."""
         c, N, S = self.cfg, self.cfg.block_size, getattr(st, "n_sink", 0)                 # buffer rows [S, S + N) are compressed
         if c.decode_score == "normalized":
-            score = st.buf["acc"][..., S:] / (N - torch.arange(N, device=p_last.device))  # token j: seen by N - j queries
+            # decode row j was seen by N - j queries; the R prompt-tail rows in front by all N - R decode queries
+            R = getattr(st, "n_tail", 0)
+            score = st.buf["acc"][..., S:] / (N - torch.arange(N, device=p_last.device).clamp(min=R))
         else:
             score = p_last[..., S:]                                              # official: the last query's attention
         hi, lo = self._split(score)
@@ -561,6 +572,8 @@ class ZipCache(Cache):
         else:
             self._append_block(st, k, v, hi, lo)
         st.buf.n = S
+        if hasattr(st, "n_tail"):
+            st.n_tail = 0
 
     def _dequantize(self, st, p):
         """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""

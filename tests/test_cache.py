@@ -124,7 +124,8 @@ def test_prefill_is_exactly_sdpa(name):
     ("zipcache", dict(block_size=5, v_token_scope="head", decode_score="last_query")),
     ("zipcache", dict(block_size=5, official=True)),
     ("zipcache", dict(block_size=5, bits_hi=8, bits_lo=4, pool_batch_stats=True)),
-    ("zipcache", dict(block_size=5, k_group=4, n_sink=3))])
+    ("zipcache", dict(block_size=5, k_group=4, n_sink=3)),
+    ("zipcache", dict(block_size=5, k_group=4, n_sink=3, n_recent=3, keep_saliency_mask=True))])
 def test_decode_equals_attention_over_own_kv(name, opts):
     # decode output = float64 attention over what the cache holds *before* the step plus the new (fp16-stored) token;
     # fp32 math on ~50 tokens: 1e-5 relative (Frobenius) is ~100x the expected rounding error
@@ -214,7 +215,7 @@ def test_nbytes_counts_every_tensor(name):
 
 
 def test_nbytes_counts_every_tensor_with_groups_and_sinks():
-    c = C.make_cache("zipcache", mcfg(), block_size=5, k_group=4, n_sink=3)
+    c = C.make_cache("zipcache", mcfg(), block_size=5, k_group=4, n_sink=3, n_recent=2)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     assert c.nbytes(allocated=True) == walk_tensor_bytes(c.layers)
@@ -236,6 +237,14 @@ def test_sink_tokens_are_bit_identical_to_dense():
     assert torch.equal(v.k_buf[:, :, :4], d.layers[0].kv["k"][:, :, :4])
     assert torch.equal(v.v_buf[:, :, :4], d.layers[0].kv["v"][:, :, :4])
     assert v.hi.rows[0, 1] + v.lo.rows[0, 1] == 37 - 4                     # block 0 = the prompt after the sinks
+    # a recent window: the prompt's last 3 tokens stay fp16 until the first flush, then join that block
+    r = C.make_cache("zipcache", mcfg(), block_size=5, n_sink=4, n_recent=3)
+    r.attend(0, *x)
+    v = r.layer_view(0)
+    assert v.n_buf == 7 and torch.equal(v.k_buf[:, :, 4:7], d.layers[0].kv["k"][:, :, -3:])
+    assert v.hi.rows[0, 1] + v.lo.rows[0, 1] == 37 - 4 - 3
+    run_steps(r, 2, 4, 2, 16, 2, seed=1)
+    assert r.layer_view(0).n_blocks == 2 and r.layer_view(0).n_buf == 4   # 3 tail + 2 decode rows = one block of 5
     short = C.make_cache("zipcache", mcfg(), n_sink=64)        # a prompt shorter than n_sink: one token compressed
     short.attend(0, *x)
     assert short.layer_view(0).n_blocks == 1 and short.layer_view(0).n_buf == 36
