@@ -11,7 +11,7 @@ and compared with dense attention: relative error ||o - o_dense|| / ||o_dense|| 
 reports where that query's attention mass goes (first 4 tokens, last 32, the salient set).
 
     python diagnose.py                                   # SmolLM2 from the wheel, a pydoc_data text, 2k tokens
-    python diagnose.py --tokens 4096 --configs paper,default
+    python diagnose.py --tokens 4096 --configs paper,k_group64,sinks,v_head,default --per_layer
 """
 import argparse
 import math
@@ -21,10 +21,12 @@ import torch
 import cache as C
 
 CONFIGS = {  # name -> make_cache options
-    "paper": dict(),
-    "k_group64": dict(k_group=64),
-    "k_group32": dict(k_group=32),
-    "default": None,  # the shipped ZipCacheConfig defaults (filled in main)
+    "paper": dict(paper=True),                                    # one key (min, scale) per block, 60% salient
+    "k_group64": dict(paper=True, k_group=64),                    # + key groups of 64 rows
+    "k_group32": dict(paper=True, k_group=32),
+    "sinks": dict(paper=True, n_sink=4),                          # + 4 fp16 sink tokens
+    "v_head": dict(paper=True, k_group=64, v_token_scope="head"),  # + value (min, scale) per KV head
+    "default": dict(),                                            # the shipped ZipCacheConfig (README)
 }
 
 
@@ -55,12 +57,13 @@ def rel(o, ref):
 @torch.no_grad()
 def layer_errors(cfg, layer, q, k, v, opts):
     """Compress one layer's prompt K/V with ZipCache(opts) and measure the last query's output error per part."""
-    zc = C.make_cache("zipcache", cfg, keep_saliency_mask=True, **opts)
+    zc = C.make_cache("zipcache", cfg, keep_saliency_mask=True, **{"n_recent": 0, **opts})
     zc.attend(layer, q, k, v)
     Kq, Vq = zc.kv(layer)                                        # storage order: hi rows | lo rows (| buffer)
     mask = zc.salient_mask(layer)                                # [B, H_kv, L] True = 4-bit
     B, H, L, D = k.shape
     pos = torch.arange(L).expand(B, H, L)
+    assert getattr(zc.layers[layer], "n_tail", 0) == 0, "n_recent: pass n_recent=0 (the window is exact anyway)"
     S = getattr(zc.layers[layer], "n_sink", 0)                  # fp16 sinks sit in the buffer, after hi and lo
     hi = pos[mask & (pos >= S)].view(B, H, -1)
     lo = pos[~mask].view(B, H, -1)
@@ -123,13 +126,19 @@ def main(argv=None):
         p.error(f"--configs: unknown {bad}; use names from {list(CONFIGS)}")
     if args.tokens < 64:
         p.error(f"--tokens={args.tokens} is too short to say anything; use >= 64")
-    torch.manual_seed(0)
     import eval as E
-    model, tok = E.load(args.checkpoint, None, "cpu", torch.float32)
-    ids = E.long_text_ids(tok, args.tokens)
-    defaults = {f: getattr(C.ZipCacheConfig(), f) for f in ("k_group", "n_sink")}
-    configs = {n: (defaults if CONFIGS[n] is None else CONFIGS[n]) for n in names}
-    rows = run(model, ids, configs)
+    import generate as G
+    from pydoc_data.topics import topics
+    try:
+        model, tok = E.load(args.checkpoint or G.default_checkpoint(), None, "cpu", torch.float32)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"diagnose.py: error: {e}")
+    text = "\n\n".join(topics[k] for k in sorted(topics))             # ~465 KB of English, every Python has it
+    ids = tok.encode(text)
+    start = len(ids) // 5                                          # past the first topics, into plain prose
+    if start + args.tokens > min(len(ids), model.config.max_seq_len):
+        p.error(f"--tokens={args.tokens} is longer than the text or the model's context; lower it")
+    rows = run(model, ids[start:start + args.tokens], {n: CONFIGS[n] for n in names})
     if args.per_layer:
         for n, r in rows.items():
             print(n, " ".join(f"{e['both']:.3f}" for e in r["layers"]))

@@ -1,0 +1,23 @@
+"""diagnose.py: the per-part error split is consistent on a tiny random model (finite, ordered by bit width, the
+parts bounded by the whole), and its attention-mass shares are fractions."""
+import torch
+
+import diagnose as D
+from model import ModelConfig, Transformer
+
+
+def test_error_split_on_a_tiny_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=512)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 97, (300,)).tolist()
+    rows = D.run(model, ids, {"paper": dict(paper=True), "8bit": dict(paper=True, bits_hi=8, bits_lo=8),
+                              "default": {}}, log=lambda *a: None)
+    for name, r in rows.items():
+        m = r["mean"]
+        assert all(torch.isfinite(torch.tensor(v)) and v >= 0 for v in m.values()), (name, m)
+        assert 0 <= m["mass_first4"] <= 1 and 0 <= m["mass_salient"] <= 1
+        # a part quantized alone never errs more than ~both together (errors add roughly in quadrature)
+        assert max(m["k_only"], m["v_only"], m["lo_only"], m["hi_only"]) <= 1.5 * m["both"] + 1e-9, (name, m)
+    assert rows["8bit"]["mean"]["both"] < 0.1 * rows["paper"]["mean"]["both"]
+    assert rows["paper"]["ratio"] > rows["8bit"]["ratio"]
