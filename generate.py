@@ -26,7 +26,7 @@ from cache import ZipCache, check_prompt_lengths, make_cache
 from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
+CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
 WHEEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the default long-document question: the answer is in the section (README, "Generating")
 DOC_TOPIC = "typesmapping"
@@ -48,7 +48,7 @@ def default_checkpoint():
 
 
 def document_prompt():
-    """A long real document and a question about it (about 3.3k tokens with SmolLM2's tokenizer)."""
+    """A long real document and a question about it (3,420 tokens in SmolLM2's chat format)."""
     from pydoc_data.topics import topics
     # the question comes before the document as well as after it: a small model reads the text knowing what to look for
     return (f"Read the documentation below, then answer this question: {DOC_QUESTION}\n\n"
@@ -58,7 +58,6 @@ def document_prompt():
 def shown(text, limit=800):
     """A long prompt shown by its two ends."""
     return text if len(text) <= limit else f"{text[:300]}\n[... {len(text) - 600:,} characters ...]\n{text[-300:]}"
-CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
 
 
 class Parser(argparse.ArgumentParser):
