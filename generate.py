@@ -50,7 +50,8 @@ def get_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="override: bytes, gpt2, a tokenizer.model or a model dir")
     p.add_argument("--prompt", default="import os\n\n\ndef main(", help="text, or @file to read it from a file")
     p.add_argument("--max_new_tokens", type=_number(int, lambda x: x >= 1, "at least 1"), default=200)
-    p.add_argument("--num_samples", type=_number(int, lambda x: x >= 1, "at least 1"), default=1, help="samples drawn in one batch")
+    p.add_argument("--num_samples", type=_number(int, lambda x: x >= 1, "at least 1"), default=1,
+                   help="samples drawn in one batch")
     p.add_argument("--temperature", type=_number(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0"),
                    default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=_number(int, lambda x: x >= 0, ">= 0 (0 = off)"), default=200)
