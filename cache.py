@@ -949,7 +949,8 @@ def make_cache(name, config, **options):
     if name == "dense":
         return DenseCache(config, **take(()), **common)
     both = sorted({"bits_hi", "bits_lo"} & set(opts))
-    if "bits" in opts and both and name in ("zipcache", "mikv"):  # bits sets both groups: the specific one would be lost
+    # bits sets both groups: a high_bits/low_bits beside it would be silently overwritten
+    if "bits" in opts and both and name in ("zipcache", "mikv"):
         alias = {"bits_hi": "high_bits", "bits_lo": "low_bits"}
         raise ValueError(f"bits={opts['bits']} sets both groups and conflicts with "
                          f"{', '.join(f'{alias[b]}={opts[b]}' for b in both)}; pass either bits or high_bits/low_bits")

@@ -590,7 +590,8 @@ def _torch_load(path):
     if size == 0:
         raise ValueError(f"cannot read checkpoint {path!r}: it is empty (0 bytes), from an interrupted save or "
                          f"download; re-create it")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else gets torch's unrelated mmap advice
+    # torch.save writes a zip archive; for anything else torch.load answers with unrelated mmap advice
+    if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             pickled = f.read(1) == b"\x80"
         why = ("a plain pickle, not written by torch.save" if pickled else

@@ -1,7 +1,7 @@
 """Bad input at every command-line entry point: one line naming the problem and the fix, a non-zero exit, and nothing
 written or changed on disk (file hashes of the run's folders and of the repo's ckpt/ and results/ before and after).
 
-Most rows call the scripts' main(argv) in-process (fast); two run a script as a user does, to check that no traceback
+Most rows call the scripts' main(argv) in-process (fast); one runs train.py as a user does, to check that no traceback
 reaches the terminal.
 """
 import hashlib
@@ -273,7 +273,8 @@ def test_non_utf8_prompt_file_gets_a_note(paths, tmp_path, capsys):
 
 def test_no_traceback_from_the_command_line():
     # generate.py's __main__ path is covered in test_generate.py; train.py prints its own way
-    r = subprocess.run([sys.executable, "train.py", "--batch_size=0"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "train.py", "--batch_size=0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
