@@ -237,9 +237,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, H_kv = self.n_heads, self.n_kv_heads
         # q, k, v in one matmul over the stacked weights: one pass over x instead of three (the checkpoint keeps
-        # wq/wk/wv; stacking copies the weights, small next to the activations), and RoPE on q and k in one call
-        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-        qkv = F.linear(x, w).view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)  # [B, H + 2 H_kv, T, D]
+        # wq/wk/wv). Stacking copies the weights, small next to a training batch's activations but more than the
+        # matmul itself for a few decode tokens, which run the three projections and stack their outputs instead.
+        if B * T >= 64:
+            qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
+        else:
+            qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)             # [B, H + 2 H_kv, T, D]
         qk, v = qkv.split([H + H_kv, H_kv], dim=1)                    # split, not slices: one cat in the backward
         q, k = apply_rope(qk, cos, sin).split([H, H_kv], dim=1)       # [B, H, T, D], [B, H_kv, T, D]
         if cache is None:

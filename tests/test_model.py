@@ -145,29 +145,30 @@ def test_bad_config_and_checkpoint_errors(tmp_path):
         m(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_fused_projections_match_separate_ones():
+@pytest.mark.parametrize("T", [3, 40])   # 2 x 3 tokens: three matmuls; 2 x 40: one over stacked weights
+def test_fused_projections_match_separate_ones(T):
     # Attention runs wq/wk/wv as one matmul over stacked weights and RoPE as a complex multiply; the state dict
     # keeps the separate names, so a checkpoint written before the fusion loads unchanged. Check the fused forward
     # (and its gradients) against the plain per-projection computation, and the names on disk.
     torch.manual_seed(0)
-    cfg = M.ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=32)
+    cfg = M.ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=64)
     att = M.Attention(cfg, 0)
     assert {"wq.weight", "wk.weight", "wv.weight", "wo.weight"} == set(att.state_dict())
     assert {"w1.weight", "w2.weight", "w3.weight"} == set(M.FeedForward(cfg).state_dict())
-    x = torch.randn(2, 20, 64, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, T, 64, dtype=torch.float64, requires_grad=True)
     att = att.double()
     cos, sin = M.rope_cos_sin(cfg)
-    cos, sin = cos[:20].double(), sin[:20].double()
+    cos, sin = cos[:T].double(), sin[:T].double()
 
     def rope(t):  # pairs (t[2i], t[2i+1]) rotated by pos * inv_freq[i], written out
         t0, t1 = t[..., 0::2], t[..., 1::2]
         return torch.stack((t0 * cos - t1 * sin, t0 * sin + t1 * cos), -1).flatten(-2)
 
     def heads(t, n):
-        return t.view(2, 20, n, 16).transpose(1, 2)
+        return t.view(2, T, n, 16).transpose(1, 2)
     q, k, v = heads(x @ att.wq.weight.T, 4), heads(x @ att.wk.weight.T, 2), heads(x @ att.wv.weight.T, 2)
     y = torch.nn.functional.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True, enable_gqa=True)
-    want = y.transpose(1, 2).reshape(2, 20, 64) @ att.wo.weight.T
+    want = y.transpose(1, 2).reshape(2, T, 64) @ att.wo.weight.T
     got = att(x, cos, sin)
     assert (got - want).abs().max().item() < 1e-12
     g_want = torch.autograd.grad(want.sum(), [x, att.wq.weight, att.wk.weight, att.wv.weight])
