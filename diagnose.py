@@ -26,6 +26,7 @@ CONFIGS = {  # name -> make_cache options
     "k_group32": dict(paper=True, k_group=32),
     "sinks": dict(paper=True, n_sink=4),                          # + 4 fp16 sink tokens
     "v_head": dict(paper=True, k_group=64, v_token_scope="head"),  # + value (min, scale) per KV head
+    "k_group128": dict(paper=True, k_group=128),
     "default": dict(),                                            # the shipped ZipCacheConfig (README)
 }
 
