@@ -394,7 +394,9 @@ class ZipCache(Cache):
                  "recent+random": f"{c.probe_recent:.0%}+{c.probe_random:.0%}"}.get(c.probe_mode)
         return (f"zipcache {c.bits_hi}/{c.bits_lo}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
                 f"{c.probe_mode}{f' ({share})' if share else ''}, block {c.block_size}"
-                f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}")
+                f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}"
+                f"{f', key groups {c.k_group}' if c.k_group else ''}{f', {c.n_sink} fp16 sinks' if c.n_sink else ''}"
+                f"{f', {c.n_recent} fp16 recent' if c.n_recent else ''}")
 
     # storage of one layer (spec §4.2) ------------------------------------------------------------------------
     def _new_state(self, B, H, D, device):
