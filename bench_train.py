@@ -90,8 +90,10 @@ def matched_models(dim, n_layers, n_heads, n_kv, vocab=256, block_size=256):
     return ours, ref, hidden, n_ours, n_ref
 
 
-def make_step(model, B, T, vocab):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def make_step(model, B, T, vocab, fused_adamw=False):
+    # fused=False is nanoGPT's choice off CUDA: a loop of small ops per parameter tensor (ours has 9 per layer,
+    # nanoGPT 6); fused=True is one kernel per tensor
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused_adamw)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (B, T + 1), generator=g)
     idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -106,14 +108,14 @@ def make_step(model, B, T, vocab):
     return step
 
 
-def bench_training(threads, repeats, B=8, T=256, vocab=256, shapes=SHAPES):
+def bench_training(threads, repeats, B=8, T=256, vocab=256, shapes=SHAPES, fused_adamw=False):
     rows = []
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for name, dim, n_layers, n_heads, n_kv in shapes:
             torch.manual_seed(0)
             ours, ref, hidden, n_ours, n_ref = matched_models(dim, n_layers, n_heads, n_kv, vocab, T)
-            steps = {"ours": make_step(ours.train(), B, T, vocab), "ref": make_step(ref.train(), B, T, vocab)}
+            steps = {k: make_step(m.train(), B, T, vocab, fused_adamw) for k, m in (("ours", ours), ("ref", ref))}
             for s in steps.values():
                 s()                                                   # warm-up: allocator, AdamW state
             times = {k: [] for k in steps}
@@ -165,6 +167,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model (alternating)")
+    p.add_argument("--fused_adamw", action="store_true", help="AdamW(fused=True) for both models")
     p.add_argument("--smollm", action="store_true", help="time prefill/decode at SmolLM2-135M's shape instead")
     a = p.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
@@ -176,7 +179,7 @@ def main():
             ms, tps = bench_inference(m, repeats=a.repeats)
             print(f"{n} thr  SmolLM2-135M shape (random weights)  prefill 256 tokens {ms:.0f} ms  decode {tps:.1f} tok/s")
         return
-    bench_training(threads, a.repeats)
+    bench_training(threads, a.repeats, fused_adamw=a.fused_adamw)
 
 
 if __name__ == "__main__":
