@@ -33,7 +33,7 @@ import quant
 import retrieval
 import saliency
 from cache import DenseCache, make_cache
-from generate import sync
+from generate import pick_device, sync
 from tokenizer import load_tokenizer, special_probe_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -524,13 +524,7 @@ def get_args(argv=None):
     if a.ppl_windows < 1 or a.ppl_prefill < 1 or a.ppl_decode < 2:
         raise ValueError(f"--ppl_windows={a.ppl_windows}, --ppl_prefill={a.ppl_prefill}, --ppl_decode={a.ppl_decode}: "
                          f"windows and prefill must be at least 1, decode at least 2")
-    if a.device != "auto":
-        try:
-            dev = torch.device(a.device)
-        except RuntimeError:
-            raise ValueError(f"--device {a.device!r} is not a device; use auto, cpu, cuda or cuda:1") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {a.device} but no CUDA GPU is visible; use --device cpu (or auto)")
+    pick_device(a.device)          # a bad or unavailable --device is one line now, before any work
     return a
 
 
