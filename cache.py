@@ -3,6 +3,7 @@ KV caches behind one interface (the model knows nothing else):
 
     out = cache.attend(layer, q, k, v)    q [B, H, T, D], k/v [B, H_kv, T, D] (RoPE applied) -> out [B, H, T, D]
     cache.pos, len(cache), cache.nbytes(), cache.ratios(), cache.reset(), cache.info()
+    cache.set_padding(pad)                before the prefill of a left-padded (ragged) batch: DenseCache, ZipCache
 
 The first call on an empty layer is the prefill (T = prompt length): every cache returns exactly causal SDPA's
 output on the unquantized q, k, v, and then compresses what it keeps. Later calls are decode steps (T = 1).

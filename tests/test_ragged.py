@@ -95,7 +95,7 @@ def test_zipcache_ragged_matches_alone():
     for b, p in enumerate(batch):
         one = C.make_cache("zipcache", model.config, **ZIP)
         alone = run(model, one, torch.tensor([p]), steps=steps, nxt=nxt[b:b + 1])
-        torch.testing.assert_close(got[b], alone[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[b], alone[0], atol=1e-5, rtol=0)   # fp32 rounding (measured ~1e-6)
         sub = cache.subs[b]
         assert sub.nbytes() == one.nbytes()
         total += one.nbytes()
