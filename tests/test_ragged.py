@@ -139,3 +139,27 @@ def test_generate_ragged_list(name):
     for b, p in enumerate(batch):
         alone, _ = G.generate(model, p, C.make_cache(name, model.config, **opts), 6)
         assert ids[b] == alone[0]
+
+
+@torch.no_grad()
+def test_dense_ragged_chunk_after_prefill_and_bad_padding():
+    model = tiny()
+    batch = prompts([6, 10])
+    idx, pad = left_pad(batch)
+    chunk = torch.randint(1, 64, (2, 3), generator=torch.Generator().manual_seed(7))
+    cache = C.DenseCache(model.config, dtype=torch.float32)
+    cache.set_padding(pad)
+    model(idx, cache=cache)
+    got = model(chunk, cache=cache)[0]                                                 # a 3-token chunk, causal
+    for b, p in enumerate(batch):
+        one = C.DenseCache(model.config, dtype=torch.float32)
+        model(torch.tensor([p]), cache=one)
+        torch.testing.assert_close(got[b], model(chunk[b:b + 1], cache=one)[0][0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="after the prefill"):
+        cache.set_padding(pad)
+    cache.reset()
+    with pytest.raises(ValueError, match="negative padding"):
+        cache.set_padding([0, -1])
+    cache.set_padding([0, 10])
+    with pytest.raises(ValueError, match="every sequence needs one real token"):
+        model(idx, cache=cache)
