@@ -3,6 +3,7 @@ KV caches behind one interface (the model knows nothing else):
 
     out = cache.attend(layer, q, k, v)    q [B, H, T, D], k/v [B, H_kv, T, D] (RoPE applied) -> out [B, H, T, D]
     cache.pos, len(cache), cache.nbytes(), cache.ratios(), cache.reset(), cache.info()
+    cache.set_padding(pad)                before the prefill of a left-padded (ragged) batch: DenseCache, ZipCache
 
 The first call on an empty layer is the prefill (T = prompt length): every cache returns exactly causal SDPA's
 output on the unquantized q, k, v, and then compresses what it keeps. Later calls are decode steps (T = 1).
@@ -49,12 +50,24 @@ def _check_pack_dim(D, bits_list):
                          f"(zipcache spec §2.2); use a head size divisible by 4, or --cache dense")
 
 
-def check_prompt_lengths(lengths):
-    """The caches have no padding mask (neither has the official code): a batch must hold equal-length prompts."""
+def check_prompt_lengths(lengths, cache=None):
+    """A batch of unequal-length prompts needs a cache with a padding mask (cache.ragged: DenseCache, ZipCache)."""
     lengths = [int(n) for n in lengths]
-    if len(set(lengths)) > 1:
-        raise ValueError(f"prompts of unequal lengths {sorted(set(lengths))} in one batch are not supported (no "
-                         f"padding mask); batch prompts of equal length, or run them one at a time")
+    if len(set(lengths)) > 1 and not getattr(cache, "ragged", False):
+        name = getattr(cache, "name", "this cache")
+        raise ValueError(f"prompts of unequal lengths {sorted(set(lengths))} in one batch are not supported by "
+                         f"--cache {name} (no padding mask); use --cache dense or zipcache, batch prompts of equal "
+                         f"length, or run them one at a time")
+
+
+def _pad_mask(pad, T, n, device):
+    """Attention mask of a left-padded batch, [B, 1, T, n] (True = visible): query i of a T-token chunk sits at
+    position n - T + i and sees keys j <= n - T + i that are not padding (j >= pad[b]). A padded query sees only
+    itself, so its softmax row stays finite (its output is never used)."""
+    j = torch.arange(n, device=device)                                                   # [n]
+    i = torch.arange(n - T, n, device=device)[:, None]                                   # [T, 1]
+    real = j >= pad.to(device)[:, None, None, None]                                      # [B, 1, 1, n]
+    return (j <= i) & (real | (j == i))                                                  # [B, 1, T, n]
 
 
 def _gather_tokens(x, idx):
@@ -162,6 +175,7 @@ class Cache:
     (state, out)), _decode (returns out), _held (tokens kept), and optionally _paper_terms."""
     name = "cache"
     multi_token_decode = False  # only DenseCache accepts T > 1 chunks after the prefill
+    ragged = False              # accepts a left-padded batch (set_padding): DenseCache and ZipCache
 
     def __init__(self, config, validate=True):
         self.config = config
@@ -173,6 +187,23 @@ class Cache:
     def reset(self):
         self.layers = [None] * self.n_layers
         self.shape = None  # (B, H_kv, D), learned at the first attend
+        self.pad = None    # [B] left-pad tokens per sequence, or None (no padding); see set_padding
+
+    def set_padding(self, pad):
+        """Declare a left-padded (ragged) batch before the prefill: pad[b] = padding tokens in front of sequence b.
+
+        The model reads cache.pad to start each sequence's RoPE positions at 0 at its first real token (a padded
+        sequence gets the logits it gets alone); the cache keeps padded keys out of every attention, score and byte
+        count. All-zero padding is the same as none."""
+        if not self.ragged:
+            raise ValueError(f"{self.name}: ragged batches (left-padded prompts) are not supported (no padding "
+                             f"mask); batch prompts of equal length, or use --cache dense or zipcache")
+        if any(s is not None for s in self.layers):
+            raise ValueError(f"{self.name}: set_padding after the prefill; call cache.reset() and set it before")
+        pad = torch.as_tensor(pad, dtype=torch.long).flatten()
+        if (pad < 0).any():
+            raise ValueError(f"{self.name}: negative padding {pad.tolist()}; pad[b] counts tokens in front of b")
+        self.pad = pad if pad.any() else None
 
     @property
     def pos(self):
@@ -185,6 +216,9 @@ class Cache:
     def attend(self, layer, q, k, v):
         st = self.layers[layer]
         self._check(layer, q, k, v, st)
+        if self.pad is not None and (len(self.pad) != k.shape[0] or (st is None and int(self.pad.max()) >= k.shape[2])):
+            raise ValueError(f"{self.name}: padding {self.pad.tolist()} does not fit a batch of {k.shape[0]} "
+                             f"sequence(s) of {k.shape[2]} token(s); every sequence needs one real token")
         if st is None:
             self.shape = self.shape or (k.shape[0], k.shape[1], k.shape[3])
             st, out = self._prefill(layer, q, k, v)
@@ -232,17 +266,21 @@ class Cache:
         if self.shape is None:
             return 0
         B, H, D = self.shape
-        return sum(4 * B * H * D * s.seen for s in self.layers if s is not None)
+        n_pad = 0 if self.pad is None else int(self.pad.sum())          # padded rows are no tokens
+        return sum(4 * H * D * (B * s.seen - n_pad) for s in self.layers if s is not None)
 
     def _paper_terms(self, st):
         """(quantized K/V elements, their code bits, stored fp16 parameters) of one layer, for the paper ratio."""
         return 0, 0, 0
 
+    def _all_paper_terms(self):
+        return [self._paper_terms(s) for s in self.layers if s is not None]
+
     def ratios(self):
         """real = dense fp16 bytes / nbytes() (everything counted); paper = 16 * n_qelem / (code_bits + 16 *
         n_params) over the quantized tokens only, ignoring buffers, tables and index storage (as the paper does)."""
         nb = self.nbytes()
-        terms = [self._paper_terms(s) for s in self.layers if s is not None]
+        terms = self._all_paper_terms()
         qel, cbits, npar = (sum(t[i] for t in terms) for i in range(3)) if terms else (0, 0, 0)
         return dict(real=self.dense_nbytes() / nb if nb else 1.0,
                     paper=16 * qel / (cbits + 16 * npar) if qel else 1.0)
@@ -255,9 +293,13 @@ class Cache:
 # DenseCache (spec §5.1)
 
 class DenseCache(Cache):
-    """fp16 K/V [B, H_kv, CAP, D]. Accepts multi-token chunks after the prefill (causal within the chunk)."""
+    """fp16 K/V [B, H_kv, CAP, D]. Accepts multi-token chunks after the prefill (causal within the chunk).
+
+    Ragged batches (set_padding): the padded rows are stored (one rectangular tensor) but masked out of every
+    attention, and nbytes() leaves them out, as a cache that stores each sequence on its own would."""
     name = "dense"
     multi_token_decode = True
+    ragged = True
 
     def __init__(self, config, dtype=torch.float16, **kw):
         self.dtype = dtype  # fp16 by contract; float32 only for exactness tests
@@ -266,6 +308,9 @@ class DenseCache(Cache):
     def _prefill(self, layer, q, k, v):
         st = _State(kv=_Growing())
         st.kv.append(min_cap=64, k=k.to(self.dtype), v=v.to(self.dtype))
+        if self.pad is not None:  # causal and no padded key
+            mask = _pad_mask(self.pad, q.shape[2], k.shape[2], q.device)                # [B, 1, T, T]
+            return st, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return st, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     def _decode(self, layer, st, q, k, v):
@@ -273,9 +318,19 @@ class DenseCache(Cache):
         K, V = st.kv["k"].to(q.dtype), st.kv["v"].to(q.dtype)
         T, n = q.shape[2], st.kv.n
         mask = None
-        if T > 1:  # query i (at position n - T + i) sees keys j <= n - T + i
+        if self.pad is not None:
+            mask = _pad_mask(self.pad, T, n, q.device)                                   # [B, 1, T, n]
+        elif T > 1:  # query i (at position n - T + i) sees keys j <= n - T + i
             mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - T, n, device=q.device)[:, None]
         return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+
+    def nbytes(self, allocated=False):
+        nb = super().nbytes(allocated)
+        if self.pad is None or allocated:
+            return nb
+        B, H, D = self.shape   # K and V rows of the padded positions, every layer
+        return nb - 2 * H * D * torch.finfo(self.dtype).bits // 8 * int(self.pad.sum()) * \
+            sum(s is not None for s in self.layers)
 
     def _held(self, st):
         return st.kv.n
@@ -370,6 +425,7 @@ class ZipCache(Cache):
     so no index lists are kept (spec §0.2).
     """
     name = "zipcache"
+    ragged = True
 
     def __init__(self, config, zcfg=None, **kw):
         self.cfg = zcfg or ZipCacheConfig()
@@ -381,10 +437,28 @@ class ZipCache(Cache):
     def reset(self):
         super().reset()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)  # probes: one draw per layer, in layer order
+        self.subs = None  # ragged batch: one single-sequence ZipCache per sequence (set_padding)
+
+    def set_padding(self, pad):
+        """A ragged batch is held as B single-sequence ZipCaches, each fed its sequence without the padding: the
+        probes (each cache draws from its own generator, seeded alike), saliency, split, quantization statistics and
+        bytes are exactly those of the sequence run alone. Decode runs the B caches one after the other (B kernel
+        calls, not one): simple and exact, not the fast path."""
+        super().set_padding(pad)
+        if self.pad is not None:
+            self.subs = [ZipCache(self.config, self.cfg, validate=False) for _ in self.pad]  # attend validated k, v
+            for sub in self.subs:
+                sub.special = self.special
+
+    def _ragged_only_per_sequence(self, what):
+        if self.subs is not None:
+            raise ValueError(f"zipcache: {what} of a ragged batch is per sequence; read cache.subs[b].{what}")
 
     def set_special_positions(self, positions):
         """Prompt positions to use as probes with probe_mode='special' (see saliency.special_positions)."""
         self.special = torch.as_tensor(positions, dtype=torch.long)
+        for sub in self.subs or ():
+            sub.special = self.special
 
     def info(self):
         c = self.cfg
@@ -480,6 +554,7 @@ class ZipCache(Cache):
     def salient_mask(self, layer):
         """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at bits_hi (or kept
         fp16 as sinks; needs keep_saliency_mask)."""
+        self._ragged_only_per_sequence("salient_mask(layer)")
         st = self.layers[layer]
         m = st.mask["m"]
         n_pos = st.seen - st.buf.n + getattr(st, "n_sink", 0)
@@ -487,6 +562,10 @@ class ZipCache(Cache):
 
     # prefill (spec §4.3) --------------------------------------------------------------------------------------
     def _prefill(self, layer, q, k, v):
+        if self.subs is not None:  # ragged: sequence b's unpadded slice to its own cache; padded rows output 0
+            outs = [F.pad(sub.attend(layer, q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:]), (0, 0, p, 0))
+                    for b, (sub, p) in enumerate(zip(self.subs, self.pad.tolist()))]            # [1, H, T, D] each
+            return _State(), torch.cat(outs)                                                     # [B, H, T, D]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
         B, H, L, D = k.shape
         st = self._new_state(B, H, D, k.device)
@@ -517,6 +596,7 @@ class ZipCache(Cache):
     # decode (spec §4.4) ---------------------------------------------------------------------------------------
     def layer_view(self, layer):
         """The layout kernels.decode_attention consumes (kernels.md §1): full-capacity tensors + valid counts."""
+        self._ragged_only_per_sequence("layer_view(layer)")
         st = self.layers[layer]
         if not self.quantized:
             return kernels.dense_view(st.buf["k"], st.buf["v"])
@@ -532,6 +612,9 @@ class ZipCache(Cache):
                                     n_blocks=st.v_chan.n)
 
     def _decode(self, layer, st, q, k, v):
+        if self.subs is not None:
+            return torch.cat([sub.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
+                              for b, sub in enumerate(self.subs)])                               # [B, H, 1, D]
         c = self.cfg
         extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.t else {}
         st.buf.append(k=k.half(), v=v.half(), **extra)
@@ -607,6 +690,7 @@ class ZipCache(Cache):
 
     def kv(self, layer):
         """(K̂, V̂) fp32 [B, H_kv, n, D] as decode attention reads them: hi | lo | fp16 buffer (tests, analysis)."""
+        self._ragged_only_per_sequence("kv(layer)")
         st = self.layers[layer]
         parts = [self._dequantize(st, p) for p in ("hi", "lo")] if self.quantized else []
         parts.append((st.buf["k"].float(), st.buf["v"].float()))
@@ -614,6 +698,21 @@ class ZipCache(Cache):
 
     def _held(self, st):
         return st.seen
+
+    def nbytes(self, allocated=False):
+        if self.subs is not None:
+            return sum(sub.nbytes(allocated) for sub in self.subs)
+        return super().nbytes(allocated)
+
+    def dense_nbytes(self):
+        if self.subs is not None:
+            return sum(sub.dense_nbytes() for sub in self.subs)
+        return super().dense_nbytes()
+
+    def _all_paper_terms(self):
+        if self.subs is not None:
+            return [t for sub in self.subs for t in sub._all_paper_terms()]
+        return super()._all_paper_terms()
 
     def _paper_terms(self, st):
         if not self.quantized:
@@ -1012,6 +1111,7 @@ class CLACache(DenseCache):
     consumers are handed the same k, v by the model and only read the group's store. Stored once: the cache is
     1/share_factor of a DenseCache with the same KV heads."""
     name = "cla"
+    ragged = False
 
     def __init__(self, config, dtype=torch.float16, **kw):
         self.share = config.share_factor

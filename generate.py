@@ -173,14 +173,19 @@ def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=No
     """Prefill + decode loop. Returns (ids [num_samples, <=max_new_tokens] list of lists, stats dict)."""
     device = model.rope_cos.device
     gen = torch.Generator().manual_seed(seed)
-    # one prompt (a list of ids) repeated num_samples times, or a batch of prompts (a list of lists); the caches have
-    # no padding mask, so a batch of prompts must be of one length
+    # one prompt (a list of ids) repeated num_samples times, or a batch of prompts (a list of lists). Prompts of
+    # different lengths are left-padded (so every sequence's last prompt token is the last column and decode steps
+    # stay one column for all), and the cache is told the padding; only DenseCache and ZipCache accept that.
     batch = prompt_ids if prompt_ids and isinstance(prompt_ids[0], (list, tuple)) else [prompt_ids] * num_samples
-    check_prompt_lengths([len(p) for p in batch])
-    if not batch or not batch[0]:
+    check_prompt_lengths([len(p) for p in batch], cache)
+    if not batch or not all(batch):
         raise ValueError("the prompt is empty; give at least one token")
-    idx = torch.tensor(batch, dtype=torch.long, device=device)                         # [B, T]
+    T = max(len(p) for p in batch)
+    pad = [T - len(p) for p in batch]
+    idx = torch.tensor([[0] * n + list(p) for n, p in zip(pad, batch)], dtype=torch.long, device=device)  # [B, T]
     cache.reset()
+    if any(pad):
+        cache.set_padding(pad)     # the pad id (0) never matters: padded tokens are masked out of attention
     sync(device)
     t0 = time.perf_counter()
     logits, _ = model(idx, cache=cache, last_only=True)                                 # [B, 1, V]

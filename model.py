@@ -203,8 +203,8 @@ def rope_cos_sin(config, device=None):
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i] (Meta's convention).
 
-    x: [B, H, T, D]; cos, sin: [T, D/2]. HF checkpoints use rotate-half instead; their q/k weights are permuted on load
-    so that both conventions compute the same scores.
+    x: [B, H, T, D]; cos, sin: [T, D/2], or [B, 1, T, D/2] (per-sequence positions of a ragged batch). HF checkpoints
+    use rotate-half instead; their q/k weights are permuted on load so that both conventions compute the same scores.
     """
     # An adjacent pair is one complex number x0 + i x1, and the rotation is one complex multiply by cos + i sin:
     # (x0 cos - x1 sin) + i (x0 sin + x1 cos). That is one pass over x, where slicing out x0 and x1 and stacking
@@ -509,13 +509,21 @@ class Transformer(nn.Module):
         """idx [B, T] token ids -> (logits [B, T, V] fp32 (or [B, 1, V] if last_only), loss or None).
 
         With a cache, positions continue from cache.pos, and each layer's attention goes through cache.attend.
+        A ragged batch is left-padded, and the cache told so before the prefill (cache.set_padding(pad), pad[b] =
+        padding tokens in front of sequence b): sequence b's RoPE positions then start at 0 at its first real token,
+        so it gets the logits it gets alone; the cache keeps the padded keys out of attention.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"{T} tokens at position {start} exceed max_seq_len={self.config.max_seq_len}; "
                              f"shorten the prompt or lower --max_new_tokens")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]    # [T, D/2]
+        pad = getattr(cache, "pad", None)
+        if pad is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]    # [T, D/2]
+        else:  # per-sequence positions; padded tokens get position 0 (they are masked anyway)
+            pos = (start + torch.arange(T, device=idx.device) - pad.to(idx.device)[:, None]).clamp(min=0)  # [B, T]
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]           # [B, 1, T, D/2]
         h = self.tok_embeddings(idx)                                                  # [B, T, dim]
         shared = {}
         for layer in self.layers:

@@ -99,7 +99,7 @@ def _train(argv):
 
 def _ragged(p):
     model, _ = M.load_model(p["tiny"])
-    G.generate(model, [[1, 2, 3], [1, 2]], make_cache("dense", model.config), 2)
+    G.generate(model, [[1, 2, 3], [1, 2]], make_cache("h2o", model.config), 2)
 
 
 def _fp16_range(p, name):
