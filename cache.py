@@ -1137,12 +1137,60 @@ class LatentCache:
     def attend_latent(self, layer, q_lat, q_r, scale):
         """Absorbed attention (spec §3.4): q_lat [B, H, T, d_c] (= q_C W_UK), q_r [B, H, T, d_r] (RoPE applied) ->
         z [B, H, T, d_c] = softmax((q_lat.C + q_r.R) * scale) @ C, causal within a T-token chunk. MQA over one latent
-        'head' with key width d_c + d_r and value width d_c; the model applies W_UV to z."""
+        'head' with key width d_c + d_r and value width d_c; the model applies W_UV to z. A single-token decode step
+        takes the folded path (attend_codes) over the stored codes; longer chunks, the dequantize-everything one."""
+        if q_lat.shape[2] == 1:
+            return self.attend_codes(layer, q_lat, q_r, scale)
+        return self.attend_reference(layer, q_lat, q_r, scale)
+
+    def attend_reference(self, layer, q_lat, q_r, scale):
+        """attend_latent by dequantizing the whole history and one SDPA: the reference for every T."""
         C, R = self.latent(layer, q_lat.dtype)                                          # [B, L, d_c], [B, L, d_r]
         k = torch.cat([C, R], dim=-1).unsqueeze(1)                                      # [B, 1, L, d_c + d_r]
         mask = _causal_tail_mask(q_lat.shape[2], C.shape[1], q_lat.device)
         return F.scaled_dot_product_attention(torch.cat([q_lat, q_r], dim=-1), k, C.unsqueeze(1), attn_mask=mask,
                                               scale=scale, enable_gqa=True)
+
+    def _codes(self, key, dtype):
+        """A slot as (x [B, n_grp, L, g] in `dtype`, scale, mn [B, n_grp, L, 1] or None): the integer codes of a
+        quantized slot (x_hat = scale*x + mn, exact in fp32 for codes < 256), or the stored rows (scale = mn = None).
+        The group axis goes first so that every per-group product below is one batched matmul."""
+        store, kind = self.slots[key], key[0]
+        if not self._quantized(kind):
+            return store["x"].to(dtype).unsqueeze(1), None, None                       # [B, 1, L, d]
+        g = self._g(kind)
+        x = quant.unpack(store["codes"], self.bits).unflatten(-1, (-1, g)).transpose(1, 2)  # [B, n_grp, L, g] uint8
+        return x.to(dtype), store["scale"].to(dtype).mT[..., None], store["mn"].to(dtype).mT[..., None]
+
+    @staticmethod
+    def _scores(q, x, s, m):
+        """q [B, n_grp, H, g], slot (x, s, m) of _codes -> q . x_hat [B, H, L], with the scales folded in:
+        q_g . (s x + m) = s (q_g . x) + m sum(q_g), summed over the groups (as kernels.py does for ZipCache keys)."""
+        dot = q @ x.mT                                                                   # [B, n_grp, H, L]
+        if s is not None:
+            dot = dot * s.mT + q.sum(-1, keepdim=True) * m.mT                           # s, m: [B, n_grp, 1, L]
+        return dot.sum(1)                                                                # [B, H, L]
+
+    def attend_codes(self, layer, q_lat, q_r, scale):
+        """Absorbed decode (T = 1) straight over the stored int4/int8 codes: the history is never dequantized.
+        Scores as in _scores; values z_g = sum_t p_t (s_tg x_tg + m_tg) = (p * s_g) @ x_g + p @ m_g per latent group
+        (DeepSeek-V2 §2.1 absorption, CLLA's int4 latent, arXiv 2410.15252). Same result as attend_reference."""
+        kc, kr = self.slot_of[layer]
+        if self.slots[kc].n != self.slots[kr].n:
+            self.latent(layer)                                                           # its one clear error
+        B, H, _, d_c = q_lat.shape
+        dt = q_lat.dtype
+        xc, sc, mc = self._codes(kc, dt)                                                 # [B, G_c, L, g_c]
+        xr, sr, mr = self._codes(kr, dt)                                                 # [B, G_r, L, g_r]
+        qc = q_lat.view(B, H, xc.shape[1], -1).transpose(1, 2)                          # [B, G_c, H, g_c]
+        qr = q_r.view(B, H, xr.shape[1], -1).transpose(1, 2)                            # [B, G_r, H, g_r]
+        s = (self._scores(qc, xc, sc, mc) + self._scores(qr, xr, sr, mr)) * scale       # [B, H, L]
+        p = s.float().softmax(-1).to(dt).unsqueeze(1)                                    # [B, 1, H, L], fp32 softmax
+        if sc is None:
+            z = p @ xc                                                                   # [B, 1, H, d_c]
+        else:
+            z = (p * sc.mT) @ xc + p @ mc                                                # [B, G_c, H, g_c]
+        return z.transpose(1, 2).reshape(B, H, 1, d_c)                                   # [B, H, 1, d_c]
 
     # ---- the common cache interface
     @property
