@@ -1152,29 +1152,30 @@ class LatentCache:
                                               scale=scale, enable_gqa=True)
 
     def _codes(self, key, dtype):
-        """A slot as (x [B, n_grp, L, g] in `dtype`, scale, mn [B, n_grp, L, 1] or None): the integer codes of a
-        quantized slot (x_hat = scale*x + mn, exact in fp32 for codes < 256), or the stored rows (scale = mn = None).
-        The group axis goes first so that every per-group product below is one batched matmul."""
+        """A slot as (x [B, n_grp, L, g] in `dtype`, scale, mn [B, n_grp, 1, L] or None): the integer codes of a
+        quantized slot (x_hat = scale*x + mn; codes < 256 are exact in any float dtype), or the stored rows (scale =
+        mn = None). Groups go first so that each per-group product below is one batched matmul; per-token scales
+        (one group) need no copy at all."""
         store, kind = self.slots[key], key[0]
         if not self._quantized(kind):
             return store["x"].to(dtype).unsqueeze(1), None, None                       # [B, 1, L, d]
-        g = self._g(kind)
-        x = quant.unpack(store["codes"], self.bits).unflatten(-1, (-1, g)).transpose(1, 2)  # [B, n_grp, L, g] uint8
-        return x.to(dtype), store["scale"].to(dtype).mT[..., None], store["mn"].to(dtype).mT[..., None]
+        x = quant.unpack(store["codes"], self.bits).unflatten(-1, (-1, self._g(kind)))  # [B, L, n_grp, g] uint8
+        s, m = (store[n].to(dtype).mT.unsqueeze(2) for n in ("scale", "mn"))          # [B, n_grp, 1, L]
+        return x.transpose(1, 2).to(dtype), s, m                                        # [B, n_grp, L, g]
 
     @staticmethod
     def _scores(q, x, s, m):
-        """q [B, n_grp, H, g], slot (x, s, m) of _codes -> q . x_hat [B, H, L], with the scales folded in:
-        q_g . (s x + m) = s (q_g . x) + m sum(q_g), summed over the groups (as kernels.py does for ZipCache keys)."""
+        """q [B, n_grp, H, g], a slot (x, s, m) of _codes -> q . x_hat [B, H, L] with the scales folded in, as
+        kernels.py does for ZipCache keys: q_g . (s x + m) = s (q_g . x) + m sum(q_g), summed over the groups."""
         dot = q @ x.mT                                                                   # [B, n_grp, H, L]
         if s is not None:
-            dot = dot * s.mT + q.sum(-1, keepdim=True) * m.mT                           # s, m: [B, n_grp, 1, L]
-        return dot.sum(1)                                                                # [B, H, L]
+            dot = torch.addcmul(q.sum(-1, keepdim=True) * m, dot, s)                    # s, m: [B, n_grp, 1, L]
+        return dot.sum(1) if dot.shape[1] > 1 else dot.squeeze(1)                        # [B, H, L]
 
     def attend_codes(self, layer, q_lat, q_r, scale):
-        """Absorbed decode (T = 1) straight over the stored int4/int8 codes: the history is never dequantized.
-        Scores as in _scores; values z_g = sum_t p_t (s_tg x_tg + m_tg) = (p * s_g) @ x_g + p @ m_g per latent group
-        (DeepSeek-V2 §2.1 absorption, CLLA's int4 latent, arXiv 2410.15252). Same result as attend_reference."""
+        """Absorbed decode (T = 1) straight over the stored int4/int8 codes: the fp32 history is never built.
+        Scores as in _scores; values z_g = sum_t p_t (s_tg x_tg + m_tg) = (p * s_g) @ x_g + p @ m_g per latent group.
+        Absorption: DeepSeek-V2 §2.1; the int4 latent: CLLA (arXiv 2410.15252). Equals attend_reference (a test)."""
         kc, kr = self.slot_of[layer]
         if self.slots[kc].n != self.slots[kr].n:
             self.latent(layer)                                                           # its one clear error
@@ -1189,7 +1190,7 @@ class LatentCache:
         if sc is None:
             z = p @ xc                                                                   # [B, 1, H, d_c]
         else:
-            z = (p * sc.mT) @ xc + p @ mc                                                # [B, G_c, H, g_c]
+            z = ((p * sc) @ xc).add_(p @ mc.mT)                                          # [B, G_c, H, g_c]
         return z.transpose(1, 2).reshape(B, H, 1, d_c)                                   # [B, H, 1, d_c]
 
     # ---- the common cache interface
