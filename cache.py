@@ -1159,9 +1159,19 @@ class LatentCache:
         store, kind = self.slots[key], key[0]
         if not self._quantized(kind):
             return store["x"].to(dtype).unsqueeze(1), None, None                       # [B, 1, L, d]
-        x = quant.unpack(store["codes"], self.bits).unflatten(-1, (-1, self._g(kind)))  # [B, L, n_grp, g] uint8
+        packed = store["codes"]                                                          # [B, L, d*b/8] uint8
+        if self.bits == 4:  # quant.unpack in one shift and one mask: byte j holds channels j (low) and j + d/2
+            x = (packed.unsqueeze(-2) >> self._shifts(packed.device)) & 15                  # [B, L, 2, d/2]
+        else:
+            x = packed
+        x = x.reshape(*packed.shape[:2], -1, self._g(kind))                            # [B, L, n_grp, g] uint8
         s, m = (store[n].to(dtype).mT.unsqueeze(2) for n in ("scale", "mn"))          # [B, n_grp, 1, L]
         return x.transpose(1, 2).to(dtype), s, m                                        # [B, n_grp, L, g]
+
+    def _shifts(self, device):
+        if getattr(self, "_shift_t", None) is None or self._shift_t.device != device:
+            self._shift_t = torch.tensor([[0], [4]], dtype=torch.uint8, device=device)    # [2, 1]: low, high nibble
+        return self._shift_t
 
     @staticmethod
     def _scores(q, x, s, m):
