@@ -1075,11 +1075,15 @@ class LatentCache:
         # layer -> slot keys; a layer writes the slots named after itself
         self.slot_of = [(("c", i if mode == "rope_only" else i - i % s), ("r", i if mode == "latent_only" else i - i % s))
                         for i in range(c.n_layers)]
+        self.last_reader = {key: i for i, keys in enumerate(self.slot_of) for key in keys}   # slot -> its last layer
         self.reset()
 
     def reset(self):
         self.slots = {key: _Rows() for keys in self.slot_of for key in keys}
         self.batch = None
+        # decode scratch: a slot's codes unpacked to the compute dtype, shared by the layers of a group within one
+        # step and dropped by the last layer that reads it, so nothing outlives the forward (not cache storage)
+        self.scratch = {}
 
     # ---- storage
     def _quantized(self, kind):
@@ -1151,7 +1155,16 @@ class LatentCache:
         return F.scaled_dot_product_attention(torch.cat([q_lat, q_r], dim=-1), k, C.unsqueeze(1), attn_mask=mask,
                                               scale=scale, enable_gqa=True)
 
-    def _codes(self, key, dtype):
+    def _codes(self, key, dtype, layer):
+        """_unpacked(key, dtype), computed once per decode step for all the layers of a group that read the slot."""
+        tag = (self.slots[key].n, dtype)
+        hit = self.scratch.pop(key, None)
+        out = hit[1] if hit is not None and hit[0] == tag else self._unpacked(key, dtype)
+        if layer != self.last_reader[key]:
+            self.scratch[key] = (tag, out)
+        return out
+
+    def _unpacked(self, key, dtype):
         """A slot as (x [B, n_grp, L, g] in `dtype`, scale, mn [B, n_grp, 1, L] or None): the integer codes of a
         quantized slot (x_hat = scale*x + mn; codes < 256 are exact in any float dtype), or the stored rows (scale =
         mn = None). Groups go first so that each per-group product below is one batched matmul; per-token scales
@@ -1191,8 +1204,8 @@ class LatentCache:
             self.latent(layer)                                                           # its one clear error
         B, H, _, d_c = q_lat.shape
         dt = q_lat.dtype
-        xc, sc, mc = self._codes(kc, dt)                                                 # [B, G_c, L, g_c]
-        xr, sr, mr = self._codes(kr, dt)                                                 # [B, G_r, L, g_r]
+        xc, sc, mc = self._codes(kc, dt, layer)                                          # [B, G_c, L, g_c]
+        xr, sr, mr = self._codes(kr, dt, layer)                                          # [B, G_r, L, g_r]
         qc = q_lat.view(B, H, xc.shape[1], -1).transpose(1, 2)                          # [B, G_c, H, g_c]
         qr = q_r.view(B, H, xr.shape[1], -1).transpose(1, 2)                            # [B, G_r, H, g_r]
         s = (self._scores(qc, xc, sc, mc) + self._scores(qr, xr, sr, mr)) * scale       # [B, H, L]
