@@ -1116,7 +1116,8 @@ class LatentCache:
             if not self._quantized(kind):
                 store.append(min_cap=64, x=x.detach().to(self.dtype))
             else:  # spec §4.4: asymmetric min/scale per token or per g channels, fp16 parameters
-                codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1)
+                codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1,
+                                                  check=not self.validate)             # validated just above
                 store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]
                              scale=scale.squeeze(-1), mn=mn.squeeze(-1))                        # [B, T, n_grp]
 
@@ -1173,18 +1174,13 @@ class LatentCache:
         if not self._quantized(kind):
             return store["x"].to(dtype).unsqueeze(1), None, None                       # [B, 1, L, d]
         packed = store["codes"]                                                          # [B, L, d*b/8] uint8
-        if self.bits == 4:  # quant.unpack in one shift and one mask: byte j holds channels j (low) and j + d/2
-            x = (packed.unsqueeze(-2) >> self._shifts(packed.device)) & 15                  # [B, L, 2, d/2]
-        else:
-            x = packed
-        x = x.reshape(*packed.shape[:2], -1, self._g(kind))                            # [B, L, n_grp, g] uint8
+        B, L, W = packed.shape
+        if self.bits == 4:  # quant.unpack less one shift: byte j holds channels j (low nibble) and j + d/2 (high)
+            packed = torch.cat([packed & 15, packed >> 4], dim=-1)                     # [B, L, d] uint8
+        x = packed.to(dtype)
+        x = x.view(B, L, -1, self._g(kind)).transpose(1, 2)                            # [B, n_grp, L, g]
         s, m = (store[n].to(dtype).mT.unsqueeze(2) for n in ("scale", "mn"))          # [B, n_grp, 1, L]
-        return x.transpose(1, 2).to(dtype), s, m                                        # [B, n_grp, L, g]
-
-    def _shifts(self, device):
-        if getattr(self, "_shift_t", None) is None or self._shift_t.device != device:
-            self._shift_t = torch.tensor([[0], [4]], dtype=torch.uint8, device=device)    # [2, 1]: low, high nibble
-        return self._shift_t
+        return x, s, m
 
     @staticmethod
     def _scores(q, x, s, m):
