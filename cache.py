@@ -1059,6 +1059,8 @@ class LatentCache:
         latent(layer, dtype) -> (C, R)          dequantized history [B, L, d_c], [B, L, d_r] (reference)
         attend_latent(layer, q_lat, q_R, scale) absorbed attention -> z [B, H, T, d_c] (spec §3.4)
     plus pos, len(), nbytes(), reset(), ratios(), dense_nbytes(), info() like every cache.
+    A decode step (T = 1) never dequantizes the history: attend_codes folds the scales and mins into the products
+    with the integer codes (README "CLLA"); prefill chunks and the tests use attend_reference.
     """
     name = "latent"
 

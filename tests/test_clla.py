@@ -156,6 +156,7 @@ def test_decode_over_codes_equals_dequantized_reference(mode, bits, group, rope)
             want = cache.attend_reference(i, q_lat, q_r, 0.2)
             assert got.shape == want.shape == (2, H, 1, d_c)
             assert rel_err(got, want) <= 1e-5, (step, i)
+        assert not cache.scratch          # the shared unpacking is dropped by each slot's last reader
     assert cache.pos == 29
 
 
