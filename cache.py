@@ -1159,7 +1159,8 @@ class LatentCache:
                                               scale=scale, enable_gqa=True)
 
     def _codes(self, key, dtype, layer):
-        """_unpacked(key, dtype), computed once per decode step for all the layers of a group that read the slot."""
+        """_unpacked(key, dtype), computed once per decode step for all the layers of a group that read the slot and
+        dropped by the last of them: a working buffer of one forward, like an activation, not stored cache bytes."""
         tag = (self.slots[key].n, dtype)
         hit = self.scratch.pop(key, None)
         out = hit[1] if hit is not None and hit[0] == tag else self._unpacked(key, dtype)
@@ -1170,8 +1171,8 @@ class LatentCache:
     def _unpacked(self, key, dtype):
         """A slot as (x [B, n_grp, L, g] in `dtype`, scale, mn [B, n_grp, 1, L] or None): the integer codes of a
         quantized slot (x_hat = scale*x + mn; codes < 256 are exact in any float dtype), or the stored rows (scale =
-        mn = None). Groups go first so that each per-group product below is one batched matmul; per-token scales
-        (one group) need no copy at all."""
+        mn = None). Groups go first so that each per-group product below is one batched matmul; with per-token
+        scales (one group) that transpose is free."""
         store, kind = self.slots[key], key[0]
         if not self._quantized(kind):
             return store["x"].to(dtype).unsqueeze(1), None, None                       # [B, 1, L, d]
@@ -1194,7 +1195,8 @@ class LatentCache:
         return dot.sum(1) if dot.shape[1] > 1 else dot.squeeze(1)                        # [B, H, L]
 
     def attend_codes(self, layer, q_lat, q_r, scale):
-        """Absorbed decode (T = 1) straight over the stored int4/int8 codes: the fp32 history is never built.
+        """Absorbed decode (T = 1) straight over the stored int4/int8 codes: the dequantized history is never built
+        (the codes are only converted to q's dtype).
         Scores as in _scores; values z_g = sum_t p_t (s_tg x_tg + m_tg) = (p * s_g) @ x_g + p @ m_g per latent group.
         Absorption: DeepSeek-V2 §2.1; the int4 latent: CLLA (arXiv 2410.15252). Equals attend_reference (a test)."""
         kc, kr = self.slot_of[layer]
