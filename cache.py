@@ -1077,7 +1077,8 @@ class LatentCache:
         # layer -> slot keys; a layer writes the slots named after itself
         self.slot_of = [(("c", i if mode == "rope_only" else i - i % s), ("r", i if mode == "latent_only" else i - i % s))
                         for i in range(c.n_layers)]
-        self.last_reader = {key: i for i, keys in enumerate(self.slot_of) for key in keys}   # slot -> its last layer
+        # slot (and (c slot, r slot) pair) -> the last layer that reads it
+        self.last_reader = {key: i for i, keys in enumerate(self.slot_of) for key in (*keys, keys)}
         self.reset()
 
     def reset(self):
@@ -1204,6 +1205,8 @@ class LatentCache:
             self.latent(layer)                                                           # its one clear error
         B, H, _, d_c = q_lat.shape
         dt = q_lat.dtype
+        if self.group == "token" and self._quantized("c") and self._quantized("r"):
+            return self._attend_tokenwise(layer, q_lat, q_r, scale)
         xc, sc, mc = self._codes(kc, dt, layer)                                          # [B, G_c, L, g_c]
         xr, sr, mr = self._codes(kr, dt, layer)                                          # [B, G_r, L, g_r]
         qc = q_lat.view(B, H, xc.shape[1], -1).transpose(1, 2)                          # [B, G_c, H, g_c]
@@ -1215,6 +1218,30 @@ class LatentCache:
         else:
             z = ((p * sc) @ xc).add_(p @ mc.mT)                                          # [B, G_c, H, g_c]
         return z.transpose(1, 2).reshape(B, H, 1, d_c)                                   # [B, H, 1, d_c]
+
+    def _attend_tokenwise(self, layer, q_lat, q_r, scale):
+        """attend_codes when the latent and k_R both have one (scale, min) per token (the clla-quant preset): the two
+        slots and both min terms become one key matrix, built once per step for the group (scratch, as _codes):
+            q_lat.c_hat + q_r.r_hat = s_c * ([q_lat, q_r, sum q_lat, sum q_r] . [x_c, x_r s_r/s_c, m_c/s_c, m_r/s_c])
+        so a step is one matmul for the scores and one for the values (its m_c/s_c column gives p @ m_c)."""
+        B, H, _, d_c = q_lat.shape
+        kc, kr = self.slot_of[layer]
+        key, tag = ("cr", kc, kr), (self.slots[kc].n, q_lat.dtype)
+        hit = self.scratch.pop(key, None)
+        if hit is not None and hit[0] == tag:
+            X, sc = hit[1]
+        else:
+            xc, sc, mc = self._unpacked(kc, q_lat.dtype)                               # [B, 1, L, d_c], [B, 1, 1, L]
+            xr, sr, mr = self._unpacked(kr, q_lat.dtype)                               # [B, 1, L, d_r]
+            X = torch.cat([xc, xr * (sr / sc).mT, (mc / sc).mT, (mr / sc).mT], -1)   # [B, 1, L, d_c + d_r + 2]
+        if layer != self.last_reader[kc, kr]:                                          # another layer reads this pair
+            self.scratch[key] = (tag, (X, sc))
+        q = torch.cat([q_lat, q_r, q_lat.sum(-1, keepdim=True), q_r.sum(-1, keepdim=True)], -1)  # [B, H, 1, d+2]
+        s = (q.view(B, 1, H, -1) @ X.mT) * (sc * scale)                                # [B, 1, H, L]
+        p = s.float().softmax(-1).to(q_lat.dtype)                                      # fp32 softmax
+        zm = (p * sc) @ X                                                              # [B, 1, H, d_c + d_r + 2]
+        z = zm[..., :d_c] + zm[..., -2:-1]                                             # sum_t p s x + sum_t p m_c
+        return z.view(B, H, 1, d_c)                                                    # [B, H, 1, d_c]
 
     # ---- the common cache interface
     @property
