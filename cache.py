@@ -1120,7 +1120,7 @@ class LatentCache:
                 store.append(min_cap=64, x=x.detach().to(self.dtype))
             else:  # spec §4.4: asymmetric min/scale per token or per g channels, fp16 parameters
                 codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1,
-                                                  check=not self.validate)             # validated just above
+                                                  check=not self.validate)             # else checked above
                 store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]
                              scale=scale.squeeze(-1), mn=mn.squeeze(-1))                        # [B, T, n_grp]
 
@@ -1205,7 +1205,8 @@ class LatentCache:
             self.latent(layer)                                                           # its one clear error
         B, H, _, d_c = q_lat.shape
         dt = q_lat.dtype
-        if self.group == "token" and self._quantized("c") and self._quantized("r"):
+        # the one-matrix form divides by the scale (>= 2^-14): m/s can pass fp16's 65504, so fp32/fp64 only
+        if self.group == "token" and self._quantized("c") and self._quantized("r") and dt.itemsize >= 4:
             return self._attend_tokenwise(layer, q_lat, q_r, scale)
         xc, sc, mc = self._codes(kc, dt, layer)                                          # [B, G_c, L, g_c]
         xr, sr, mr = self._codes(kr, dt, layer)                                          # [B, G_r, L, g_r]
