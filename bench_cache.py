@@ -4,6 +4,7 @@ decode step at a long context, every ratio measured against the dense cache in t
 
     python bench_cache.py                     # 4k tokens, 8 query / 2 KV heads, head_dim 64 and 128, on the CPU
     python bench_cache.py --tokens 1024 --reps 1   # a quick look
+    python bench_cache.py --latent --tokens 1024   # MHA vs MLA/CLLA decode through the whole model (below)
 
 Protocol. Fresh random q, k, v (one outlier key channel, as real keys have) are handed to each cache's `attend` as a
 prefill, then `--steps` single-token decode steps follow. Repetitions are interleaved across caches (rep 1 of every
@@ -11,6 +12,12 @@ cache, then rep 2, ...) so that drift of a shared machine hits all of them alike
 whole `attend` call (dense: SDPA + storing fp16; ZipCache: SDPA + probe attention + split + quantize + pack; MiKV:
 the full attention matrix). Decode = one `attend` of a single token (ZipCache: the PyTorch path on CPU, the Triton
 kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything counted; paper = the paper's formula.
+
+--latent: the whole model at the project's default CLLA shape (train.py `small`: dim 512, 8 layers, 16 heads x 32;
+d_c 128, d_r 16), untrained weights, batch 1: MHA with a DenseCache against MLA, CLLA and CLLA-quant (int4 per
+token, README "CLLA") with their LatentCache, and CLLA-quant once more with the dequantize-everything reference
+decode. Each is prefilled with the same --tokens random ids; then the variants take turns, --steps decode steps
+each, --reps times. tok/s = 1 / median step time; x = latent tok/s over MHA tok/s (>= 1: the latent is faster).
 """
 import argparse
 import statistics
@@ -21,7 +28,8 @@ import torch
 
 from cache import make_cache
 from generate import Parser, sync
-from model import ModelConfig
+from model import ATTN_PRESETS, ModelConfig, Transformer
+from train import PRESETS
 
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
 
@@ -60,6 +68,42 @@ def run(D, args, device):
     return rows
 
 
+LATENT_VARIANTS = [("mha", dict(attn="mha"), False), ("mla", dict(attn="mla"), False),
+                   ("clla", dict(ATTN_PRESETS["clla"]), False), ("clla-quant", dict(ATTN_PRESETS["clla-quant"]), False),
+                   ("clla-quant reference", dict(ATTN_PRESETS["clla-quant"]), True)]
+
+
+def run_latent(args, device):
+    """Decode tok/s of the whole model, MHA vs the latent variants, interleaved step blocks (see the docstring)."""
+    shape = {k: v for k, v in PRESETS["small"].items() if k != "block_size"}
+    T = args.tokens
+    ids = torch.randint(0, 256, (1, T + args.steps * args.reps + 1), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, ov, reference in LATENT_VARIANTS:
+        torch.manual_seed(0)
+        cfg = ModelConfig(**{**shape, **ov, "vocab_size": 256, "max_seq_len": ids.shape[1]})
+        model = Transformer(cfg).to(device).eval()
+        cache = make_cache("dense", cfg)          # DenseCache for mha, LatentCache for mla/clla
+        if reference:                             # every decode step dequantizes the whole history
+            cache.attend_latent = cache.attend_reference
+        model(ids[:, :T].to(device), cache=cache, last_only=True)                           # prefill
+        runs[name] = [model, cache, T, []]
+    for _ in range(args.reps):
+        for name, run_ in runs.items():
+            model, cache, t, times = run_
+            for _ in range(args.steps):
+                sync(device)
+                t0 = time.perf_counter()
+                model(ids[:, t:t + 1].to(device), cache=cache)                              # one decode step
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                t += 1
+            run_[2] = t
+    tps = {n: 1 / statistics.median(r[3]) for n, r in runs.items()}
+    return [dict(model=n, tok_s=tps[n], x=tps[n] / tps["mha"], kv_pct=100 / r[1].ratios()["real"])
+            for n, r in runs.items()]
+
+
 def positive(text):
     """argparse type=: a whole number >= 1 (a bad size is one usage line, not a traceback)."""
     try:
@@ -92,6 +136,7 @@ def main(argv=None):
     p.add_argument("--reps", type=positive, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--latent", action="store_true", help="whole-model decode, MHA vs MLA/CLLA (docstring)")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads} must be a multiple of --kv_heads {args.kv_heads}")
@@ -102,6 +147,17 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
     torch.set_num_threads(args.threads)
+    if args.latent:
+        print(f"whole model, default CLLA shape (dim 512, 8 layers, 16 x 32; d_c 128, d_r 16), {args.tokens}-token "
+              f"context, batch 1, {device} ({torch.get_num_threads()} threads), median of {args.reps} x {args.steps} "
+              f"interleaved decode steps; x = tok/s / MHA tok/s")
+        print("| model | decode tok/s | x MHA | KV % of MHA |")
+        print("|---|---|---|---|")
+        with torch.no_grad():
+            rows = run_latent(args, device)
+        for r in rows:
+            print(f"| {r['model']} | {r['tok_s']:.1f} | {r['x']:.2f} | {r['kv_pct']:.2f} |", flush=True)
+        return rows
     print(f"one layer, {args.heads} query / {args.kv_heads} KV heads, {args.tokens} tokens, batch 1, {device} "
           f"({torch.get_num_threads()} threads), medians of {args.reps} prefills and {args.reps * args.steps} "
           f"decode steps; x = time / dense time")

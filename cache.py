@@ -1159,6 +1159,8 @@ class LatentCache:
         latent(layer, dtype) -> (C, R)          dequantized history [B, L, d_c], [B, L, d_r] (reference)
         attend_latent(layer, q_lat, q_R, scale) absorbed attention -> z [B, H, T, d_c] (spec §3.4)
     plus pos, len(), nbytes(), reset(), ratios(), dense_nbytes(), info() like every cache.
+    A decode step (T = 1) never dequantizes the history: attend_codes folds the scales and mins into the products
+    with the integer codes (README "CLLA"); prefill chunks and the tests use attend_reference.
     """
     name = "latent"
 
@@ -1175,11 +1177,16 @@ class LatentCache:
         # layer -> slot keys; a layer writes the slots named after itself
         self.slot_of = [(("c", i if mode == "rope_only" else i - i % s), ("r", i if mode == "latent_only" else i - i % s))
                         for i in range(c.n_layers)]
+        # slot (and (c slot, r slot) pair) -> the last layer that reads it
+        self.last_reader = {key: i for i, keys in enumerate(self.slot_of) for key in (*keys, keys)}
         self.reset()
 
     def reset(self):
         self.slots = {key: _Rows() for keys in self.slot_of for key in keys}
         self.batch = None
+        # decode scratch: a slot's codes unpacked to the compute dtype, shared by the layers of a group within one
+        # step and dropped by the last layer that reads it, so nothing outlives the forward (not cache storage)
+        self.scratch = {}
 
     # ---- storage
     def _quantized(self, kind):
@@ -1212,7 +1219,8 @@ class LatentCache:
             if not self._quantized(kind):
                 store.append(min_cap=64, x=x.detach().to(self.dtype))
             else:  # spec §4.4: asymmetric min/scale per token or per g channels, fp16 parameters
-                codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1)
+                codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1,
+                                                  check=not self.validate)             # else checked above
                 store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]
                              scale=scale.squeeze(-1), mn=mn.squeeze(-1))                        # [B, T, n_grp]
 
@@ -1237,12 +1245,104 @@ class LatentCache:
     def attend_latent(self, layer, q_lat, q_r, scale):
         """Absorbed attention (spec §3.4): q_lat [B, H, T, d_c] (= q_C W_UK), q_r [B, H, T, d_r] (RoPE applied) ->
         z [B, H, T, d_c] = softmax((q_lat.C + q_r.R) * scale) @ C, causal within a T-token chunk. MQA over one latent
-        'head' with key width d_c + d_r and value width d_c; the model applies W_UV to z."""
+        'head' with key width d_c + d_r and value width d_c; the model applies W_UV to z. A single-token decode step
+        takes the folded path (attend_codes) over the stored codes; longer chunks, the dequantize-everything one."""
+        if q_lat.shape[2] == 1:
+            return self.attend_codes(layer, q_lat, q_r, scale)
+        return self.attend_reference(layer, q_lat, q_r, scale)
+
+    def attend_reference(self, layer, q_lat, q_r, scale):
+        """attend_latent by dequantizing the whole history and one SDPA: the reference for every T."""
         C, R = self.latent(layer, q_lat.dtype)                                          # [B, L, d_c], [B, L, d_r]
         k = torch.cat([C, R], dim=-1).unsqueeze(1)                                      # [B, 1, L, d_c + d_r]
         mask = _causal_tail_mask(q_lat.shape[2], C.shape[1], q_lat.device)
         return F.scaled_dot_product_attention(torch.cat([q_lat, q_r], dim=-1), k, C.unsqueeze(1), attn_mask=mask,
                                               scale=scale, enable_gqa=True)
+
+    def _codes(self, key, dtype, layer):
+        """_unpacked(key, dtype), computed once per decode step for all the layers of a group that read the slot and
+        dropped by the last of them: a working buffer of one forward, like an activation, not stored cache bytes."""
+        tag = (self.slots[key].n, dtype)
+        hit = self.scratch.pop(key, None)
+        out = hit[1] if hit is not None and hit[0] == tag else self._unpacked(key, dtype)
+        if layer != self.last_reader[key]:
+            self.scratch[key] = (tag, out)
+        return out
+
+    def _unpacked(self, key, dtype):
+        """A slot as (x [B, n_grp, L, g] in `dtype`, scale, mn [B, n_grp, 1, L] or None): the integer codes of a
+        quantized slot (x_hat = scale*x + mn; codes < 256 are exact in any float dtype), or the stored rows (scale =
+        mn = None). Groups go first so that each per-group product below is one batched matmul; with per-token
+        scales (one group) that transpose is free."""
+        store, kind = self.slots[key], key[0]
+        if not self._quantized(kind):
+            return store["x"].to(dtype).unsqueeze(1), None, None                       # [B, 1, L, d]
+        packed = store["codes"]                                                          # [B, L, d*b/8] uint8
+        B, L, W = packed.shape
+        if self.bits == 4:  # quant.unpack less one shift: byte j holds channels j (low nibble) and j + d/2 (high)
+            packed = torch.cat([packed & 15, packed >> 4], dim=-1)                     # [B, L, d] uint8
+        x = packed.to(dtype)
+        x = x.view(B, L, -1, self._g(kind)).transpose(1, 2)                            # [B, n_grp, L, g]
+        s, m = (store[n].to(dtype).mT.unsqueeze(2) for n in ("scale", "mn"))          # [B, n_grp, 1, L]
+        return x, s, m
+
+    @staticmethod
+    def _scores(q, x, s, m):
+        """q [B, n_grp, H, g], a slot (x, s, m) of _codes -> q . x_hat [B, H, L] with the scales folded in, as
+        kernels.py does for ZipCache keys: q_g . (s x + m) = s (q_g . x) + m sum(q_g), summed over the groups."""
+        dot = q @ x.mT                                                                   # [B, n_grp, H, L]
+        if s is not None:
+            dot = torch.addcmul(q.sum(-1, keepdim=True) * m, dot, s)                    # s, m: [B, n_grp, 1, L]
+        return dot.sum(1) if dot.shape[1] > 1 else dot.squeeze(1)                        # [B, H, L]
+
+    def attend_codes(self, layer, q_lat, q_r, scale):
+        """Absorbed decode (T = 1) straight over the stored int4/int8 codes: the dequantized history is never built
+        (the codes are only converted to q's dtype).
+        Scores as in _scores; values z_g = sum_t p_t (s_tg x_tg + m_tg) = (p * s_g) @ x_g + p @ m_g per latent group.
+        Absorption: DeepSeek-V2 §2.1; the int4 latent: CLLA (arXiv 2410.15252). Equals attend_reference (a test)."""
+        kc, kr = self.slot_of[layer]
+        if self.slots[kc].n != self.slots[kr].n:
+            self.latent(layer)                                                           # its one clear error
+        B, H, _, d_c = q_lat.shape
+        dt = q_lat.dtype
+        # the one-matrix form divides by the scale (>= 2^-14): m/s can pass fp16's 65504, so fp32/fp64 only
+        if self.group == "token" and self._quantized("c") and self._quantized("r") and dt.itemsize >= 4:
+            return self._attend_tokenwise(layer, q_lat, q_r, scale)
+        xc, sc, mc = self._codes(kc, dt, layer)                                          # [B, G_c, L, g_c]
+        xr, sr, mr = self._codes(kr, dt, layer)                                          # [B, G_r, L, g_r]
+        qc = q_lat.view(B, H, xc.shape[1], -1).transpose(1, 2)                          # [B, G_c, H, g_c]
+        qr = q_r.view(B, H, xr.shape[1], -1).transpose(1, 2)                            # [B, G_r, H, g_r]
+        s = (self._scores(qc, xc, sc, mc) + self._scores(qr, xr, sr, mr)) * scale       # [B, H, L]
+        p = s.float().softmax(-1).to(dt).unsqueeze(1)                                    # [B, 1, H, L], fp32 softmax
+        if sc is None:
+            z = p @ xc                                                                   # [B, 1, H, d_c]
+        else:
+            z = ((p * sc) @ xc).add_(p @ mc.mT)                                          # [B, G_c, H, g_c]
+        return z.transpose(1, 2).reshape(B, H, 1, d_c)                                   # [B, H, 1, d_c]
+
+    def _attend_tokenwise(self, layer, q_lat, q_r, scale):
+        """attend_codes when the latent and k_R both have one (scale, min) per token (the clla-quant preset): the two
+        slots and both min terms become one key matrix, built once per step for the group (scratch, as _codes):
+            q_lat.c_hat + q_r.r_hat = s_c * ([q_lat, q_r, sum q_lat, sum q_r] . [x_c, x_r s_r/s_c, m_c/s_c, m_r/s_c])
+        so a step is one matmul for the scores and one for the values (its m_c/s_c column gives p @ m_c)."""
+        B, H, _, d_c = q_lat.shape
+        kc, kr = self.slot_of[layer]
+        key, tag = ("cr", kc, kr), (self.slots[kc].n, q_lat.dtype)
+        hit = self.scratch.pop(key, None)
+        if hit is not None and hit[0] == tag:
+            X, sc = hit[1]
+        else:
+            xc, sc, mc = self._unpacked(kc, q_lat.dtype)                               # [B, 1, L, d_c], [B, 1, 1, L]
+            xr, sr, mr = self._unpacked(kr, q_lat.dtype)                               # [B, 1, L, d_r]
+            X = torch.cat([xc, xr * (sr / sc).mT, (mc / sc).mT, (mr / sc).mT], -1)   # [B, 1, L, d_c + d_r + 2]
+        if layer != self.last_reader[kc, kr]:                                          # another layer reads this pair
+            self.scratch[key] = (tag, (X, sc))
+        q = torch.cat([q_lat, q_r, q_lat.sum(-1, keepdim=True), q_r.sum(-1, keepdim=True)], -1)  # [B, H, 1, d+2]
+        s = (q.view(B, 1, H, -1) @ X.mT) * (sc * scale)                                # [B, 1, H, L]
+        p = s.float().softmax(-1).to(q_lat.dtype)                                      # fp32 softmax
+        zm = (p * sc) @ X                                                              # [B, 1, H, d_c + d_r + 2]
+        z = zm[..., :d_c] + zm[..., -2:-1]                                             # sum_t p s x + sum_t p m_c
+        return z.view(B, H, 1, d_c)                                                    # [B, H, 1, d_c]
 
     # ---- the common cache interface
     @property

@@ -125,6 +125,42 @@ def test_absorbed_equals_materialized(kw, dtype, tol):
 
 
 # -----------------------------------------------------------------------------
+# the folded decode over the stored codes == the dequantize-everything reference (LatentCache.attend_codes)
+
+@pytest.mark.parametrize("mode", M.SHARE_MODES)
+@pytest.mark.parametrize("bits,group,rope", [(4, "token", True), (4, 32, True), (8, "token", True), (8, 16, False),
+                                             (16, "token", True)])
+def test_decode_over_codes_equals_dequantized_reference(mode, bits, group, rope):
+    """Every layer of a 3-layer CLLA stack (s = 2: a full group and a short one), a 24-token prefill, then 5 decode
+    steps of fresh random latents, rope keys and queries (with an offset, so the min term matters): attend_latent at
+    T = 1 (scales folded, codes never dequantized) vs attend_reference (dequantize everything, SDPA), fp32."""
+    cfg = M.ModelConfig(dim=64, n_layers=3, n_heads=4, vocab_size=V, max_seq_len=64, attn="clla", share_factor=2,
+                        share_mode=mode, kv_bits=bits, kv_quant_group=group, kv_quant_rope=rope)
+    cache = C.LatentCache(cfg, dtype=torch.float32)
+    d_c, d_r, H = cfg.kv_lora_rank, cfg.qk_rope_dim, cfg.n_heads
+    g = torch.Generator().manual_seed(bits)
+
+    def write_all(T):
+        for i, (kc, kr) in enumerate(cache.slot_of):
+            c = torch.randn(2, T, d_c, generator=g) + 0.5 if kc[1] == i else None    # owners only
+            r = torch.randn(2, T, d_r, generator=g) * 2 if kr[1] == i else None
+            cache.write(i, c, r)
+
+    write_all(24)
+    for step in range(5):
+        write_all(1)
+        for i in range(cfg.n_layers):
+            q_lat = torch.randn(2, H, 1, d_c, generator=g) + 0.3
+            q_r = torch.randn(2, H, 1, d_r, generator=g)
+            got = cache.attend_latent(i, q_lat, q_r, 0.2)
+            want = cache.attend_reference(i, q_lat, q_r, 0.2)
+            assert got.shape == want.shape == (2, H, 1, d_c)
+            assert rel_err(got, want) <= 1e-5, (step, i)
+        assert not cache.scratch          # the shared unpacking is dropped by each slot's last reader
+    assert cache.pos == 29
+
+
+# -----------------------------------------------------------------------------
 # token-by-token decode == one full forward (spec §9)
 
 @pytest.mark.parametrize("name", list(VARIANTS))
