@@ -1,5 +1,5 @@
 """
-The CLLA ablation (spec/clla.md §8): every attention variant trained by train.py on the same corpus, the same tokens,
+The CLLA ablation: every attention variant trained by train.py on the same corpus, the same tokens,
 seed and schedule, with the parameter budget matched to MHA (within ±5%) through the SwiGLU hidden size. Then, per run:
 validation loss, the loss of a teacher-forced decode through the real cache (int4 bytes for the quant runs), KV bits
 per token and % of MHA, parameters, train and decode tokens/s.
@@ -33,7 +33,7 @@ import train
 from tokenizer import load_tokenizer
 
 OUT, RESULTS = os.path.join("out", "ablate_clla"), "results"
-# the CPU smoke shape of spec §2: dim 128, 4 layers, 8 heads x 16 -> MLA d_c 64, d_r 8, nope = v = 16
+# the CPU smoke shape of the README: dim 128, 4 layers, 8 heads x 16 -> MLA d_c 64, d_r 8, nope = v = 16
 BASE = dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=8, max_seq_len=256, vocab_size=257)
 # one schedule for every run (train.py flags; spelled out so train.py's defaults can change without moving the runs)
 TRAIN = dict(batch_size=8, block_size=128, max_iters=350, warmup_iters=35, learning_rate=2e-3, min_lr=2e-4,
@@ -41,7 +41,7 @@ TRAIN = dict(batch_size=8, block_size=128, max_iters=350, warmup_iters=35, learn
              max_corpus_mb=8.0, val_frac=0.1, device="cpu", dtype="float32", compile=False, eval_iters=2,
              log_interval=50)
 Q4 = M.ATTN_PRESETS["clla-quant"]
-RUNS = [  # (name, spec §8 run, ModelConfig overrides, TrainConfig overrides)
+RUNS = [  # (name, the README run, ModelConfig overrides, TrainConfig overrides)
     ("mha", "1", dict(attn="mha"), {}),
     ("gqa", "2", dict(attn="gqa", n_kv_heads=2), {}),                       # n_kv = n_h / 4
     ("mqa", "3", dict(attn="mqa", n_kv_heads=1), {}),
@@ -233,7 +233,7 @@ def report(results, wall_s, cmd):
     os.makedirs(RESULTS, exist_ok=True)
     by = {r["name"]: r for r in results}
     mha = by.get("mha")
-    L = ["# CLLA ablation (spec/clla.md §8)", "",
+    L = ["# CLLA ablation", "",
          f"Command: `{cmd}`" + (f" — wall time {wall_s / 60:.1f} min on this 2-core CPU (2 runs at a time, 1 thread "
                                f"each, machine shared with other jobs)." if wall_s else ""), "",
          f"Scale: a smoke test. Model dim {BASE['dim']}, {BASE['n_layers']} layers, {BASE['n_heads']} heads x "
@@ -267,7 +267,7 @@ def report(results, wall_s, cmd):
                  f"{r['cache_eval_loss']:.4f} ({r['cache_eval_no_cache_loss']:.4f}) | {kv16} | "
                  f"{r['train_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
     L += ["", "KV bits/token: all layers, scales and mins included, 16 bits per unquantized element "
-          "(model.kv_bits_per_token, spec §6.1); % of MHA: against fp16 MHA of the same width (8 x 16 per layer). "
+          "(model.kv_bits_per_token); % of MHA: against fp16 MHA of the same width (8 x 16 per layer). "
           "At this 8-head shape the latent variants cost 2.25/n_h = 28% (MLA); the <2% target needs 16 heads "
           "(next table).", ""]
     L += ["## KV accounting at the default shape (dim 512, 8 layers, 16 heads x 32; d_c 128, d_r 16)", "",
@@ -324,7 +324,7 @@ def plot(results):
 # the scaling study (--scaling): is the latent variants' gap to MHA a small-budget effect?
 
 # head_dim 32 so the decoupled RoPE slice is d_r = 16 (the smoke shape's 8 x 16 heads leave d_r = 8, i.e. 4 rotary
-# frequencies); d_c = 4 d_h = 128, nope = v = 32: DeepSeek-V2-Lite's proportions (spec §2). Same dim and depth as the
+# frequencies); d_c = 4 d_h = 128, nope = v = 32: DeepSeek-V2-Lite's proportions. Same dim and depth as the
 # smoke shape, so the cost per token is about the same (~7k train tok/s at 1 thread).
 SCALE_BASE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256, vocab_size=257)
 # x 8 x 128 tokens = 16k, 65k, 262k: 4x apart. What 7 + 5 runs fit in ~55 min at 1 thread on a shared 2-core CPU
@@ -348,7 +348,7 @@ TARGETED = [  # (name, overrides on clla-quant, qat_after as a fraction of the s
     ("clla-quant-qat20", {}, 0.2, "QAT from step 0 vs switched on after 20% of the steps"),
     ("clla-quant-dr8", dict(qk_rope_dim=0.5), 0, "decoupled RoPE width d_r /2 (16 -> 8)"),
     ("clla-quant-dc64", dict(kv_lora_rank=0.5), 0, "latent width d_c /2 (128 -> 64)"),
-]   # widths as factors of the shape's defaults (d_c = 4 d_h, d_r = d_h / 2; spec §2); the names say the main shape
+]   # widths as factors of the shape's defaults (d_c = 4 d_h, d_r = d_h / 2); the names say the main shape
 
 
 def scaling_jobs(steps, base, targeted):

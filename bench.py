@@ -1,5 +1,5 @@
 """
-Decode-attention benchmark on one GPU (spec kernels.md §7): one query token per sequence against a long cache.
+Decode-attention benchmark on one GPU (README): one query token per sequence against a long cache.
 
     python bench.py                 # the full table on a CUDA GPU (H100: a few minutes)
     python bench.py --quick         # fewer sizes
@@ -362,7 +362,7 @@ def main():
             r = measure(B, Hq, Hkv, D, ctx, args.salient, paths=("fused",), block_n=bn, num_warps=nw)
             print(f"  block_n={bn:>3} num_warps={nw}: {r['fused']:8.1f} µs", flush=True)
 
-    # the kernel issue's targets (kernels.md §7), judged on this run
+    # the kernel issue's targets, judged on this run
     if DEV == "cuda":
         print("\ntargets:")
         at = [r for r in rows if r["ctx"] == 32768 and r["B"] == 8 and "fused" in r]

@@ -8,11 +8,11 @@ KV caches behind one interface (the model knows nothing else):
 The first call on an empty layer is the prefill (T = prompt length): every cache returns exactly causal SDPA's
 output on the unquantized q, k, v, and then compresses what it keeps. Later calls are decode steps (T = 1).
 
-    DenseCache   fp16 K/V, the reference                                                  (zipcache spec §5.1)
-    ZipCache     mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode (spec §4)
-    KIVICache    2/4-bit: keys per channel, values per token, fp16 residual window      (spec §5.2)
-    H2OCache     heavy hitters + recent window, everything else evicted                  (spec §5.3)
-    MiKVCache    mixed 4/2-bit per-token, accumulated scores from the full attention matrix (spec §5.4)
+    DenseCache   fp16 K/V, the reference                                                 
+    ZipCache     mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode
+    KIVICache    2/4-bit: keys per channel, values per token, fp16 residual window     
+    H2OCache     heavy hitters + recent window, everything else evicted                 
+    MiKVCache    mixed 4/2-bit per-token, accumulated scores from the full attention matrix
     make_cache(name, config, **options)
 
 Real bytes: codes are packed uint8, parameters fp16, and nbytes() counts every stored tensor (used part) plus 8 B
@@ -47,7 +47,7 @@ def _check_ratio(name, r):
 def _check_pack_dim(D, bits_list):
     if any(b < 16 for b in bits_list) and D % 4:
         raise ValueError(f"head_dim={D} cannot be split into the 4 planar quarters of 2/4-bit packing "
-                         f"(zipcache spec §2.2); use a head size divisible by 4, or --cache dense")
+                         f"; use a head size divisible by 4, or --cache dense")
 
 
 def check_prompt_lengths(lengths, cache=None):
@@ -256,7 +256,7 @@ class Cache:
             quant.check_finite(k, f"{self.name} layer {layer} keys", limit)
             quant.check_finite(v, f"{self.name} layer {layer} values", limit)
 
-    # bytes and ratios (zipcache spec §4.6)
+    # bytes and ratios
     def nbytes(self, allocated=False):
         """Bytes of every stored tensor (used part; allocated=True: capacity) plus 8 B per integer counter."""
         return sum(_state_bytes(s, allocated) for s in self.layers if s is not None)
@@ -290,7 +290,7 @@ class Cache:
 
 
 # -----------------------------------------------------------------------------
-# DenseCache (spec §5.1)
+# DenseCache
 
 class DenseCache(Cache):
     """fp16 K/V [B, H_kv, CAP, D]. Accepts multi-token chunks after the prefill (causal within the chunk).
@@ -337,7 +337,7 @@ class DenseCache(Cache):
 
 
 # -----------------------------------------------------------------------------
-# ZipCache (spec §4)
+# ZipCache
 
 @dataclass
 class ZipCacheConfig:
@@ -346,7 +346,7 @@ class ZipCacheConfig:
     salient_ratio: float = 0.5       # r (the paper uses 0.6, its 4.98x setting; see k_group for why 0.5 here)
     probe_recent: float = 0.05       # fraction of prompt rows used as recent probes
     probe_random: float = 0.05       # fraction used as random probes (with replacement, seeded)
-    probe_mode: str = "recent+random"  # recent | random | recent+random | special | all  (spec §3.2)
+    probe_mode: str = "recent+random"  # recent | random | recent+random | special | all 
     score: str = "normalized"        # normalized (ZipCache) | accumulated (H2O/MiKV) | locality
     norm: str = "full"               # divisor of the normalized score: L - j ("full", official) or probe count
     seed: int = 0
@@ -407,7 +407,7 @@ class ZipCacheConfig:
         return replace(self, k_group=0, n_sink=0, n_recent=0, salient_ratio=0.6)
 
     def official(self):
-        """The official code's behaviour where it changes numbers (spec §0.2, §0.3): the paper preset plus pooled
+        """The official code's behaviour where it changes numbers: the paper preset plus pooled
         batch statistics, no scale clamp, last-query decode scores, whole-cache re-quantization."""
         return replace(self.paper(), pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
                        v_token_scope="row", k_group=0, n_sink=0, n_recent=0, lo_order="score")
@@ -422,7 +422,7 @@ class ZipCache(Cache):
     [hi blocks | lo blocks | buffer]; every block_size steps the buffer becomes a new block with its own statistics
     and its own split (scored by the attention it received from the block's decode queries).
     Tokens are stored grouped by precision, not by position: decode attention is order-invariant and keys carry RoPE,
-    so no index lists are kept (spec §0.2).
+    so no index lists are kept.
     """
     name = "zipcache"
     ragged = True
@@ -472,7 +472,7 @@ class ZipCache(Cache):
                 f"{f', key groups {c.k_group}' if c.k_group else ''}{f', {c.n_sink} fp16 sinks' if c.n_sink else ''}"
                 f"{f', {c.n_recent} fp16 recent' if c.n_recent else ''}")
 
-    # storage of one layer (spec §4.2) ------------------------------------------------------------------------
+    # storage of one layer ------------------------------------------------------------------------
     def _new_state(self, B, H, D, device):
         st = _State(buf=_Growing(), v_chan=_Blocks())
         if self.quantized:
@@ -501,7 +501,7 @@ class ZipCache(Cache):
                                    idx[..., :h.shape[-1]], idx[..., h.shape[-1]:])
 
     def _append_one_block(self, st, k, v, hi, lo):
-        """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, n_p] and append it (spec §2.4)."""
+        """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, n_p] and append it."""
         c = self.cfg
         B, H, n, D = k.shape
         eps, pool = c.scale_eps, c.pool_batch_stats
@@ -513,7 +513,7 @@ class ZipCache(Cache):
         for p, idx in (("hi", hi), ("lo", lo)):
             seg, bits, m = getattr(st, p), self._bits(p), idx.shape[-1]
             Hv = H if c.v_token_scope == "head" else 1
-            if m == 0:  # empty group (spec §4.7): no rows; a zero parameter slot keeps block indices aligned
+            if m == 0:  # empty group: no rows; a zero parameter slot keeps block indices aligned
                 ks = km = torch.zeros(Bs, 1, H, D, dtype=torch.float16, device=k.device)
                 kc = vc = torch.zeros(B, H, 0, D * bits // 8, dtype=torch.uint8, device=k.device)
                 vs = vm = torch.zeros(B, Hv, 0, dtype=torch.float16, device=k.device)
@@ -560,7 +560,7 @@ class ZipCache(Cache):
         n_pos = st.seen - st.buf.n + getattr(st, "n_sink", 0)
         return ((m[..., None] >> torch.arange(8, device=m.device, dtype=torch.uint8)) & 1).flatten(2)[..., :n_pos] > 0
 
-    # prefill (spec §4.3) --------------------------------------------------------------------------------------
+    # prefill --------------------------------------------------------------------------------------
     def _prefill(self, layer, q, k, v):
         if self.subs is not None:  # ragged: sequence b's unpadded slice to its own cache; padded rows output 0
             outs = [F.pad(sub.attend(layer, q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:]), (0, 0, p, 0))
@@ -593,9 +593,9 @@ class ZipCache(Cache):
         st.buf.append(min_cap=S + max(R, c.block_size), **buf)
         return st, out
 
-    # decode (spec §4.4) ---------------------------------------------------------------------------------------
+    # decode ---------------------------------------------------------------------------------------
     def layer_view(self, layer):
-        """The layout kernels.decode_attention consumes (kernels.md §1): full-capacity tensors + valid counts."""
+        """The layout kernels.decode_attention consumes: full-capacity tensors + valid counts."""
         self._ragged_only_per_sequence("layer_view(layer)")
         st = self.layers[layer]
         if not self.quantized:
@@ -639,7 +639,7 @@ class ZipCache(Cache):
         return out[:, :, None]                                                           # [B, H, 1, D]
 
     def _flush(self, st, p_last):
-        """Compress the full buffer into a new block with its own statistics and split (spec §4.4)."""
+        """Compress the full buffer into a new block with its own statistics and split."""
         c, N, S = self.cfg, self.cfg.block_size, getattr(st, "n_sink", 0)                 # buffer rows [S, S + N) are compressed
         if c.decode_score == "normalized":
             # decode row j was seen by N - j queries; the R prompt-tail rows in front by all N - R decode queries
@@ -729,7 +729,7 @@ class ZipCache(Cache):
 
 
 def paper_formula_ratio(b, l, hd, r=0.6, bits=(4, 2), P=None):
-    """The paper's compression ratio (spec §6.2): 2*b*l*hd*16 / (2*b*l*hd*k_avg + 16*P), k_avg = r*hi + (1-r)*lo,
+    """The paper's compression ratio: 2*b*l*hd*16 / (2*b*l*hd*k_avg + 16*P), k_avg = r*hi + (1-r)*lo,
     P = number of fp16 quantization parameters (default 5*hd + 2*b*l: two key (min, scale) vectors, the V normalizer,
     and a (min, scale) per token). Reproduces 4.98x (r=0.6) and 4.69x (r=0.7) at b=8, l=840, hd=4096."""
     hi, lo = (bits, bits) if isinstance(bits, int) else bits
@@ -739,7 +739,7 @@ def paper_formula_ratio(b, l, hd, r=0.6, bits=(4, 2), P=None):
 
 
 # -----------------------------------------------------------------------------
-# KIVI (spec §5.2)
+# KIVI
 
 class KIVICache(Cache):
     """KIVI: keys quantized per channel in groups of G tokens, values per token in groups of G channels.
@@ -830,7 +830,7 @@ class KIVICache(Cache):
 
 
 # -----------------------------------------------------------------------------
-# H2O (spec §5.3)
+# H2O
 
 class H2OCache(Cache):
     """Heavy-hitter oracle: keep the rec newest tokens plus the hh with the largest accumulated attention, evict the
@@ -929,7 +929,7 @@ class H2OCache(Cache):
 
 
 # -----------------------------------------------------------------------------
-# MiKV (spec §5.4)
+# MiKV
 
 class MiKVCache(Cache):
     """MiKV: accumulated attention from the full prefill matrix picks the salient tokens (plus the recent ones);
@@ -1088,7 +1088,7 @@ def make_cache(name, config, **options):
 
 
 # =============================================================================
-# CLLA section (the CLLA engineer's; spec clla.md §5, §7): caches for the cross-layer and latent attention variants.
+# CLLA section (the CLLA engineer's; the README): caches for the cross-layer and latent attention variants.
 #   CLACache     attn="cla": one fp16 K/V store per group of share_factor layers
 #   LatentCache  attn="mla"/"clla": the latent c_KV and the rope key k_R, once per group, fp16 or packed int8/int4
 # make_cache routes to them from the config (attn), so `--cache dense` does the right thing for every variant.
@@ -1147,17 +1147,17 @@ class CLACache(DenseCache):
 
 
 class LatentCache:
-    """The cache of MLA and CLLA (spec clla.md §7): per token, the latent c [d_c] and the rope key k_R [d_r], stored
+    """The cache of MLA and CLLA (README): per token, the latent c [d_c] and the rope key k_R [d_r], stored
     once per slot. Slots: latent+rope: one per group; latent_only: + one k_R slot per layer; rope_only: one k_R slot
     per group and one latent slot per layer. kv_bits=16: fp16 rows [B, L, d]; 8/4: packed codes [B, L, d*b/8] (planar,
-    quant.pack) + fp16 scale and min [B, L, n_groups], the same quantizer as the model's fake-quant (spec §4.4), so the
+    quant.pack) + fp16 scale and min [B, L, n_groups], the same quantizer as the model's fake-quant, so the
     bytes read back reproduce the training-time tensor exactly.
 
     The model calls (it never hands over weights, the cache never sees any):
         write(layer, c, k_R)                    owners only; raw (unquantized) tensors [B, T, d_c], [B, T, d_r] or None
         length(layer)                           tokens in the slots this layer reads
         latent(layer, dtype) -> (C, R)          dequantized history [B, L, d_c], [B, L, d_r] (reference)
-        attend_latent(layer, q_lat, q_R, scale) absorbed attention -> z [B, H, T, d_c] (spec §3.4)
+        attend_latent(layer, q_lat, q_R, scale) absorbed attention -> z [B, H, T, d_c]
     plus pos, len(), nbytes(), reset(), ratios(), dense_nbytes(), info() like every cache.
     A decode step (T = 1) never dequantizes the history: attend_codes folds the scales and mins into the products
     with the integer codes (README "CLLA"); prefill chunks and the tests use attend_reference.
@@ -1218,7 +1218,7 @@ class LatentCache:
             self.batch = x.shape[0]
             if not self._quantized(kind):
                 store.append(min_cap=64, x=x.detach().to(self.dtype))
-            else:  # spec §4.4: asymmetric min/scale per token or per g channels, fp16 parameters
+            else:  # the README: asymmetric min/scale per token or per g channels, fp16 parameters
                 codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1,
                                                   check=not self.validate)             # else checked above
                 store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]
@@ -1243,7 +1243,7 @@ class LatentCache:
         return self._read(kc, dtype), self._read(kr, dtype)
 
     def attend_latent(self, layer, q_lat, q_r, scale):
-        """Absorbed attention (spec §3.4): q_lat [B, H, T, d_c] (= q_C W_UK), q_r [B, H, T, d_r] (RoPE applied) ->
+        """Absorbed attention: q_lat [B, H, T, d_c] (= q_C W_UK), q_r [B, H, T, d_r] (RoPE applied) ->
         z [B, H, T, d_c] = softmax((q_lat.C + q_r.R) * scale) @ C, causal within a T-token chunk. MQA over one latent
         'head' with key width d_c + d_r and value width d_c; the model applies W_UV to z. A single-token decode step
         takes the folded path (attend_codes) over the stored codes; longer chunks, the dequantize-everything one."""

@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "ckpt", "retrieval", "ckpt.pt")
 DEFAULT_PPL_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
 
-# the paper's numbers (spec zipcache.md §6.1), LLaMA3-8B GSM8k unless said otherwise
+# the paper's numbers (README), LLaMA3-8B GSM8k unless said otherwise
 PAPER = {
     "probe": {"random": 47.46, "special": 46.78, "recent": 51.10, "recent+random": 52.08},   # Table 2, 10% probes
     "granularity": {"tokenwise / tokenwise": 49.81, "channelwise / CST": 54.74},            # Table 1, 4-bit
@@ -114,7 +114,7 @@ def configurations(quick):
     def add(group, label, cache, **opts):
         C.append(dict(group=group, label=label, cache=cache, opts=opts))
 
-    # the comparison (Fig. 1 / Fig. 5 analogue); H2O keeps ~20% (the ~5x budget of spec §5.3)
+    # the comparison (Fig. 1 / Fig. 5 analogue); H2O keeps ~20% (the ~5x budget of the README)
     add("main", "dense fp16", "dense")
     add("main", "ZipCache 4/2 (60% salient)", "zipcache", salient_ratio=0.6)
     add("main", "KIVI-2", "kivi", bits=2)
@@ -369,7 +369,7 @@ def report(rows, args, meta, log_lines):
           f"`{meta['checkpoint']}`; {args.n} {args.split}-split examples per line count, style {meta['style']}, "
           f"hold_back={args.hold_back}. Accuracy = exact match of the retrieved number (%). Real ratio = dense fp16 "
           f"bytes / the cache's `nbytes()` (everything stored); paper ratio = the paper's formula over the "
-          f"quantized tokens (spec §4.6). Prefill ms: one batch of up to {args.batch_size} prompts at {main_line} "
+          f"quantized tokens. Prefill ms: one batch of up to {args.batch_size} prompts at {main_line} "
           f"lines (shared model work + this cache's attend); decode tok/s: rows x steps / s during answer decoding."]
     if meta.get("ppl_source"):
         md.append(f"\nPerplexity: `{meta['ppl_checkpoint']}` on held-out text ({meta['ppl_source']}): "

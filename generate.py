@@ -217,7 +217,7 @@ def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=No
 
 def kv_summary(cache):
     """Real bytes of the cache, what a dense fp16 cache would hold for the same tokens (for CLA/MLA/CLLA: an MHA
-    cache of the same width), and the two ratios (zipcache spec §4.6: real counts every byte, paper ignores
+    cache of the same width), and the two ratios (the README: real counts every byte, paper ignores
     buffers and index storage)."""
     r = cache.ratios()
     return dict(kv_bytes=cache.nbytes(), dense_fp16_bytes=cache.dense_nbytes(), real_ratio=r["real"],

@@ -1,21 +1,21 @@
 """
 Decode attention over the ZipCache layer layout: one new query token per sequence attends to
-[4-bit blocks | 2-bit blocks | fp16 buffer] without ever materializing a dequantized cache.   (spec kernels.md)
+[4-bit blocks | 2-bit blocks | fp16 buffer] without ever materializing a dequantized cache.   (README)
 
-    ZipLayerView                the per-layer layout cache.py stores (kernels.md §1, zipcache.md §4.2)
-    zip_decode_attention_ref    oracle: dequantize everything, fp32 softmax attention            (kernels.md §4)
+    ZipLayerView                the per-layer layout cache.py stores (the README)
+    zip_decode_attention_ref    oracle: dequantize everything, fp32 softmax attention           
     zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch, one block at a time
-    zip_decode_attention        the fused Triton kernel: split-K flash-decoding + a combine kernel (kernels.md §2-3)
+    zip_decode_attention        the fused Triton kernel: split-K flash-decoding + a combine kernel
     decode_attention            the one dispatch cache.py calls: kernel="auto" | "triton" | "torch"
     dense_view, pick_num_splits flash-decoding baseline on a plain fp16 cache; split heuristic
 
-The algebra every fast path uses (kernels.md §2). For a row t of block k,
+The algebra every fast path uses. For a row t of block k,
     K̂[t,d] = a[k,d]·x[t,d] + μ[k,d]                 keys: channelwise (scale a, min μ) per block
     V̂[t,d] = c[k,d]·(σ[t]·y[t,d] + ν[t])            values: CST = channel normalizer c, per-token (σ, ν)
 so the scores and the weighted value sum never need K̂ or V̂:
     q·K̂_t      = (q⊙a_k)·x_t + q·μ_k               fold the key scale into q, add one constant per block
     Σ_t p_t V̂_t = c_k ⊙ (Σ_t (p_t σ_t) y_t + Σ_t p_t ν_t)  fold the value scale into p, apply c once per tile
-Two refinements of kernels.md §2 in the Triton kernel, both free: the codes are centred (x - 2^(bits-1), by
+Two refinements of the README in the Triton kernel, both free: the codes are centred (x - 2^(bits-1), by
 subtracting 1024 + 2^(bits-1) in the int->fp16 trick, with the shift folded into μ and ν), which halves the part of
 the score that the fp16 rounding of q⊙a multiplies; and sm_scale·log2(e) multiplies each dot's fp32 result instead
 of being folded into q, so the fp16 buffer's scores use the query exactly as given.
@@ -38,18 +38,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # triton decides interpreter-vs-GPU when a kernel is decorated (at import of this file), so we record it here too
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SUPPORTED_D = (64, 128, 256)  # D/4 must be a power of two >= 16: tl.dot needs K >= 16 on the GPU (kernels.md §6.5)
+SUPPORTED_D = (64, 128, 256)  # D/4 must be a power of two >= 16: tl.dot needs K >= 16 on the GPU
 LOG2E = 1.4426950408889634
 
 
 # -----------------------------------------------------------------------------
-# the layer view (kernels.md §1): q-independent, built by ZipCache.layer_view(i); nothing else is accepted
+# the layer view: q-independent, built by ZipCache.layer_view(i); nothing else is accepted
 
 @dataclass
 class ZipSegment:
     """One precision group (hi = 4-bit salient, lo = 2-bit regular) of one layer. W = D*bits/8."""
     bits: int
-    k_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W]   planar packing (zipcache §2.2), rows grouped by block
+    k_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W]   planar packing (quant.pack), rows grouped by block
     v_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W]
     v_scale: torch.Tensor  # fp16  [B, Hv, CAP]        Hv = H_kv ("head" scope) or 1 ("row" scope, broadcast)
     v_min: torch.Tensor    # fp16  [B, Hv, CAP]
@@ -112,7 +112,7 @@ def _finish(out, lse, q, return_lse):
 
 
 # -----------------------------------------------------------------------------
-# the reference (kernels.md §4): dequantize with the formulas of §1, concatenate, plain softmax attention
+# the reference: dequantize with the view's formulas (K = a x + mu, V = c (sigma y + nu)), concatenate, plain softmax attention
 
 def _dequantize_segment(seg, v_chan, b, n_blocks, dt):
     """Sequence b of one segment -> K̂, V̂ [H_kv, n, D] in dtype dt (n = rows of its n_blocks blocks)."""
@@ -227,7 +227,7 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
 
 
 # -----------------------------------------------------------------------------
-# the Triton kernels (kernels.md §2-3). Scores live in the log2 domain (each dot's result is multiplied by
+# the Triton kernels. Scores live in the log2 domain (each dot's result is multiplied by
 # sm_scale·log2(e)) so the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the
 # interpreter's bf16 dot is garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only, so the
 # file runs on Triton 3.6 to 3.9 (no block pointers, no tensor descriptors); int64 base offsets.
@@ -237,14 +237,14 @@ if HAS_TRITON:
     @triton.jit
     def _codes_to_f16(x, Z: tl.constexpr):
         # integer code -> centred fp16 value c - Z without an I2F instruction: 0x6400 is 1024.0 in fp16 with a
-        # 10-bit mantissa of zeros, so OR-ing a code c < 1024 into the mantissa gives exactly 1024 + c (kernels.md §2).
+        # 10-bit mantissa of zeros, so OR-ing a code c < 1024 into the mantissa gives exactly 1024 + c.
         # Subtracting 1024 + Z instead of 1024 costs nothing and centres the codes (see _segment_pass).
         return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + Z)
 
     @triton.jit
     def _load_code_quarters(ptr, t, valid, stride_t, dq, D4: tl.constexpr, BITS: tl.constexpr):
         """Packed rows t of one (b, KV head) of a segment -> its four fp16 tiles [BLOCK_N, D/4] of centred codes
-        x - 2^(BITS-1). Planar packing (zipcache §2.2) makes every quarter a shift-and-mask of a contiguous
+        x - 2^(BITS-1). Planar packing (quant.pack) makes every quarter a shift-and-mask of a contiguous
         byte tile."""
         Z: tl.constexpr = 1 << (BITS - 1)
         offs = t[:, None] * stride_t + dq[None, :]
@@ -260,7 +260,7 @@ if HAS_TRITON:
     @triton.jit
     def _attend_tile(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qb, k0, k1, k2, k3, v0, v1, v2, v3,
                      vs, vm, c0, c1, c2, c3, valid, qk_scale, QUANT: tl.constexpr):
-        """One online-softmax step over a [BLOCK_N] tile for all BLOCK_G query rows (kernels.md §3.1).
+        """One online-softmax step over a [BLOCK_N] tile for all BLOCK_G query rows.
         QUANT: scores get the per-block constant qb; p is scaled by σ before the V dot, ν adds a rank-1 bias,
         and c (the CST normalizer) multiplies the tile's contribution. The fp16 buffer uses none of these."""
         s = tl.dot(q0, tl.trans(k0))                                          # [BLOCK_G, BLOCK_N] fp32
@@ -297,7 +297,7 @@ if HAS_TRITON:
                       s_c_b, s_c_h, s_c_t, s_v_b, s_v_h, s_p_b, s_p_k, s_p_h, s_n_b, s_n_k, s_n_h, s_r_b,
                       dq, D4: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
         """This program's share of one segment: its blocks blk_first..blk_last, clipped to rows [row_lo, row_hi)
-        (the launcher's table, kernels.md §3.2). q0..q3 are the raw fp32 query quarters."""
+        (the launcher's table). q0..q3 are the raw fp32 query quarters."""
         blk_first = tl.load(TAB)
         blk_last = tl.load(TAB + 1)
         row_lo = tl.load(TAB + 2)
@@ -450,7 +450,7 @@ if HAS_TRITON:
     @triton.jit
     def _zip_decode_combine(OP, LP, OUT, LSE, H_q, S, s_op_b, s_op_h, s_op_s, s_lp_b, s_lp_h,
                             s_out_b, s_out_h, s_lse_b, s_lse_h, D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Stage 2, grid (B·H_q,): merge the S partial softmaxes of one query head (kernels.md §3.3).
+        """Stage 2, grid (B·H_q,): merge the S partial softmaxes of one query head.
         Deterministic and atomic-free; empty splits have lse = -inf and weight 0."""
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H_q
@@ -472,7 +472,7 @@ if HAS_TRITON:
 
 
 # -----------------------------------------------------------------------------
-# launcher (kernels.md §3.2, §4)
+# launcher
 
 def _check_kernel_inputs(q, view, block_n):
     D = q.shape[-1]
@@ -528,7 +528,7 @@ def _cached_split_table(view, S, block_n):
 
 
 def _split_table(view, S, block_n):
-    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split), kernels.md §3.2.
+    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split), the README
     Built with device ops (no host sync): split s covers rows [s·chunk, (s+1)·chunk) ∩ [0, n) of each segment,
     chunk = roundup(cdiv(n, S), block_n), and the blocks that intersect them come from searchsorted on rows."""
     B, nb, dev = view.k_buf.shape[0], view.n_blocks, view.k_buf.device
@@ -550,7 +550,7 @@ def _split_table(view, S, block_n):
 
 
 def _alloc(shape, dtype, device):
-    # every element is overwritten by the kernels; the tests patch this to NaN-fill and check that (kernels.md §5.3)
+    # every element is overwritten by the kernels; the tests patch this to NaN-fill and check that
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -620,7 +620,7 @@ def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=Non
 
 
 # -----------------------------------------------------------------------------
-# split heuristic (kernels.md §3.4) and the one dispatch function cache.py calls
+# split heuristic and the one dispatch function cache.py calls
 
 def pick_num_splits(B, H_kv, n_tokens, n_sm):
     """Splits of the sequence per (b, KV head): aim for B·H_kv·S ≈ 4 programs per SM, with >= 512 tokens per split,

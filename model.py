@@ -6,7 +6,7 @@ our own ckpt.pt).
 The model knows nothing about KV caches beyond one call: attention hands (layer, q, k, v) to the cache object it was
 given and gets the attention output back. Everything about compression lives in cache.py. The latent variants (MLA,
 CLLA) cache no per-head K/V; they call the cache's latent interface instead: write(layer, c, k_rope), length(layer),
-attend_latent(layer, q_lat, q_rope, scale), and apply their own weights before and after (spec/clla.md §7).
+attend_latent(layer, q_lat, q_rope, scale), and apply their own weights before and after.
 """
 import glob
 import json
@@ -45,18 +45,18 @@ class ModelConfig:
     # when 1); "mha"/"mqa" are the same module with the head count checked. Cross-layer and latent variants are
     # registered in ATTENTION below.
     attn: str = "gqa"
-    # --- latent attention (attn = mla | clla), spec clla.md §2-§3. None -> DeepSeek-V2-Lite's proportions scaled to
+    # --- latent attention (attn = mla | clla), README "CLLA". None -> DeepSeek-V2-Lite's proportions scaled to
     # head_dim (d_c = 4*head_dim, d_r = head_dim/2, nope = v = head_dim); other variants must leave them unset.
     kv_lora_rank: int | None = None      # d_c: width of the cached latent c_KV
     q_lora_rank: int = 0                 # d_cq: 0 = plain wq (query compression saves activations, not cache)
     qk_nope_dim: int | None = None       # per-head query/key width without position
     qk_rope_dim: int | None = None       # d_r: decoupled RoPE width; one k_rope per token shared by all heads
     v_head_dim: int | None = None
-    # --- cross-layer sharing (attn = cla | clla), spec §4. None -> 2 / "latent+rope" for those variants.
+    # --- cross-layer sharing (attn = cla | clla), the README None -> 2 / "latent+rope" for those variants.
     share_factor: int | None = None      # s: layers per group; the first of each group produces, the rest consume
     share_mode: str | None = None        # clla: latent+rope | latent_only | rope_only (what consumers reuse)
     share_kv_proj: bool = False          # clla: consumers also reuse the producer's up-projection wkv_b
-    # --- latent quantization (attn = mla | clla), spec §4.4
+    # --- latent quantization (attn = mla | clla), the README
     kv_bits: int = 16                    # 16 = none; 8 or 4: producer fake-quantizes in training, cache stores codes
     kv_quant_group: int | str = "token"  # "token": one (scale, min) per token; int g: per g channels
     kv_quant_rope: bool = True           # quantize k_rope too (else it is cached in 16 bits)
@@ -87,7 +87,7 @@ class ModelConfig:
         self._check_cross_layer_and_latent()
 
     def _check_cross_layer_and_latent(self):
-        """Resolve the CLA/MLA/CLLA fields and reject impossible combinations, one line each (spec clla.md §2)."""
+        """Resolve the CLA/MLA/CLLA fields and reject impossible combinations, one line each (README)."""
         a = self.attn
 
         def only(names, variants, hint):
@@ -146,7 +146,7 @@ class ModelConfig:
 
     @property
     def rope_dim(self):
-        """Width RoPE rotates: the whole head, or MLA's decoupled d_r slice (spec clla.md §3.2)."""
+        """Width RoPE rotates: the whole head, or MLA's decoupled d_r slice (README)."""
         return self.qk_rope_dim if self.attn in LATENT else self.head_dim
 
     @classmethod
@@ -254,14 +254,14 @@ class Attention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# cross-layer and latent attention: CLA, MLA, CLLA (spec clla.md)
+# cross-layer and latent attention: CLA, MLA, CLLA (README)
 
 LATENT = ("mla", "clla")                                  # variants that cache a latent instead of per-head K/V
 SHARE_MODES = ("latent+rope", "latent_only", "rope_only")
 
 
 class LayerRole:
-    """What layer i computes itself (spec §4.1, §4.2). Layer i is in group i // s and produces iff i % s == 0; the
+    """What layer i computes itself. Layer i is in group i // s and produces iff i % s == 0; the
     last group may be shorter. cache.py builds its slots from the same rule (and a test checks the bytes)."""
 
     def __init__(self, config, i):
@@ -272,7 +272,7 @@ class LayerRole:
         self.own_rope = self.producer or mode == "latent_only"
 
 
-# Named attention settings (spec §2 "Presets"); train.py accepts them as presets: `python train.py small clla-quant`
+# Named attention settings; train.py accepts them as presets: `python train.py small clla-quant`
 ATTN_PRESETS = {
     "clla": dict(attn="clla", share_factor=2, share_mode="latent+rope", kv_bits=16),
     "clla-quant": dict(attn="clla", share_factor=2, share_mode="latent+rope", kv_bits=4, kv_quant_group="token",
@@ -281,7 +281,7 @@ ATTN_PRESETS = {
 
 
 def kv_bits_per_token(cfg):
-    """Bits the KV cache stores per token over all layers, scales and mins included (spec §6.1).
+    """Bits the KV cache stores per token over all layers, scales and mins included.
 
     Unquantized entries count 16 bits (fp16/bf16 cache). Quantized ones: b bits per element plus an fp16 scale and an
     fp16 min (32 bits) per group; k_rope in groups of min(g, d_r), or 16 bits if kv_quant_rope is off.
@@ -334,7 +334,7 @@ class CrossLayerAttention(Attention):
 
 
 def latent_fake_quant(x, config, ste=True):
-    """spec §4.4: dequant(quant(x)) with the straight-through estimator, one (scale, min) per token ("token") or per
+    """the README: dequant(quant(x)) with the straight-through estimator, one (scale, min) per token ("token") or per
     g channels (an int group; k_rope uses min(g, d_r)). The cache quantizes with quant.quantize over the same groups,
     so what it stores reproduces this tensor exactly."""
     g = config.kv_quant_group
@@ -346,10 +346,10 @@ def latent_fake_quant(x, config, ste=True):
 
 class LatentAttention(nn.Module):
     """MLA (DeepSeek-V2 §2.1, module names of DeepSeek-V3's inference/model.py) and CLLA, MLA whose latent c and
-    rope key k_R are shared by groups of layers (spec §4). attn="mla" is this module with share_factor 1.
+    rope key k_R are shared by groups of layers. attn="mla" is this module with share_factor 1.
 
-    Training/prefill: materialize per-head K/V from the latent and run SDPA (§3.3). Decode: fold W_UK into the
-    query and W_UV after the attention, and attend over the cached latent through cache.attend_latent (§3.4).
+    Training/prefill: materialize per-head K/V from the latent and run SDPA. Decode: fold W_UK into the
+    query and W_UV after the attention, and attend over the cached latent through cache.attend_latent.
     """
 
     def __init__(self, config, layer_idx):
@@ -367,7 +367,7 @@ class LatentAttention(nn.Module):
             self.wq_b = nn.Linear(c.q_lora_rank, q_out, bias=False)
         else:
             self.wq = nn.Linear(c.dim, q_out, bias=False)
-        # what this layer computes itself (spec §4.2 table); consumers of the latent have no down-projection
+        # what this layer computes itself (the README table); consumers of the latent have no down-projection
         if self.role.own_latent:
             self.wkv_a = nn.Linear(c.dim, self.d_c + (self.d_r if self.role.own_rope else 0), bias=False)  # W_DKV|W_KR
             self.kv_norm = RMSNorm(self.d_c, c.norm_eps)
@@ -391,7 +391,7 @@ class LatentAttention(nn.Module):
         q = q.view(B, T, H, d_nope + d_r).transpose(1, 2)                        # [B, H, T, d_nope + d_r]
         q_c, q_r = q.split([d_nope, d_r], dim=-1)
         q_r = apply_rope(q_r, cos, sin)
-        # the latent c and the rope key k_R: computed here, or the group producer's (spec §4.5)
+        # the latent c and the rope key k_R: computed here, or the group producer's
         c_raw = kr_raw = None
         if role.own_latent:
             kv = self.wkv_a(x)                                                   # [B, T, d_c (+ d_r)]
@@ -418,12 +418,12 @@ class LatentAttention(nn.Module):
             if role.own_latent or role.own_rope:
                 cache.write(self.layer_idx, c_raw, kr_raw)                      # raw: the cache quantizes as _fq did
             if cache.length(self.layer_idx) > T:
-                # decode (or a continued prefill): absorbed attention over the cached history, spec §3.4
+                # decode (or a continued prefill): absorbed attention over the cached history, the README
                 q_lat = torch.einsum("bhtn,hnc->bhtc", q_c, w_uk)                # [B, H, T, d_c]
                 z = cache.attend_latent(self.layer_idx, q_lat, q_r, self.scale)  # [B, H, T, d_c], in latent space
                 y = torch.einsum("bhtc,hvc->bhtv", z, w_uv)                      # [B, H, T, d_v]
                 return self.wo(y.transpose(1, 2).reshape(B, T, H * d_v))
-        # training / prefill: materialize per-head K and V (spec §3.3). A share_kv_proj consumer in latent+rope mode
+        # training / prefill: materialize per-head K and V. A share_kv_proj consumer in latent+rope mode
         # sees exactly its producer's K/V, so it reuses them (CLA on top of MLA).
         reuse = not role.producer and self.config.share_kv_proj and not (role.own_latent or role.own_rope)
         if reuse and "latent_kv" in shared:

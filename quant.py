@@ -1,10 +1,10 @@
 """
 Quantization primitives shared by every cache (pure tensor functions, no state).
 
-    quantize / dequantize   asymmetric uniform min/scale quantizer, statistics over any dims   (zipcache spec §2.1)
-    pack / unpack           2/4/8-bit codes <-> uint8 bytes, planar along the last dim         (spec §2.2)
+    quantize / dequantize   asymmetric uniform min/scale quantizer, statistics over any dims  
+    pack / unpack           2/4/8-bit codes <-> uint8 bytes, planar along the last dim        
     fake_quant              dequantize(quantize(x)) with a straight-through gradient           (CLLA's QAT)
-    granularities           groupwise, tokenwise, channelwise and channel-separable tokenwise  (spec §2.3, §2.4)
+    granularities           groupwise, tokenwise, channelwise and channel-separable tokenwise 
 
 Layout convention for the granularity helpers: x is [..., T, D], tokens on dim -2, channels on dim -1, which is
 how K and V arrive ([B, H_kv, T, D]).
@@ -73,7 +73,7 @@ def dequantize(codes, scale, mn, dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# packing (spec §2.2): planar along the last dim. With n = 8/bits parts of width D/n, byte j holds
+# packing: planar along the last dim. With n = 8/bits parts of width D/n, byte j holds
 # x[j] | x[j + D/n] << bits | x[j + 2D/n] << 2*bits | ...  For 4-bit: x[j] | x[j+D/2] << 4; for 2-bit the four
 # D/4-wide quarters. This is the official bit order, applied per head row; the kernel unpacks whole quarter tiles.
 
@@ -126,7 +126,7 @@ def fake_quant(x, bits, dim, scale_eps=SCALE_EPS, ste=True):
 
 
 # -----------------------------------------------------------------------------
-# granularities (spec §2.3); x is [..., T, D]. Each returns what the cache stores; pair with dequantize / the
+# granularities; x is [..., T, D]. Each returns what the cache stores; pair with dequantize / the
 # matching dequantize_* helper.
 
 def quantize_tokenwise(x, bits, scale_eps=SCALE_EPS):
@@ -158,13 +158,13 @@ def dequantize_groupwise(codes, scale, mn, group=32, dim=-1, dtype=torch.float32
 
 
 def cst_normalizer(x, scale_eps=SCALE_EPS, dim=-2):
-    """Channel normalizer of CST (spec §2.4 step 1): c = sqrt(max_t |x|) over the tokens (dim; (0, -2) also pools
+    """Channel normalizer of CST: c = sqrt(max_t |x|) over the tokens (dim; (0, -2) also pools
     over the batch), clamped to >= scale_eps, fp16 [..., 1, D]."""
     return x.float().abs().amax(dim=dim, keepdim=True).sqrt().clamp_min(scale_eps).half()
 
 
 def quantize_cst(x, bits, token_dims=(-1,), scale_eps=SCALE_EPS, chan=None, check=True):
-    """Channel-separable tokenwise quantization (ZipCache values; spec §2.4):
+    """Channel-separable tokenwise quantization (ZipCache values):
     c = sqrt(max_t |x|) per channel, then asymmetric tokenwise quantization of x / c.
 
     token_dims: dims one (scale, mn) pair spans; (-1,) = per (token, head), (1, -1) on [B, H, T, D] = one pair per

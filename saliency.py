@@ -1,5 +1,5 @@
 """
-Token saliency for mixed-precision / eviction caches (pure tensor functions; zipcache spec §3).
+Token saliency for mixed-precision / eviction caches (pure tensor functions).
 
     probe_positions   which query rows to materialize at prefill (recent, random, recent+random, special, all)
     column_scores     accumulated (H2O, MiKV), normalized (ZipCache) or locality scores from attention rows
@@ -20,7 +20,7 @@ NORMS = ("full", "probe")
 
 
 def probe_positions(L, mode="recent+random", recent=0.05, random=0.05, generator=None, special=None):
-    """int64 [P] query positions whose attention rows are materialized (spec §3.2).
+    """int64 [P] query positions whose attention rows are materialized.
 
     recent: n_rec = L - floor(L - recent*L) >= 1 newest positions [L - n_rec, L) (so the last token is always one).
     random: n_rnd = floor(random*L) positions drawn uniformly *with replacement* (duplicates count twice, as in the
@@ -110,7 +110,7 @@ def probe_attention(q, k, rows, sm_scale=None):
 
 
 def probe_scores(q, k, rows, score="normalized", norm="full", sm_scale=None, chunk=32):
-    """Saliency [B, H_kv, L] fp32 from the probe rows only (spec §3.1-3.2).
+    """Saliency [B, H_kv, L] fp32 from the probe rows only.
 
     q [B, H, L, D], k [B, H_kv, L, D] (RoPE applied). Query head i reads KV head i // g; the g heads of a group are
     summed. Memory: one KV-head group and `chunk` probe rows at a time, so at most B * g * chunk * L fp32 values
@@ -142,7 +142,7 @@ def n_regular(n, salient_ratio):
 def split(scores, salient_ratio):
     """scores [B, H_kv, n] -> (hi, lo) int64 indices [B, H_kv, n_hi] / [B, H_kv, n_lo], each ascending.
 
-    The n_lo = floor((1 - r) n) lowest-scored tokens are regular (spec §3.3). A stable sort breaks ties: the earlier
+    The n_lo = floor((1 - r) n) lowest-scored tokens are regular. A stable sort breaks ties: the earlier
     position goes regular first, identically on CPU and GPU. Equal counts for every (b, h) is what lets the cache
     keep one row table per sequence.
     """

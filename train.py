@@ -80,9 +80,9 @@ PRESETS = {
     # GPT-2 small's shape (124M with a GPT-2 vocabulary), for throughput measurements
     "gpt2-small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, block_size=256,
                        batch_size=8, learning_rate=6e-4, min_lr=6e-5),
-    # the CLLA ablation's base shape (spec/clla.md §2): 16 heads x 32
+    # the CLLA ablation's base shape: 16 heads x 32
     "small": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=16, max_seq_len=512, block_size=256),
-    # attention variants (spec/clla.md §2): `python train.py small clla-quant`
+    # attention variants: `python train.py small clla-quant`
     **ATTN_PRESETS,
 }
 

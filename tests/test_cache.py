@@ -1,6 +1,6 @@
 """cache.py: every cache behind one interface. Prefill = SDPA, decode = attention over the cache's own (dequantized)
 K/V, 16 bits / keep ratio 1 = dense, real bytes, the paper's ratio accounting, ZipCache's official mode against the
-spec's formulas, and the edge cases of zipcache spec §4.7."""
+the paper's formulas, and the edge cases of the README"""
 import math
 
 import pytest
@@ -40,7 +40,7 @@ def ref_attention(q, K, V):
 
 
 def deq_view(view):
-    """Independent dequantization of a ZipLayerView (kernels.md §1): K = a x + mu, V = c (sigma y + nu), per block;
+    """Independent dequantization of a ZipLayerView: K = a x + mu, V = c (sigma y + nu), per block;
     only the used rows/blocks/buffer entries are read. -> K, V float64 [B, H_kv, n, D] (hi | lo | buffer)."""
     Ks, Vs = [], []
     nb = view.n_blocks
@@ -68,7 +68,7 @@ def deq_view(view):
 
 def poison(c):
     """Fill all spare capacity of a ZipCache with garbage: codes 0xFF, params NaN, rows -1, buffer NaN.
-    The decode path must never read it (zipcache spec §4.2)."""
+    The decode path must never read it."""
     for st in c.layers:
         stores = [st.buf, st.v_chan] + [s for p in ("hi", "lo") for s in (getattr(st, p).codes,
                                                                           getattr(st, p).params,
@@ -288,7 +288,7 @@ def test_zipcache_blocks_and_rows():
 
 @pytest.mark.parametrize("scope", ["row", "head"])
 def test_zipcache_nbytes_closed_form(scope):
-    # spec §4.6 for B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
+    # the README for B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
     B, H, D, nb = 2, 2, 16, 3
     Hv = H if scope == "head" else 1
     c = C.make_cache("zipcache", mcfg(), paper=True, block_size=5, v_token_scope=scope)
@@ -307,7 +307,7 @@ def test_zipcache_nbytes_closed_form(scope):
 
 @pytest.mark.parametrize("scope,expected", [("row", 701_728), ("head", 725_248)])
 def test_zipcache_worked_example_840(scope, expected):
-    # spec §4.6 worked example: one LLaMA3-8B layer (H_kv = 8, D = 128), B = 1, r = 0.6, an 840-token prompt block
+    # the README worked example: one LLaMA3-8B layer (H_kv = 8, D = 128), B = 1, r = 0.6, an 840-token prompt block
     c = C.make_cache("zipcache", mcfg(H=8, Hkv=8, D=128, max_seq_len=1024), paper=True, v_token_scope=scope)
     c.attend(0, *qkv(1, 8, 8, 840, 128, seed=0))
     tables = 2 * 4 * 1 * 2 + 8 * 9                                          # row tables + counters, excluded there
@@ -332,7 +332,7 @@ def test_zipcache_worked_example_decode_blocks():
 
 
 def test_paper_formula_ratio():
-    # spec §6.2: mixed precision at b = 8, hd = 4096, l = 840, P = 5 hd + 2 b l
+    # the README: mixed precision at b = 8, hd = 4096, l = 840, P = 5 hd + 2 b l
     table = {0: 7.96, 0.2: 6.64, 0.4: 5.69, 0.5: 5.32, 0.6: 4.98, 0.7: 4.69, 0.8: 4.43, 1.0: 3.99}
     for r, want in table.items():
         assert round(C.paper_formula_ratio(8, 840, 4096, r), 2) == want
@@ -373,7 +373,7 @@ def test_batch_statistics_per_sequence(pooled):
 
 
 def test_kernel_triton_matches_torch_path():
-    # kernels.md §5: the fused kernel against the torch path (interpreter on CPU); skipped until the kernel lands
+    # the README: the fused kernel against the torch path (interpreter on CPU); skipped until the kernel lands
     # fp16 model tensors: the kernel takes fp16/bf16 queries; fp16 so that output rounding (2^-11) stays below the bound
     outs = {}
     g = torch.Generator().manual_seed(1)
@@ -385,7 +385,7 @@ def test_kernel_triton_matches_torch_path():
             outs[kern] = torch.cat([c.attend(0, *s) for s in steps], 2).float()
         except NotImplementedError:
             pytest.skip("the Triton kernel is not in kernels.py yet")
-    # kernel tolerance (kernels.md §5.3): fp16 operands in every dot
+    # kernel tolerance: fp16 operands in every dot
     err = (outs["triton"] - outs["torch"]).norm() / outs["torch"].norm()
     assert err < 2e-3
 
@@ -416,10 +416,10 @@ def test_saliency_mask_and_special_probes():
 
 
 # -----------------------------------------------------------------------------
-# ZipCache official mode against the spec's formulas (independent implementation, float64 scores)
+# ZipCache official mode against the the paper's formulas (independent implementation, float64 scores)
 
 def _official_quant(x, bits, dims):
-    """spec §2.1 with scale_eps = 0 (official), params stored fp16; 0/0 -> code 0."""
+    """the README with scale_eps = 0 (official), params stored fp16; 0/0 -> code 0."""
     mn, mx = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
     s = ((mx - mn) / (2 ** bits - 1)).half().float()
     m = mn.half().float()
@@ -497,7 +497,7 @@ def test_official_mode_matches_spec_formulas():
 
 
 # -----------------------------------------------------------------------------
-# edge cases (spec §4.7) and errors
+# edge cases and errors
 
 @pytest.mark.parametrize("r", [0.0, 1.0])
 def test_empty_groups(r):
@@ -573,7 +573,7 @@ def test_kivi_split_flush_and_old_codes():
     st = c.layers[0]
     assert (st.kq.n, st.kf.n, st.vq.n, st.vf.n) == (32, 5, 21, 16)
     old = st.kq["k_codes"].clone(), st.vq["v_codes"].clone()
-    # per-group error bound: keys per channel over 8 tokens, values per token over 8 channels (spec §2.1)
+    # per-group error bound: keys per channel over 8 tokens, values per token over 8 channels
     K, V = c.kv(0)
     s = st.kp["k_scale"].float().repeat_interleave(8, 2)
     assert ((K[:, :, :32] - k[:, :, :32]).abs() <= s / 2 + 1e-3).all()

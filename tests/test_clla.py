@@ -1,7 +1,7 @@
-"""CLA, MLA and CLLA (model.py) and their caches (cache.py CLACache / LatentCache), spec/clla.md §9.
+"""CLA, MLA and CLLA (model.py) and their caches (cache.py CLACache / LatentCache), the README
 
-References are independent of the code under test: a per-head loop of the MLA equations (spec §3.2), the accounting
-formulas of spec §6.1 written out again, and the worked percentages of §6.2. Tolerances: float32 paths that differ
+References are independent of the code under test: a per-head loop of the MLA equations, the accounting
+formulas of the README written out again, and the worked percentages of the CLLA paper. Tolerances: float32 paths that differ
 only in summation order agree to ~1e-6 on these tiny models; 1e-5 (the issue's bound) leaves margin. float64 ≤ 1e-10.
 """
 import math
@@ -16,12 +16,12 @@ import train
 
 V = 61  # vocabulary of the toy models
 
-VARIANTS = {  # name -> ModelConfig overrides on a 4-layer, 8-head x 16 toy (the CPU smoke shape, spec §2)
+VARIANTS = {  # name -> ModelConfig overrides on a 4-layer, 8-head x 16 toy (the CPU smoke shape)
     "mha": dict(attn="mha"),
     "gqa": dict(attn="gqa", n_kv_heads=2),
     "mqa": dict(attn="mqa", n_kv_heads=1),
     "cla": dict(attn="cla", n_kv_heads=2),
-    "cla-s3": dict(attn="cla", n_kv_heads=2, share_factor=3),           # the last group is shorter (spec §4.7)
+    "cla-s3": dict(attn="cla", n_kv_heads=2, share_factor=3),           # the last group is shorter
     "mla": dict(attn="mla"),
     "clla": dict(attn="clla"),
     "clla-quant": dict(M.ATTN_PRESETS["clla-quant"]),
@@ -55,7 +55,7 @@ def rel_err(a, b):
 
 
 # -----------------------------------------------------------------------------
-# the MLA equations against an independent per-head reference (spec §3.2, §3.3)
+# the MLA equations against an independent per-head reference
 
 def reference_mla(att, x, cos, sin):
     """One MLA layer from the equations, head by head, explicit causal softmax with (d_nope + d_r)^-0.5."""
@@ -91,7 +91,7 @@ def test_mla_layer_matches_per_head_reference():
 
 
 def test_rope_slice_is_relative():
-    # on the d_r slice q(m).k(n) depends only on m - n (spec §9 "Position")
+    # on the d_r slice q(m).k(n) depends only on m - n
     m = make(attn="mla", dim=64, n_heads=4)                      # head_dim 16 -> d_r 8
     cos, sin = m.rope_cos.double(), m.rope_sin.double()
     assert cos.shape[1] * 2 == m.config.qk_rope_dim == 8
@@ -105,7 +105,7 @@ def test_rope_slice_is_relative():
 
 
 # -----------------------------------------------------------------------------
-# absorbed decode == materialized path (spec §3.5)
+# absorbed decode == materialized path
 
 @pytest.mark.parametrize("kw", LATENT_SETTINGS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
@@ -161,7 +161,7 @@ def test_decode_over_codes_equals_dequantized_reference(mode, bits, group, rope)
 
 
 # -----------------------------------------------------------------------------
-# token-by-token decode == one full forward (spec §9)
+# token-by-token decode == one full forward
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_decode_equals_full_forward(name):
@@ -317,10 +317,10 @@ def test_cla_gradients_reach_producer():
 
 
 # -----------------------------------------------------------------------------
-# accounting: formulas of spec §6.1 written out again, the worked examples of §6.2, real cache bytes
+# accounting: formulas of the README written out again, the worked examples of the CLLA paper, real cache bytes
 
 def formula_bits(cfg):
-    """spec §6.1 table, per token over all layers (layers divisible by s here)."""
+    """the README table, per token over all layers (layers divisible by s here)."""
     l, nh, dh = cfg.n_layers, cfg.n_heads, cfg.head_dim
     if cfg.attn in ("mha", "gqa", "mqa"):
         return 2 * cfg.n_kv_heads * dh * l * 16
@@ -342,7 +342,7 @@ def formula_bits(cfg):
 
 SHAPES = {"v2lite": dict(dim=2048, n_heads=16, head_dim=128, kv_lora_rank=512, qk_rope_dim=64),
           "default": dict(dim=512, n_heads=16, head_dim=32, kv_lora_rank=128, qk_rope_dim=16)}
-WORKED = [  # spec §6.2: (settings, V2-Lite %, default %)
+WORKED = [  # the README: (settings, V2-Lite %, default %)
     (dict(attn="mha"), 100, 100),
     (dict(attn="gqa", n_kv_heads=4), 25, 25),
     (dict(attn="mqa", n_kv_heads=1), 6.25, 6.25),
@@ -386,7 +386,7 @@ def test_cache_bytes_equal_formula(name):
     kw = VARIANTS.get(name) or dict(attn="clla", share_mode=name[5:])
     m = make(**kw).half() if kw.get("kv_bits", 16) == 16 else make(**kw)   # unquantized rows are fp16
     cfg, B, T = m.config, 3, 13
-    if "s3" in name:  # groups of 3 over 4 layers: 2 groups; the formula of §6.1 assumes s | l, so count directly
+    if "s3" in name:  # groups of 3 over 4 layers: 2 groups; the formula assumes s | l, so count directly
         want_bits = 2 * formula_bits(M.ModelConfig(**{**cfg.__dict__, "n_layers": 3}))
     else:
         want_bits = formula_bits(cfg)

@@ -1,5 +1,5 @@
 """kernels.py: the Triton decode kernel (interpreter on CPU) and the torch fast path against the dequantize-everything
-reference, over the case list, invariants and poisoning of spec kernels.md §5."""
+reference, over the case list, invariants and poisoning of the README"""
 import math
 import os
 
@@ -108,7 +108,7 @@ def rel_err(a, b):
 
 
 def check_close(out, lse, ref_out, ref_lse, rel=2e-3, mx=1e-2, dl=1e-3):
-    # kernels.md §5.3 bounds vs the fp32 reference on the *dequantized* cache (isolates kernel error from
+    # the README bounds vs the fp32 reference on the *dequantized* cache (isolates kernel error from
     # quantization error): q⊙a and p⊙σ are rounded to fp16 for the dots, ~3-7e-4 relative expected. The final
     # cast to q.dtype comes on top, so its relative error u is added to the relative and elementwise bounds:
     # 2^-12 for fp16; 2^-8 for bf16, because Triton 3.9's interpreter casts fp32 -> bf16 by truncation (checked:
@@ -217,7 +217,7 @@ def test_pick_num_splits():
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Allocate the kernel's out / lse / split partials NaN-filled: any element the kernels forget to write stays
-    NaN and fails the finiteness checks (the interpreter has no out-of-bounds detection, kernels.md §6.6)."""
+    NaN and fails the finiteness checks (the interpreter has no out-of-bounds detection)."""
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     monkeypatch.setattr(kernels, "_alloc", nan_alloc)
@@ -230,7 +230,7 @@ def run_case(view, q, S, block_n=None):
     return out, lse, ref, ref_lse
 
 
-# Each row stays within a few hundred (program x tile) interpreter iterations (~10 ms each, kernels.md §5.2).
+# Each row stays within a few hundred (program x tile) interpreter iterations (~10 ms each).
 # Rows per segment hit 0, 1, BLOCK_N-1, BLOCK_N, BLOCK_N+1; 3-block cases have a block empty in one segment.
 KERNEL_CASES = [
     # id, D, Hq, Hkv, hi rows [seq][block], lo rows [seq][block], n_buf, S, q dtype, pooled (Bs=1), row (Hv=1)
@@ -268,7 +268,7 @@ def test_empty_cache_kernel(nan_outputs):
 
 
 # -----------------------------------------------------------------------------
-# invariants (kernels.md §5.3): <= 1e-3 relative, since p is rounded to fp16 against a running max
+# invariants: <= 1e-3 relative, since p is rounded to fp16 against a running max
 
 INV_VIEW = dict(B=2, Hkv=2, D=64, hi=((70, 3), (64, 0)), lo=((0, 66), (65, 2)), n_buf=17)
 
@@ -392,7 +392,7 @@ def test_kernel_input_errors(monkeypatch):
 
 # -----------------------------------------------------------------------------
 # ahead-of-time compile for an H100 (sm_90) on this CPU machine: catches GPU-only compile errors the interpreter
-# accepts, and checks the SASS for register spills and I2F conversions inside the tile loops (kernels.md §5.3).
+# accepts, and checks the SASS for register spills and I2F conversions inside the tile loops.
 # It needs a fresh process (kernels decorated *without* TRITON_INTERPRET) and semi-internal APIs; any ImportError
 # or unsupported API skips.
 

@@ -6,7 +6,7 @@ import quant
 
 
 def _bound(scale, mn):
-    # per-element error bound of spec §2.1: half a step, plus the fp16 rounding of the stored min (|mn| * 2^-11)
+    # per-element error bound of the README: half a step, plus the fp16 rounding of the stored min (|mn| * 2^-11)
     # and a little fp32 slack for the division/multiplication.
     return scale.float() / 2 + mn.float().abs() * 2 ** -11 + 1e-6
 
@@ -22,7 +22,7 @@ def test_pack_unpack_roundtrip(bits, D):
 
 
 def test_pack_bit_order_is_planar():
-    # spec §2.2: 4-bit byte j = x[j] | x[j+D/2] << 4; 2-bit byte j = x[j] | x[j+D/4]<<2 | x[j+D/2]<<4 | x[j+3D/4]<<6
+    # the README: 4-bit byte j = x[j] | x[j+D/2] << 4; 2-bit byte j = x[j] | x[j+D/4]<<2 | x[j+D/2]<<4 | x[j+3D/4]<<6
     x = torch.tensor([1, 2, 3, 0, 3, 1, 0, 2], dtype=torch.uint8)
     p2 = quant.pack(x, 2)
     assert p2.tolist() == [1 | 3 << 2 | 3 << 4 | 0 << 6, 2 | 0 << 2 | 1 << 4 | 2 << 6]
@@ -44,7 +44,7 @@ def test_quantize_matches_formula_and_error_bound(bits):
     codes, scale, mn = quant.quantize(x, bits, dim=-1)
     assert codes.dtype == torch.uint8 and scale.dtype == mn.dtype == torch.float16
     assert scale.shape == mn.shape == (2, 3, 40, 1)
-    # independent formula (spec §2.1)
+    # independent formula
     s = ((x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / (2 ** bits - 1)).clamp_min(2 ** -14).half()
     m = x.amin(-1, keepdim=True).half()
     q = torch.clamp(torch.round((x - m.float()) / s.float()), 0, 2 ** bits - 1)
