@@ -27,7 +27,7 @@ def run_main(*argv):
 
 
 def test_shipped_checkpoint_cli():
-    # the README's first command on the shipped tiny model (short, so the suite stays fast; the real model: test_gguf.py)
+    # the README's first command on the shipped tiny model (short, so the suite stays fast; the real model: test_weights.py)
     r = subprocess.run([sys.executable, "generate.py", "--checkpoint", "ckpt/stdlib-byte", "--cache", "zipcache",
                         "--max_new_tokens", "30", "--compare"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -129,7 +129,7 @@ def test_missing_wheel_one_line(monkeypatch):
 
 def test_gguf_checkpoint_with_its_tokenizer(tmp_path):
     """--checkpoint takes any .gguf: tiny random weights plus a ChatML template, end to end with --chat."""
-    from test_gguf import random_llama, write_gguf
+    from test_weights import random_llama, write_gguf
     from test_tokenizer import CHATML
     from tokenizer import bytes_to_unicode
     from gguf import GGMLQuantizationType as Q
