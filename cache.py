@@ -2,18 +2,22 @@
 KV caches behind one interface (the model knows nothing else):
 
     out = cache.attend(layer, q, k, v)    q [B, H, T, D], k/v [B, H_kv, T, D] (RoPE applied) -> out [B, H, T, D]
-    cache.pos, len(cache), cache.nbytes(), cache.ratios(), cache.reset(), cache.info()
+    cache.pos                             the position of the next token (tokens processed)
+    len(cache)                            tokens held (fewer than pos when a cache evicts, as H2O does)
+    cache.nbytes(), cache.ratios(), cache.reset(), cache.info()
     cache.set_padding(pad)                before the prefill of a left-padded (ragged) batch: DenseCache, ZipCache
 
-The first call on an empty layer is the prefill (T = prompt length): every cache returns exactly causal SDPA's
-output on the unquantized q, k, v, and then compresses what it keeps. Later calls are decode steps (T = 1).
+Prefill and decode. The first attend on an empty layer is the prefill (T = prompt length): every cache returns
+exactly causal SDPA's output on the unquantized q, k, v, and then compresses what it keeps. Later calls are decode
+steps (T = 1), answered from what was kept.
 
-    DenseCache   fp16 K/V, the reference                                                 
-    ZipCache     mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode
-    KIVICache    2/4-bit: keys per channel, values per token, fp16 residual window     
-    H2OCache     heavy hitters + recent window, everything else evicted                 
-    MiKVCache    mixed 4/2-bit per-token, accumulated scores from the full attention matrix
-    make_cache(name, config, **options)
+This file, in reading order:
+    storage         _Store (named tensors that grow along one axis), _State (one layer's stores and counters)
+    Cache           the interface above: validation, prefill/decode dispatch, bytes and ratios
+    DenseCache      fp16 K/V, the reference
+    ZipCache        mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode (ZipCacheConfig)
+    LatentCache     the latent c_KV and rope key of MLA / CLLA models, fp16 or packed int8/int4
+    make_cache      a cache by name; the baselines (KIVI, H2O, MiKV, CLA) live in baselines.py
 
 Real bytes: codes are packed uint8, parameters fp16, and nbytes() counts every stored tensor (used part) plus 8 B
 per integer counter. Storage grows by doubling; the spare capacity is never read.
@@ -70,6 +74,13 @@ def _pad_mask(pad, T, n, device):
     return (j <= i) & (real | (j == i))                                                  # [B, 1, T, n]
 
 
+def _causal_tail_mask(T, n, device):
+    """Query i of a T-token chunk sits at position n - T + i and sees keys j <= n - T + i. None when T == 1."""
+    if T == 1:
+        return None
+    return torch.arange(n, device=device)[None, :] <= torch.arange(n - T, n, device=device)[:, None]   # [T, n]
+
+
 def _gather_tokens(x, idx):
     """x [B, H, L, D], idx [B, H, n] -> x at those token positions, [B, H, n, D]."""
     B, H = idx.shape[:2]
@@ -77,36 +88,31 @@ def _gather_tokens(x, idx):
     return x.flatten(0, 1)[bh, idx.flatten(0, 1)].view(B, H, idx.shape[-1], x.shape[-1])  # row copies, not gather
 
 
-def _attention(q, K, V, mask=None):
-    """Explicit fp32 attention: q [B, H, T, D], K/V [B, H_kv, n, D], mask broadcastable to [B, H, T, n] (True =
-    visible) -> (out [B, H, T, D] fp32, p [B, H, T, n]). The eager baseline path; p feeds accumulated scores."""
-    g = q.shape[1] // K.shape[1]
-    K, V = K.float().repeat_interleave(g, 1), V.float().repeat_interleave(g, 1)
-    s = q.float() @ K.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    p = s.softmax(-1)
-    return p @ V, p
 
+class _Store:
+    """Named tensors that share one growing axis `dim` ([B, H, CAP, ...] token rows; _Store1 grows axis 1). The first
+    n entries along it are used:
 
-class _Growing:
-    """Named tensors that share one growing axis (`dim`); the first n entries along it are used. When full, the
-    capacity doubles and the used part is copied; the spare part is never read. Used bytes scale with n."""
-    dim = 2  # [B, H, CAP, ...] token rows
+        store["k"]        the used part, n entries: what every reader of the cache sees
+        store.full["k"]   the whole buffer, CAP >= n entries: only the decode kernel reads it (with n beside it),
+                          so that a growing cache hands it the same storage every step; entries past n are garbage
+
+    When full, the capacity doubles and the used part is copied. Used bytes scale with n."""
+
+    dim = 2
 
     def __init__(self):
-        self.n = 0
-        self.t = {}
+        self.n, self.full = 0, {}
 
-    def __getitem__(self, name):  # the used part
-        return self.t[name].narrow(self.dim, 0, self.n)
+    def __getitem__(self, name):
+        return self.full[name].narrow(self.dim, 0, self.n)
 
     def append(self, min_cap=1, **chunks):
         """Write equal-length chunks after the used part, growing every tensor of the store together."""
         m = next(iter(chunks.values())).shape[self.dim]
         need = self.n + m
         for name, c in chunks.items():
-            t = self.t.get(name)
+            t = self.full.get(name)
             if t is None or t.shape[self.dim] < need:
                 cap = max(need, min_cap) if t is None else max(need, 2 * t.shape[self.dim])
                 shape = list(c.shape)
@@ -114,31 +120,31 @@ class _Growing:
                 new = torch.zeros(shape, dtype=c.dtype, device=c.device)
                 if t is not None:
                     new.narrow(self.dim, 0, self.n).copy_(t.narrow(self.dim, 0, self.n))
-                self.t[name] = t = new
+                self.full[name] = t = new
             t.narrow(self.dim, self.n, m).copy_(c)
         self.n = need
 
     def drop_front(self, m):
         """Forget the m oldest entries (a sliding window), shifting the rest to the front."""
-        for t in self.t.values():
+        for t in self.full.values():
             t.narrow(self.dim, 0, self.n - m).copy_(t.narrow(self.dim, m, self.n - m).clone())
         self.n -= m
 
     def nbytes(self, allocated=False):
         total = 0
-        for t in self.t.values():
+        for t in self.full.values():
             per = t.numel() // max(1, t.shape[self.dim]) * t.element_size()
             total += per * (t.shape[self.dim] if allocated else self.n)
         return total + 8  # + the counter n
 
 
-class _Blocks(_Growing):
-    dim = 1  # [Bs, NB_CAP, ...] per-block parameters and the [B, NB_CAP+1] row table
+class _Store1(_Store):
+    dim = 1  # [B, CAP, ...]: per-block parameters, the row table, a latent's rows
 
 
 def _state_bytes(obj, allocated):
     """Bytes of a layer's state: every store (used part, or capacity), every tensor, 8 B per int counter."""
-    if isinstance(obj, _Growing):
+    if isinstance(obj, _Store):
         return obj.nbytes(allocated)
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -177,11 +183,11 @@ class Cache:
     multi_token_decode = False  # only DenseCache accepts T > 1 chunks after the prefill
     ragged = False              # accepts a left-padded batch (set_padding): DenseCache and ZipCache
 
-    def __init__(self, config, validate=True):
+    def __init__(self, config):
         self.config = config
         self.n_layers = config.n_layers
         self.max_seq_len = config.max_seq_len
-        self.validate = validate  # check K/V for NaN/Inf (one host sync per layer and step)
+        self.validate = True  # check K/V for NaN/Inf (one host sync per layer and step)
         self.reset()
 
     def reset(self):
@@ -301,12 +307,12 @@ class DenseCache(Cache):
     multi_token_decode = True
     ragged = True
 
-    def __init__(self, config, dtype=torch.float16, **kw):
+    def __init__(self, config, dtype=torch.float16):
         self.dtype = dtype  # fp16 by contract; float32 only for exactness tests
-        super().__init__(config, **kw)
+        super().__init__(config)
 
     def _prefill(self, layer, q, k, v):
-        st = _State(kv=_Growing())
+        st = _State(kv=_Store())
         st.kv.append(min_cap=64, k=k.to(self.dtype), v=v.to(self.dtype))
         if self.pad is not None:  # causal and no padded key
             mask = _pad_mask(self.pad, q.shape[2], k.shape[2], q.device)                # [B, 1, T, T]
@@ -320,8 +326,8 @@ class DenseCache(Cache):
         mask = None
         if self.pad is not None:
             mask = _pad_mask(self.pad, T, n, q.device)                                   # [B, 1, T, n]
-        elif T > 1:  # query i (at position n - T + i) sees keys j <= n - T + i
-            mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(n - T, n, device=q.device)[:, None]
+        else:
+            mask = _causal_tail_mask(T, n, q.device)                                     # None for one token
         return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
 
     def nbytes(self, allocated=False):
@@ -341,16 +347,16 @@ class DenseCache(Cache):
 
 @dataclass
 class ZipCacheConfig:
-    bits_hi: int = 4                 # salient tokens
-    bits_lo: int = 2                 # regular tokens
+    high_bits: int = 4                 # salient tokens
+    low_bits: int = 2                 # regular tokens
     salient_ratio: float = 0.5       # r (the paper uses 0.6, its 4.98x setting; see k_group for why 0.5 here)
     probe_recent: float = 0.05       # fraction of prompt rows used as recent probes
     probe_random: float = 0.05       # fraction used as random probes (with replacement, seeded)
-    probe_mode: str = "recent+random"  # recent | random | recent+random | special | all 
+    probe_strategy: str = "recent+random"  # recent | random | recent+random | special | all 
     score: str = "normalized"        # normalized (ZipCache) | accumulated (H2O/MiKV) | locality
     norm: str = "full"               # divisor of the normalized score: L - j ("full", official) or probe count
     seed: int = 0
-    block_size: int = 100            # N: decode tokens per compressed block (the official recompress interval)
+    recompress_every: int = 100      # N: decode tokens per compressed block (the official recompress interval)
     decode_score: str = "normalized"  # normalized attention from the block's own queries | last_query (official)
     requantize: bool = False         # official: re-quantize the whole cache every N steps
     pool_batch_stats: bool = False   # official: key params and V normalizer pooled over the batch
@@ -377,21 +383,22 @@ class ZipCacheConfig:
     lo_order: str = "position"
 
     def __post_init__(self):
-        _check_bits("bits_hi", self.bits_hi)
-        _check_bits("bits_lo", self.bits_lo)
-        if (self.bits_hi == 16) != (self.bits_lo == 16):
-            raise ValueError(f"bits_hi={self.bits_hi}, bits_lo={self.bits_lo}: 16 bits means 'not quantized' and "
+        _check_bits("high_bits", self.high_bits)
+        _check_bits("low_bits", self.low_bits)
+        if (self.high_bits == 16) != (self.low_bits == 16):
+            raise ValueError(f"high_bits={self.high_bits}, low_bits={self.low_bits}: 16 bits means 'not quantized' and "
                              f"applies to the whole cache; set both to 16, or pick both from (2, 4, 8)")
         for name in ("salient_ratio", "probe_recent", "probe_random"):
             _check_ratio(name, getattr(self, name))
-        choices = dict(probe_mode=saliency.PROBE_MODES, score=saliency.SCORES, norm=saliency.NORMS,
-                       decode_score=("normalized", "last_query"), v_token_scope=("head", "row"), lo_order=("position", "score"),
-                       kernel=("auto", "triton", "torch"))
+        choices = dict(probe_strategy=saliency.PROBE_MODES, score=saliency.SCORES, norm=saliency.NORMS,
+                       decode_score=("normalized", "last_query"), v_token_scope=("head", "row"),
+                       lo_order=("position", "score"), kernel=("auto", "triton", "torch"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {allowed}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size} must be >= 1 (decode tokens per compressed block)")
+        if self.recompress_every < 1:
+            raise ValueError(f"recompress_every={self.recompress_every} must be >= 1 (decode tokens per compressed "
+                             f"block)")
         if self.scale_eps < 0:
             raise ValueError(f"scale_eps={self.scale_eps} must be >= 0")
         if self.n_recent < 0:
@@ -419,20 +426,20 @@ class ZipCache(Cache):
     Prefill: SDPA output; normalized saliency from probe rows (saliency.py); per (seq, KV head) the top r tokens go
     to the 4-bit segment, the rest to the 2-bit one; keys channelwise per segment, values CST (quant.py).
     Decode: new tokens wait in an fp16 buffer; attention is one kernels.decode_attention call over
-    [hi blocks | lo blocks | buffer]; every block_size steps the buffer becomes a new block with its own statistics
-    and its own split (scored by the attention it received from the block's decode queries).
+    [hi blocks | lo blocks | buffer]; every recompress_every steps the buffer becomes a new block with its own
+    statistics and its own split (scored by the attention it received from the block's decode queries).
     Tokens are stored grouped by precision, not by position: decode attention is order-invariant and keys carry RoPE,
     so no index lists are kept.
     """
     name = "zipcache"
     ragged = True
 
-    def __init__(self, config, zcfg=None, **kw):
+    def __init__(self, config, zcfg=None):
         self.cfg = zcfg or ZipCacheConfig()
-        self.quantized = self.cfg.bits_hi < 16
-        _check_pack_dim(config.head_dim, (self.cfg.bits_hi, self.cfg.bits_lo))
+        self.quantized = self.cfg.high_bits < 16
+        _check_pack_dim(config.head_dim, (self.cfg.high_bits, self.cfg.low_bits))
         self.special = None
-        super().__init__(config, **kw)
+        super().__init__(config)
 
     def reset(self):
         super().reset()
@@ -446,16 +453,16 @@ class ZipCache(Cache):
         calls, not one): simple and exact, not the fast path."""
         super().set_padding(pad)
         if self.pad is not None:
-            self.subs = [ZipCache(self.config, self.cfg, validate=False) for _ in self.pad]  # attend validated k, v
+            self.subs = [ZipCache(self.config, self.cfg) for _ in self.pad]
             for sub in self.subs:
-                sub.special = self.special
+                sub.special, sub.validate = self.special, False      # this cache's attend validated k, v
 
     def _ragged_only_per_sequence(self, what):
         if self.subs is not None:
             raise ValueError(f"zipcache: {what} of a ragged batch is per sequence; read cache.subs[b].{what}")
 
     def set_special_positions(self, positions):
-        """Prompt positions to use as probes with probe_mode='special' (see saliency.special_positions)."""
+        """Prompt positions to use as probes with probe_strategy='special' (see saliency.special_positions)."""
         self.special = torch.as_tensor(positions, dtype=torch.long)
         for sub in self.subs or ():
             sub.special = self.special
@@ -465,27 +472,27 @@ class ZipCache(Cache):
         if not self.quantized:
             return "zipcache 16-bit (not quantized)"
         share = {"recent": f"{c.probe_recent:.0%}", "random": f"{c.probe_random:.0%}",
-                 "recent+random": f"{c.probe_recent:.0%}+{c.probe_random:.0%}"}.get(c.probe_mode)
-        return (f"zipcache {c.bits_hi}/{c.bits_lo}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
-                f"{c.probe_mode}{f' ({share})' if share else ''}, block {c.block_size}"
+                 "recent+random": f"{c.probe_recent:.0%}+{c.probe_random:.0%}"}.get(c.probe_strategy)
+        return (f"zipcache {c.high_bits}/{c.low_bits}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
+                f"{c.probe_strategy}{f' ({share})' if share else ''}, block {c.recompress_every}"
                 f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}"
                 f"{f', key groups {c.k_group}' if c.k_group else ''}{f', {c.n_sink} fp16 sinks' if c.n_sink else ''}"
                 f"{f', {c.n_recent} fp16 recent' if c.n_recent else ''}")
 
     # storage of one layer ------------------------------------------------------------------------
     def _new_state(self, B, H, D, device):
-        st = _State(buf=_Growing(), v_chan=_Blocks())
+        st = _State(buf=_Store(), v_chan=_Store1())
         if self.quantized:
             for p in ("hi", "lo"):  # codes/value params per row, key params per block, the row table
-                seg = _Segment(codes=_Growing(), params=_Blocks(), rows=_Blocks())
+                seg = _Segment(codes=_Store(), params=_Store1(), rows=_Store1())
                 seg.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
                 setattr(st, p, seg)
             if self.cfg.keep_saliency_mask:
-                st.mask = _Growing()
+                st.mask = _Store()
         return st
 
     def _bits(self, p):
-        return self.cfg.bits_hi if p == "hi" else self.cfg.bits_lo
+        return self.cfg.high_bits if p == "hi" else self.cfg.low_bits
 
     def _append_block(self, st, k, v, hi, lo):
         """Append one block, cut into sub-blocks of at most k_group rows per precision group when k_group > 0."""
@@ -552,7 +559,7 @@ class ZipCache(Cache):
         st.mask.append(min_cap=64, m=packed)
 
     def salient_mask(self, layer):
-        """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at bits_hi (or kept
+        """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at high_bits (or kept
         fp16 as sinks; needs keep_saliency_mask)."""
         self._ragged_only_per_sequence("salient_mask(layer)")
         st = self.layers[layer]
@@ -570,10 +577,10 @@ class ZipCache(Cache):
         B, H, L, D = k.shape
         st = self._new_state(B, H, D, k.device)
         if not self.quantized:  # 16 bits: everything stays in the fp16 buffer
-            st.buf.append(min_cap=L + self.cfg.block_size, k=k.half(), v=v.half())
+            st.buf.append(min_cap=L + self.cfg.recompress_every, k=k.half(), v=v.half())
             return st, out
         c = self.cfg
-        rows = saliency.probe_positions(L, c.probe_mode, c.probe_recent, c.probe_random, self.gen, self.special)
+        rows = saliency.probe_positions(L, c.probe_strategy, c.probe_recent, c.probe_random, self.gen, self.special)
         scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
         S = min(c.n_sink, L - 1)             # sink tokens: the buffer's first S rows, never flushed (block 0 keeps
                                              # at least one prompt token, so every layer has the same layout)
@@ -590,7 +597,7 @@ class ZipCache(Cache):
         buf = dict(k=k[:, :, keep].half(), v=v[:, :, keep].half())                      # [B, H_kv, S + R, D]
         if c.decode_score == "normalized":
             buf["acc"] = k.new_zeros(B, H, S + R, dtype=torch.float32)
-        st.buf.append(min_cap=S + max(R, c.block_size), **buf)
+        st.buf.append(min_cap=S + max(R, c.recompress_every), **buf)
         return st, out
 
     # decode ---------------------------------------------------------------------------------------
@@ -603,12 +610,12 @@ class ZipCache(Cache):
 
         def segment(p):
             seg = getattr(st, p)
-            t, pt = seg.codes.t, seg.params.t
+            t, pt = seg.codes.full, seg.params.full
             return kernels.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
-                                      pt["k_scale"], pt["k_min"], seg.rows.t["rows"])
+                                      pt["k_scale"], pt["k_min"], seg.rows.full["rows"])
 
-        return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan.t["v_chan"],
-                                    k_buf=st.buf.t["k"], v_buf=st.buf.t["v"], n_buf=st.buf.n,
+        return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan.full["v_chan"],
+                                    k_buf=st.buf.full["k"], v_buf=st.buf.full["v"], n_buf=st.buf.n,
                                     n_blocks=st.v_chan.n)
 
     def _decode(self, layer, st, q, k, v):
@@ -616,7 +623,7 @@ class ZipCache(Cache):
             return torch.cat([sub.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
                               for b, sub in enumerate(self.subs)])                               # [B, H, 1, D]
         c = self.cfg
-        extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.t else {}
+        extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.full else {}
         st.buf.append(k=k.half(), v=v.half(), **extra)
         q1 = q[:, :, 0]                                                                  # [B, H, D]
         # the Triton kernel takes fp16/bf16 queries (its dots run on fp16 tensor-core operands); an fp32 model (CPU)
@@ -625,7 +632,7 @@ class ZipCache(Cache):
         out, lse = kernels.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
         out = out.to(q1.dtype)
         if self.quantized:
-            flush = st.buf.n - getattr(st, "n_sink", 0) == c.block_size
+            flush = st.buf.n - getattr(st, "n_sink", 0) == c.recompress_every
             if c.decode_score == "normalized" or flush:
                 # each buffered token's true probability under this query, summed over its group's heads
                 B, H, D = q1.shape
@@ -640,7 +647,7 @@ class ZipCache(Cache):
 
     def _flush(self, st, p_last):
         """Compress the full buffer into a new block with its own statistics and split."""
-        c, N, S = self.cfg, self.cfg.block_size, getattr(st, "n_sink", 0)                 # buffer rows [S, S + N) are compressed
+        c, N, S = self.cfg, self.cfg.recompress_every, getattr(st, "n_sink", 0)   # buffer rows [S, S + N) compress
         if c.decode_score == "normalized":
             # decode row j was seen by N - j queries; the R prompt-tail rows in front by all N - R decode queries
             R = getattr(st, "n_tail", 0)
@@ -738,413 +745,9 @@ def paper_formula_ratio(b, l, hd, r=0.6, bits=(4, 2), P=None):
     return 2 * b * l * hd * 16 / (2 * b * l * hd * k_avg + 16 * P)
 
 
-# -----------------------------------------------------------------------------
-# KIVI
-
-class KIVICache(Cache):
-    """KIVI: keys quantized per channel in groups of G tokens, values per token in groups of G channels.
-
-    Keys wait in fp16 until R have accumulated, then are quantized as one chunk (old codes untouched); values keep a
-    sliding fp16 window of the R newest, and each step quantizes the one that leaves it. Decode attention
-    dequantizes, then runs SDPA (KIVI's fused kernels are a CUDA affair).
-    """
-    name = "kivi"
-
-    def __init__(self, config, bits=2, group=32, residual=128, **kw):
-        _check_bits("bits", bits)
-        D = config.head_dim
-        if group < 1 or residual < 1:
-            raise ValueError(f"KIVI group={group} and residual={residual} must be at least 1 (default 32 and 128)")
-        self.bits, self.G, self.R = bits, group, residual
-        self.quantized = bits < 16
-        if self.quantized:
-            _check_pack_dim(D, (bits,))
-            if residual % group or residual < group:
-                raise ValueError(f"KIVI residual={residual} must be a positive multiple of group={group}")
-            if D % group:
-                raise ValueError(f"KIVI groups of {group} channels cannot split head_dim={D}; pass group= a divisor")
-        super().__init__(config, **kw)
-
-    def info(self):
-        return f"kivi {self.bits}-bit, group {self.G}, residual {self.R}"
-
-    def _quant_keys(self, st, k):  # k [B, H, n, D], n a multiple of G
-        if k.shape[2]:
-            codes, s, m = quant.quantize_groupwise(k, self.bits, self.G, dim=-2)          # s [B, H, n/G, 1, D]
-            st.kq.append(k_codes=quant.pack(codes, self.bits))
-            st.kp.append(k_scale=s[..., 0, :], k_min=m[..., 0, :])                        # [B, H, n/G, D]
-
-    def _quant_values(self, st, v):
-        if v.shape[2]:
-            codes, s, m = quant.quantize_groupwise(v, self.bits, self.G, dim=-1)          # s [B, H, n, D/G, 1]
-            st.vq.append(v_codes=quant.pack(codes, self.bits), v_scale=s[..., 0], v_min=m[..., 0])
-
-    def _prefill(self, layer, q, k, v):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        L = k.shape[2]
-        st = _State(kq=_Growing(), kp=_Growing(), kf=_Growing(), vq=_Growing(), vf=_Growing())
-        nk, nv = (L - L % self.R, max(0, L - self.R)) if self.quantized else (0, 0)
-        self._quant_keys(st, k[:, :, :nk])
-        self._quant_values(st, v[:, :, :nv])
-        st.kf.append(min_cap=self.R, k=k[:, :, nk:].half())
-        st.vf.append(min_cap=self.R + 1, v=v[:, :, nv:].half())
-        return st, out
-
-    def kv(self, layer):
-        """(K̂, V̂) fp32 [B, H_kv, L, D] in position order: dequantized part, then the fp16 part."""
-        st, G = self.layers[layer], self.G
-        K, V = [], []
-        if st.kq.n:
-            x = quant.unpack(st.kq["k_codes"], self.bits)
-            K.append(quant.dequantize_groupwise(x, st.kp["k_scale"][..., None, :], st.kp["k_min"][..., None, :],
-                                                G, dim=-2))
-        if st.vq.n:
-            y = quant.unpack(st.vq["v_codes"], self.bits)
-            V.append(quant.dequantize_groupwise(y, st.vq["v_scale"][..., None], st.vq["v_min"][..., None], G))
-        K.append(st.kf["k"].float())
-        V.append(st.vf["v"].float())
-        return torch.cat(K, 2), torch.cat(V, 2)
-
-    def _decode(self, layer, st, q, k, v):
-        st.kf.append(k=k.half())
-        st.vf.append(v=v.half())
-        K, V = self.kv(layer)
-        out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), enable_gqa=True)
-        if self.quantized:
-            if st.kf.n == self.R:  # a full residual of keys becomes one quantized chunk
-                self._quant_keys(st, st.kf["k"])
-                st.kf.n = 0
-            if st.vf.n > self.R:   # the oldest value leaves the window
-                self._quant_values(st, st.vf["v"][:, :, :1])
-                st.vf.drop_front(1)
-        return out
-
-    def _held(self, st):
-        return st.seen
-
-    def _paper_terms(self, st):
-        B, H, D = self.shape
-        e = B * H * D * (st.kq.n + st.vq.n)
-        par = (2 * st.kp["k_scale"].numel() if st.kp.n else 0) + (2 * st.vq["v_scale"].numel() if st.vq.n else 0)
-        return e, e * self.bits, par
-
 
 # -----------------------------------------------------------------------------
-# H2O
-
-class H2OCache(Cache):
-    """Heavy-hitter oracle: keep the rec newest tokens plus the hh with the largest accumulated attention, evict the
-    rest for good. hh = floor(heavy_ratio * L), rec = floor(recent_ratio * L), fixed at the prefill; slots
-    [B, H_kv, hh + rec + 1, D] with an int32 position each (-1 = free). heavy + recent >= 1 never evicts."""
-    name = "h2o"
-
-    def __init__(self, config, heavy_ratio=0.1, recent_ratio=0.1, **kw):
-        _check_ratio("heavy_ratio", heavy_ratio)
-        _check_ratio("recent_ratio", recent_ratio)
-        self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
-        self.unbounded = heavy_ratio + recent_ratio >= 1.0
-        super().__init__(config, **kw)
-
-    def reset(self):
-        super().reset()
-        self.budget = None  # (hh, rec), fixed by the first prefill
-
-    def info(self):
-        return f"h2o heavy {self.heavy_ratio:.0%} + recent {self.recent_ratio:.0%}"
-
-    def _prefill(self, layer, q, k, v):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        B, H, L, D = k.shape
-        hh, rec = math.floor(self.heavy_ratio * L), math.floor(self.recent_ratio * L)
-        if not self.unbounded and hh + rec == 0:  # a zero budget would evict every token, the prompt included
-            raise ValueError(f"h2o keeps floor(ratio x {L} prompt tokens) = 0 tokens at heavy_ratio="
-                             f"{self.heavy_ratio:g}, recent_ratio={self.recent_ratio:g}; raise --keep_ratio (at least "
-                             f"{2 / L:.2g} for this prompt) or use a longer prompt")
-        self.budget = self.budget or (hh, rec)
-        # accumulated attention over every prompt row (materialized, one KV-head group at a time)
-        scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # [B, H_kv, L]
-        if self.unbounded or hh + rec >= L:
-            keep = torch.arange(L, device=k.device).expand(B, H, L)
-        else:
-            top = scores[..., :L - rec].topk(hh, dim=-1).indices.sort(-1).values
-            keep = torch.cat([top, torch.arange(L - rec, L, device=k.device).expand(B, H, rec)], -1)
-        st = _State(slots=_Growing())
-        st.slots.append(min_cap=hh + rec + 1, k=_gather_tokens(k, keep).half(), v=_gather_tokens(v, keep).half(),
-                        score=torch.gather(scores, 2, keep), posn=keep.to(torch.int32))
-        st.slots.t["posn"][:, :, st.slots.n:] = -1                                       # free slots
-        return st, out
-
-    def _decode(self, layer, st, q, k, v):
-        t = st.seen  # position of the new token
-        s = st.slots
-        if self.unbounded:
-            s.append(k=k.half(), v=v.half(), score=k.new_zeros(k.shape[:3], dtype=torch.float32),
-                     posn=torch.full(k.shape[:3], t, dtype=torch.int32, device=k.device))
-        else:  # write into the free slot (the one holding position -1)
-            free = s.t["posn"].argmin(-1, keepdim=True)                                  # [B, H_kv, 1]
-            s.t["k"].scatter_(2, free[..., None].expand_as(k), k.half())
-            s.t["v"].scatter_(2, free[..., None].expand_as(v), v.half())
-            s.t["score"].scatter_(2, free, 0.0)
-            s.t["posn"].scatter_(2, free, t)
-            s.n += 1
-        width, valid = self._valid(s)                                                    # [B, H_kv, S]
-        K, V, posn = s.t["k"][:, :, :width], s.t["v"][:, :, :width], s.t["posn"][:, :, :width]
-        g = q.shape[1] // k.shape[1]
-        out, p = _attention(q, K, V, valid.repeat_interleave(g, 1)[:, :, None, :])
-        s.t["score"][:, :, :width] += saliency.group_sum(p[:, :, 0], k.shape[1])         # accumulated attention
-        hh, rec = self.budget
-        if not self.unbounded and s.n > hh + rec:  # evict the lowest score among the non-recent tokens
-            cand = valid & (posn < t + 1 - rec)
-            e = s.t["score"][:, :, :width].masked_fill(~cand, float("inf")).argmin(-1, keepdim=True)
-            s.t["posn"].scatter_(2, e, -1)
-            s.n -= 1
-        return out.to(q.dtype)
-
-    def _valid(self, s):
-        width = s.n if self.unbounded else s.t["posn"].shape[2]  # bounded: every slot, the free one masked
-        return width, s.t["posn"][:, :, :width] >= 0
-
-    def kept_positions(self, layer):
-        """int32 [B, H_kv, n] positions currently held, in slot order."""
-        s = self.layers[layer].slots
-        width, valid = self._valid(s)
-        return s.t["posn"][:, :, :width][valid].view(*valid.shape[:2], -1)
-
-    def kv(self, layer):
-        """(K, V) fp32 [B, H_kv, n, D] of the kept tokens (slot order)."""
-        s = self.layers[layer].slots
-        width, valid = self._valid(s)
-        B, H = valid.shape[:2]
-        K = s.t["k"][:, :, :width][valid].view(B, H, -1, s.t["k"].shape[-1]).float()
-        V = s.t["v"][:, :, :width][valid].view(B, H, -1, s.t["v"].shape[-1]).float()
-        return K, V
-
-    def _held(self, st):
-        return st.slots.n
-
-    def _paper_terms(self, st):
-        # eviction as "compression": tokens seen over tokens kept, in fp16 (scores and positions ignored)
-        B, H, D = self.shape
-        return 2 * B * H * D * st.seen, 16 * 2 * B * H * D * st.slots.n, 0
-
-
-# -----------------------------------------------------------------------------
-# MiKV
-
-class MiKVCache(Cache):
-    """MiKV: accumulated attention from the full prefill matrix picks the salient tokens (plus the recent ones);
-    K and V are quantized per token at bits_hi (salient) / bits_lo. Decode is eager: every step dequantizes the whole
-    cache and materializes the attention row; every block_size steps the fp16 buffer is split by the attention its
-    tokens accumulated and quantized. Nothing is ever re-classified. (The optional channel balancer is not built.)"""
-    name = "mikv"
-
-    def __init__(self, config, salient_ratio=0.6, recent_ratio=0.1, bits_hi=4, bits_lo=2, block_size=100, **kw):
-        _check_ratio("salient_ratio", salient_ratio)
-        _check_ratio("recent_ratio", recent_ratio)
-        _check_bits("bits_hi", bits_hi)
-        _check_bits("bits_lo", bits_lo)
-        if (bits_hi == 16) != (bits_lo == 16):
-            raise ValueError("MiKV: 16 bits means 'not quantized'; set both bits to 16 or both below")
-        _check_pack_dim(config.head_dim, (bits_hi, bits_lo))
-        if block_size < 1:
-            raise ValueError(f"block_size={block_size} must be >= 1")
-        self.r, self.recent_ratio, self.bits, self.N = salient_ratio, recent_ratio, dict(hi=bits_hi, lo=bits_lo), \
-            block_size
-        self.quantized = bits_hi < 16
-        super().__init__(config, **kw)
-
-    def info(self):
-        return f"mikv {self.bits['hi']}/{self.bits['lo']}-bit, {self.r:.0%} salient, recent {self.recent_ratio:.0%}"
-
-    def _append(self, st, k, v, hi, lo):
-        for p, idx in (("hi", hi), ("lo", lo)):
-            bits, m = self.bits[p], idx.shape[-1]
-            if m == 0:
-                continue
-            kc, ks, km = quant.quantize(_gather_tokens(k, idx), bits, dim=-1)          # per token: s [B, H, m, 1]
-            vc, vs, vm = quant.quantize(_gather_tokens(v, idx), bits, dim=-1)
-            getattr(st, p).append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),
-                                  k_scale=ks[..., 0], k_min=km[..., 0], v_scale=vs[..., 0], v_min=vm[..., 0])
-
-    def _prefill(self, layer, q, k, v):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        B, H, L, D = k.shape
-        st = _State(hi=_Growing(), lo=_Growing(), buf=_Growing())
-        if not self.quantized:
-            st.buf.append(min_cap=L + self.N, k=k.half(), v=v.half())
-            return st, out
-        scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # the full matrix
-        scores[..., L - math.floor(self.recent_ratio * L):] = float("inf")              # recent tokens are salient
-        hi, lo = saliency.split(scores, self.r)
-        self._append(st, k.float(), v.float(), hi, lo)
-        st.buf.append(min_cap=self.N, k=k.new_zeros(B, H, 0, D, dtype=torch.float16),
-                      v=k.new_zeros(B, H, 0, D, dtype=torch.float16), acc=k.new_zeros(B, H, 0, dtype=torch.float32))
-        return st, out
-
-    def kv(self, layer):
-        """(K̂, V̂) fp32 [B, H_kv, n, D]: hi | lo | fp16 buffer."""
-        st = self.layers[layer]
-        K, V = [], []
-        for p in ("hi", "lo"):
-            s = getattr(st, p)
-            if s.n:
-                K.append(quant.dequantize(quant.unpack(s["k_codes"], self.bits[p]), s["k_scale"][..., None],
-                                          s["k_min"][..., None]))
-                V.append(quant.dequantize(quant.unpack(s["v_codes"], self.bits[p]), s["v_scale"][..., None],
-                                          s["v_min"][..., None]))
-        K.append(st.buf["k"].float())
-        V.append(st.buf["v"].float())
-        return torch.cat(K, 2), torch.cat(V, 2)
-
-    def _decode(self, layer, st, q, k, v):
-        extra = {"acc": k.new_zeros(k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.t else {}
-        st.buf.append(k=k.half(), v=v.half(), **extra)
-        K, V = self.kv(layer)
-        out, p = _attention(q, K, V)                                                     # eager: p [B, H, 1, n]
-        if self.quantized:
-            n = st.buf.n
-            st.buf["acc"].add_(saliency.group_sum(p[:, :, 0, -n:], k.shape[1]))
-            if n == self.N:  # flush: split the buffer by the attention it accumulated
-                hi, lo = saliency.split(st.buf["acc"], self.r)
-                self._append(st, st.buf["k"].float(), st.buf["v"].float(), hi, lo)
-                st.buf.n = 0
-        return out.to(q.dtype)
-
-    def _held(self, st):
-        return st.seen
-
-    def _paper_terms(self, st):
-        qel = bits = par = 0
-        for p in ("hi", "lo"):
-            s = getattr(st, p)
-            if s.n:
-                e = 2 * s["k_codes"].shape[0] * s["k_codes"].shape[1] * s.n * self.shape[2]
-                qel, bits, par = qel + e, bits + e * self.bits[p], par + 4 * s["k_scale"].numel()
-        return qel, bits, par
-
-
-# -----------------------------------------------------------------------------
-# the factory
-
-_ALIASES = {"high_bits": "bits_hi", "low_bits": "bits_lo", "recompress_every": "block_size",
-            "probe_strategy": "probe_mode"}
-
-
-def make_cache(name, config, **options):
-    """Build a cache by name (dense, zipcache, kivi, h2o, mikv). Options set to None are ignored, so a command line
-    can pass every flag. Accepted: zipcache: any ZipCacheConfig field, paper, official, bits (both groups), probe_ratio
-    (split over the probe kinds of probe_mode), and the aliases high_bits, low_bits, recompress_every,
-    probe_strategy; kivi: bits, group, residual; h2o: heavy_ratio, recent_ratio, keep_ratio (= heavy + recent,
-    split evenly); mikv: salient_ratio, recent_ratio, bits / bits_hi / bits_lo, block_size. All: validate."""
-    opts = {_ALIASES.get(k, k): v for k, v in options.items() if v is not None}
-    common = {k: opts.pop(k) for k in ("validate",) if k in opts}
-    if name == "latent" or getattr(config, "attn", "gqa") in ("cla", "mla", "clla"):
-        return _make_shared_cache(name, config, {**opts, **common})   # CLACache / LatentCache (end of this file)
-
-    def take(allowed):
-        unknown = sorted(set(opts) - set(allowed))
-        if unknown:
-            raise ValueError(f"option(s) {unknown} do not apply to --cache {name}; it accepts {sorted(allowed)}")
-        return opts
-
-    if name == "dense":
-        return DenseCache(config, **take(()), **common)
-    both = sorted({"bits_hi", "bits_lo"} & set(opts))
-    # bits sets both groups: a high_bits/low_bits beside it would be silently overwritten
-    if "bits" in opts and both and name in ("zipcache", "mikv"):
-        alias = {"bits_hi": "high_bits", "bits_lo": "low_bits"}
-        raise ValueError(f"bits={opts['bits']} sets both groups and conflicts with "
-                         f"{', '.join(f'{alias[b]}={opts[b]}' for b in both)}; pass either bits or high_bits/low_bits")
-    if name == "zipcache":
-        official, paper = opts.pop("official", False), opts.pop("paper", False)
-        if "bits" in opts:
-            opts["bits_hi"] = opts["bits_lo"] = opts.pop("bits")
-        if "probe_ratio" in opts:
-            pr, mode = opts.pop("probe_ratio"), opts.get("probe_mode", "recent+random")
-            _check_ratio("probe_ratio", pr)
-            if pr == 0:
-                raise ValueError("probe_ratio=0 selects no probe queries; use a fraction in (0, 1] (default 0.1), "
-                                 "or --probe_strategy all for the exact attention")
-            opts["probe_recent"] = pr / 2 if mode == "recent+random" else pr
-            opts["probe_random"] = pr / 2 if mode == "recent+random" else pr
-        base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
-        return ZipCache(config, replace(base, **take([f.name for f in fields(ZipCacheConfig)])), **common)
-    if name == "kivi":
-        return KIVICache(config, **take(("bits", "group", "residual")), **common)
-    if name == "h2o":
-        if "keep_ratio" in opts:
-            kr = opts.pop("keep_ratio")
-            _check_ratio("keep_ratio", kr)
-            if kr == 0:
-                raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
-            opts["heavy_ratio"] = opts["recent_ratio"] = kr / 2
-        return H2OCache(config, **take(("heavy_ratio", "recent_ratio")), **common)
-    if name == "mikv":
-        if "bits" in opts:
-            opts["bits_hi"] = opts["bits_lo"] = opts.pop("bits")
-        return MiKVCache(config, **take(("salient_ratio", "recent_ratio", "bits_hi", "bits_lo", "block_size")),
-                         **common)
-    raise ValueError(f"unknown cache {name!r}; use one of dense, zipcache, kivi, h2o, mikv")
-
-
-# =============================================================================
-# CLLA section (the CLLA engineer's; the README): caches for the cross-layer and latent attention variants.
-#   CLACache     attn="cla": one fp16 K/V store per group of share_factor layers
-#   LatentCache  attn="mla"/"clla": the latent c_KV and the rope key k_R, once per group, fp16 or packed int8/int4
-# make_cache routes to them from the config (attn), so `--cache dense` does the right thing for every variant.
-# The layer -> group rule is model.LayerRole's (cache.py does not import model.py): layer i is in group i // s and
-# produces iff i % s == 0; the last group may be shorter. A test checks nbytes() against model.kv_bits_per_token.
-
-class _Rows(_Growing):
-    dim = 1  # [B, CAP, ...] token rows (no head axis: one latent per token)
-
-
-def _causal_tail_mask(T, n, device):
-    """Query i of a T-token chunk sits at position n - T + i and sees keys j <= n - T + i. None when T == 1."""
-    if T == 1:
-        return None
-    return torch.arange(n, device=device)[None, :] <= torch.arange(n - T, n, device=device)[:, None]   # [T, n]
-
-
-class CLACache(DenseCache):
-    """Cross-layer attention (Brandon et al. 2024): the producer (first layer of a group) appends its k, v; the
-    consumers are handed the same k, v by the model and only read the group's store. Stored once: the cache is
-    1/share_factor of a DenseCache with the same KV heads."""
-    name = "cla"
-    ragged = False
-
-    def __init__(self, config, dtype=torch.float16, **kw):
-        self.share = config.share_factor
-        super().__init__(config, dtype=dtype, **kw)
-
-    def _producer(self, layer):
-        return layer - layer % self.share
-
-    def _prefill(self, layer, q, k, v):
-        if layer == self._producer(layer):
-            return super()._prefill(layer, q, k, v)
-        prod = self.layers[self._producer(layer)]
-        if prod is None or prod.kv.n != q.shape[2]:
-            raise ValueError(f"cla: layer {layer} attended before its producer layer {self._producer(layer)} wrote "
-                             f"this chunk; run the layers in order")
-        # the consumer's state shares the producer's store (nbytes counts it once)
-        return _State(kv=prod.kv), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    def _decode(self, layer, st, q, k, v):
-        if layer == self._producer(layer):
-            return super()._decode(layer, st, q, k, v)
-        K, V = st.kv["k"].to(q.dtype), st.kv["v"].to(q.dtype)                      # the group's K/V, already updated
-        mask = _causal_tail_mask(q.shape[2], st.kv.n, q.device)
-        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
-
-    def nbytes(self, allocated=False):
-        # producers: their store and counters; consumers: only their `seen` counter (8 B)
-        return sum(_state_bytes(s, allocated) if i == self._producer(i) else 8
-                   for i, s in enumerate(self.layers) if s is not None)
-
-    def info(self):
-        return f"cla (share_factor {self.share}, {self.dtype})"
-
+# LatentCache: the cache of the latent attention variants (MLA, CLLA; README "CLLA")
 
 class LatentCache:
     """The cache of MLA and CLLA (README): per token, the latent c [d_c] and the rope key k_R [d_r], stored
@@ -1164,11 +767,11 @@ class LatentCache:
     """
     name = "latent"
 
-    def __init__(self, config, dtype=torch.float16, validate=True):
+    def __init__(self, config, dtype=torch.float16):
         c = self.config = config
         if c.attn not in ("mla", "clla"):
             raise ValueError(f"LatentCache is for attn='mla' or 'clla', not {c.attn!r}; use --cache dense")
-        self.dtype, self.validate = dtype, validate           # dtype: unquantized rows (fp16; float32 for tests)
+        self.dtype = dtype                                    # dtype: unquantized rows (fp16; float32 for tests)
         self.bits, self.group, self.quant_rope = c.kv_bits, c.kv_quant_group, c.kv_quant_rope
         self.max_seq_len, self.n_layers = c.max_seq_len, c.n_layers
         self.d = {"c": c.kv_lora_rank, "r": c.qk_rope_dim}
@@ -1182,7 +785,7 @@ class LatentCache:
         self.reset()
 
     def reset(self):
-        self.slots = {key: _Rows() for keys in self.slot_of for key in keys}
+        self.slots = {key: _Store1() for keys in self.slot_of for key in keys}
         self.batch = None
         # decode scratch: a slot's codes unpacked to the compute dtype, shared by the layers of a group within one
         # step and dropped by the last layer that reads it, so nothing outlives the forward (not cache storage)
@@ -1213,14 +816,13 @@ class LatentCache:
             if store.n + x.shape[1] > self.max_seq_len:
                 raise ValueError(f"latent cache: {store.n} cached + {x.shape[1]} new tokens exceed max_seq_len="
                                  f"{self.max_seq_len}; shorten the prompt or lower --max_new_tokens")
-            if self.validate:
-                quant.check_finite(x, f"latent cache layer {layer} {kind}", torch.finfo(self.dtype).max)
+            quant.check_finite(x, f"latent cache layer {layer} {kind}", torch.finfo(self.dtype).max)
             self.batch = x.shape[0]
             if not self._quantized(kind):
                 store.append(min_cap=64, x=x.detach().to(self.dtype))
             else:  # the README: asymmetric min/scale per token or per g channels, fp16 parameters
                 codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1,
-                                                  check=not self.validate)             # else checked above
+                                                  check=False)                         # checked above
                 store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]
                              scale=scale.squeeze(-1), mn=mn.squeeze(-1))                        # [B, T, n_grp]
 
@@ -1376,21 +978,91 @@ class LatentCache:
         return f"latent ({c.attn}{share}, {q})"
 
 
-def _make_shared_cache(name, config, opts):
-    """make_cache for attn = cla / mla / clla: these store K/V (or the latent) once per group of layers, which only
-    CLACache / LatentCache know how to do. The precision of a latent cache comes from the config (kv_bits)."""
+# -----------------------------------------------------------------------------
+# the factory: a cache by name, with the options a command line gives (None = not given)
+
+def _zipcache(config, official=False, paper=False, bits=None, probe_ratio=None, **opts):
+    """ZipCache from ZipCacheConfig fields plus three shorthands: official / paper (the presets), bits (both
+    precision groups) and probe_ratio (split over the probe kinds of probe_strategy)."""
+    if bits is not None:
+        opts["high_bits"] = opts["low_bits"] = bits
+    if probe_ratio is not None:
+        _check_ratio("probe_ratio", probe_ratio)
+        if probe_ratio == 0:
+            raise ValueError("probe_ratio=0 selects no probe queries; use a fraction in (0, 1] (default 0.1), "
+                             "or --probe_strategy all for the exact attention")
+        both = opts.get("probe_strategy", "recent+random") == "recent+random"
+        opts["probe_recent"] = opts["probe_random"] = probe_ratio / 2 if both else probe_ratio
+    base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
+    return ZipCache(config, replace(base, **opts))
+
+
+def _mikv(config, bits=None, **opts):
+    import baselines
+    if bits is not None:
+        opts["high_bits"] = opts["low_bits"] = bits
+    return baselines.MiKVCache(config, **opts)
+
+
+def _h2o(config, keep_ratio=None, **opts):
+    import baselines
+    if keep_ratio is not None:  # heavy hitters and recent tokens, half each
+        _check_ratio("keep_ratio", keep_ratio)
+        if keep_ratio == 0:
+            raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
+        opts["heavy_ratio"] = opts["recent_ratio"] = keep_ratio / 2
+    return baselines.H2OCache(config, **opts)
+
+
+def _kivi(config, **opts):
+    import baselines
+    return baselines.KIVICache(config, **opts)
+
+
+def _cla(config, **opts):
+    import baselines
+    return baselines.CLACache(config, **opts)
+
+
+# name -> (builder, the options it accepts). baselines.py builds on this file's classes, so it is imported by the
+# builders at the point of use.
+_ZIP_OPTIONS = ("official", "paper", "bits", "probe_ratio", *(f.name for f in fields(ZipCacheConfig)))
+CACHES = {
+    "dense": (DenseCache, ("dtype",)),
+    "zipcache": (_zipcache, _ZIP_OPTIONS),
+    "kivi": (_kivi, ("bits", "group", "residual")),
+    "h2o": (_h2o, ("heavy_ratio", "recent_ratio", "keep_ratio")),
+    "mikv": (_mikv, ("salient_ratio", "recent_ratio", "bits", "high_bits", "low_bits", "recompress_every")),
+    "cla": (_cla, ("dtype",)),         # attn="cla" models: K/V once per group of layers
+    "latent": (LatentCache, ("dtype",)),  # attn="mla"/"clla" models: the latent and the rope key
+}
+# the cache a model's attention variant needs; every other cache stores per-layer K/V
+_VARIANT_CACHE = {"cla": "cla", "mla": "latent", "clla": "latent"}
+
+
+def make_cache(name, config, **options):
+    """Build a cache by name (one of CACHES). Options set to None are ignored, so a command line can pass every
+    flag; an option the cache does not take is an error. A CLA / MLA / CLLA model needs its own cache: asking it
+    for "dense" gives that cache (its dense, unquantized-by-the-cache form; it says so in info())."""
+    variant = _VARIANT_CACHE.get(getattr(config, "attn", "gqa"))
+    if name == "dense" and variant:
+        name = variant                 # the only cache that can hold this model's K/V (or latent) exactly
+    if name not in CACHES:
+        raise ValueError(f"unknown cache {name!r}; use one of {', '.join(CACHES)}")
     attn = getattr(config, "attn", "gqa")
-    if attn in ("mla", "clla") and name in ("dense", "latent"):
-        cls = LatentCache
-    elif attn == "cla" and name in ("dense", "cla"):
-        cls = CLACache
-    else:
-        raise ValueError(f"--cache {name} does not apply to attn={attn!r}: "
-                         + ("the latent variants cache c_KV and k_rope, use --cache dense (a LatentCache; the "
-                            "checkpoint's kv_bits sets its precision)" if attn in ("mla", "clla") else
-                            "CLA shares K/V across layers, use --cache dense (a CLACache)" if attn == "cla" else
-                            "the latent cache is for attn='mla' or 'clla'"))
-    unknown = sorted(set(opts) - {"validate", "dtype"})
+    if name in ("cla", "latent") and name != variant:
+        raise ValueError(f"the {name} cache is for attn={'cla' if name == 'cla' else 'mla or clla'} models, not "
+                         f"attn={attn!r}; use --cache dense or another cache")
+    if variant and name != variant:
+        raise ValueError(f"--cache {name} does not apply to attn={attn!r}: it shares K/V (or a latent) across "
+                         f"layers, which only its own cache stores; use --cache dense (a {variant} cache)")
+    build, allowed = CACHES[name]
+    opts = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(opts) - set(allowed))
     if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to the {cls.name} cache; it accepts ['dtype', 'validate']")
-    return cls(config, **opts)
+        raise ValueError(f"option(s) {unknown} do not apply to --cache {name}; it accepts {sorted(allowed)}")
+    both = [f"{k}={opts[k]}" for k in ("high_bits", "low_bits") if k in opts]
+    if name in ("zipcache", "mikv") and "bits" in opts and both:   # else one would silently overwrite the other
+        raise ValueError(f"bits={opts['bits']} sets both groups and conflicts with {', '.join(both)}; pass either "
+                         f"bits or high_bits/low_bits")
+    return build(config, **opts)

@@ -131,10 +131,10 @@ def configurations(quick):
         add("sweep", f"H2O ({kr:.0%} kept)", "h2o", keep_ratio=kr)
     # Table 2: probe strategy at 10% probes and 40% salient
     for mode in ("random", "special", "recent", "recent+random"):
-        add("probe", mode, "zipcache", salient_ratio=0.4, probe_mode=mode, probe_ratio=0.1)
+        add("probe", mode, "zipcache", salient_ratio=0.4, probe_strategy=mode, probe_ratio=0.1)
     # Table A: saliency metric, from the exact attention matrix (every row a probe) at 40% salient
     for score in ("locality", "accumulated", "normalized"):
-        add("score", score, "zipcache", salient_ratio=0.4, probe_mode="all", score=score)
+        add("score", score, "zipcache", salient_ratio=0.4, probe_strategy="all", score=score)
     # Table 1: granularity at 4 bits (the paper's setting) and at 2 bits (where a small model shows differences)
     for bits in (4, 2):
         for kg, vg in (("groupwise", "groupwise"), ("tokenwise", "tokenwise"), ("channelwise", "tokenwise"),
@@ -177,7 +177,7 @@ def prefill_all(model, idx, specs, special):
     caches = [build_cache(s, model.config) for s in specs]
     pos = saliency.special_positions(idx, special)
     for c, s in zip(caches, specs):
-        if s["opts"].get("probe_mode") == "special":
+        if s["opts"].get("probe_strategy") == "special":
             c.set_special_positions(pos)
     fan = FanOut(caches, device)
     sync(device)

@@ -128,17 +128,19 @@ def get_args(argv=None, defaults=None):
     return p.parse_args(argv)
 
 
+# the cache flags: each is named as the option make_cache takes (a ZipCacheConfig field, or a baseline's argument)
+CACHE_FLAGS = ("bits", "group", "high_bits", "low_bits", "salient_ratio", "probe_ratio", "probe_strategy",
+               "recompress_every", "requantize", "official", "paper", "k_group", "n_sink", "keep_ratio")
+
+
 def cache_options(args):
-    """Map command-line flags onto make_cache keyword options; flags left unset (None) keep each cache's defaults,
-    and a flag that does not apply to the chosen cache is an error from make_cache."""
-    o = dict(bits=args.bits, group=args.group, high_bits=args.high_bits, low_bits=args.low_bits,
-             salient_ratio=args.salient_ratio, probe_ratio=args.probe_ratio, probe_strategy=args.probe_strategy,
-             recompress_every=args.recompress_every, requantize=args.requantize or None,
-             official=args.official or None, paper=args.paper or None, k_group=args.k_group, n_sink=args.n_sink,
-             keep_ratio=args.keep_ratio)
+    """The cache flags given on the command line as make_cache options. Unset flags (None, or a switch left off)
+    keep each cache's defaults; a flag that does not apply to the chosen cache is an error from make_cache."""
+    o = {k: getattr(args, k) for k in CACHE_FLAGS}
+    o = {k: v for k, v in o.items() if v is not None and v is not False}          # 0 is a value, False is unset
     if args.cache == "zipcache":
         o["kernel"] = args.kernel
-    return {k: v for k, v in o.items() if v is not None}
+    return o
 
 
 def sample(logits, temperature, top_k, top_p, generator):
@@ -304,7 +306,7 @@ def main(argv=None):
 
     def run(name, opts):
         cache = make_cache(name, cfg, **opts)
-        if isinstance(cache, ZipCache) and cache.cfg.probe_mode == "special":   # probes at newline/colon/?/.
+        if isinstance(cache, ZipCache) and cache.cfg.probe_strategy == "special":   # probes at newline/colon/?/.
             cache.set_special_positions(saliency.special_positions(torch.tensor([ids]), special_probe_ids(tok)))
         out, stats = generate(model, ids, cache, max_new, args.temperature, args.top_k, args.top_p, args.seed,
                               tok.stop_ids, args.num_samples)

@@ -14,7 +14,7 @@ from model import ModelConfig, Transformer
 
 NAMES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
 # small but structured: GQA (g = 2), tiny blocks/groups so a few decode steps cross every flush boundary
-SMALL = dict(zipcache=dict(block_size=5), kivi=dict(group=8, residual=16), h2o={}, mikv=dict(block_size=5), dense={})
+SMALL = dict(zipcache=dict(recompress_every=5), kivi=dict(group=8, residual=16), h2o={}, mikv=dict(recompress_every=5), dense={})
 
 
 def mcfg(n_layers=1, H=4, Hkv=2, D=16, max_seq_len=512):
@@ -74,7 +74,7 @@ def poison(c):
                                                                           getattr(st, p).params,
                                                                           getattr(st, p).rows)]
         for s in stores:
-            for t in s.t.values():
+            for t in s.full.values():
                 spare = t.narrow(s.dim, s.n, t.shape[s.dim] - s.n)
                 spare.fill_(255 if t.dtype == torch.uint8 else (-1 if not t.is_floating_point() else float("nan")))
 
@@ -121,11 +121,11 @@ def test_prefill_is_exactly_sdpa(name):
 
 
 @pytest.mark.parametrize("name,opts", [(n, SMALL[n]) for n in NAMES] + [
-    ("zipcache", dict(block_size=5, v_token_scope="head", decode_score="last_query")),
-    ("zipcache", dict(block_size=5, official=True)),
-    ("zipcache", dict(block_size=5, bits_hi=8, bits_lo=4, pool_batch_stats=True)),
-    ("zipcache", dict(block_size=5, k_group=4, n_sink=3)),
-    ("zipcache", dict(block_size=5, k_group=4, n_sink=3, n_recent=3, keep_saliency_mask=True))])
+    ("zipcache", dict(recompress_every=5, v_token_scope="head", decode_score="last_query")),
+    ("zipcache", dict(recompress_every=5, official=True)),
+    ("zipcache", dict(recompress_every=5, high_bits=8, low_bits=4, pool_batch_stats=True)),
+    ("zipcache", dict(recompress_every=5, k_group=4, n_sink=3)),
+    ("zipcache", dict(recompress_every=5, k_group=4, n_sink=3, n_recent=3, keep_saliency_mask=True))])
 def test_decode_equals_attention_over_own_kv(name, opts):
     # decode output = float64 attention over what the cache holds *before* the step plus the new (fp16-stored) token;
     # fp32 math on ~50 tokens: 1e-5 relative (Frobenius) is ~100x the expected rounding error
@@ -215,7 +215,7 @@ def test_nbytes_counts_every_tensor(name):
 
 
 def test_nbytes_counts_every_tensor_with_groups_and_sinks():
-    c = C.make_cache("zipcache", mcfg(), block_size=5, k_group=4, n_sink=3, n_recent=2)
+    c = C.make_cache("zipcache", mcfg(), recompress_every=5, k_group=4, n_sink=3, n_recent=2)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     assert c.nbytes(allocated=True) == walk_tensor_bytes(c.layers)
@@ -227,7 +227,7 @@ def test_nbytes_counts_every_tensor_with_groups_and_sinks():
 
 def test_sink_tokens_are_bit_identical_to_dense():
     # the first n_sink positions stay fp16 in the buffer through every flush: exactly what DenseCache stores
-    z = C.make_cache("zipcache", mcfg(), block_size=5, n_sink=4)
+    z = C.make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4)
     d = C.make_cache("dense", mcfg())
     x = qkv(2, 4, 2, 37, 16, seed=0)
     z.attend(0, *x), d.attend(0, *x)
@@ -238,7 +238,7 @@ def test_sink_tokens_are_bit_identical_to_dense():
     assert torch.equal(v.v_buf[:, :, :4], d.layers[0].kv["v"][:, :, :4])
     assert v.hi.rows[0, 1] + v.lo.rows[0, 1] == 37 - 4                     # block 0 = the prompt after the sinks
     # a recent window: the prompt's last 3 tokens stay fp16 until the first flush, then join that block
-    r = C.make_cache("zipcache", mcfg(), block_size=5, n_sink=4, n_recent=3)
+    r = C.make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4, n_recent=3)
     r.attend(0, *x)
     v = r.layer_view(0)
     assert v.n_buf == 7 and torch.equal(v.k_buf[:, :, 4:7], d.layers[0].kv["k"][:, :, -3:])
@@ -275,7 +275,7 @@ def test_key_groups_cut_blocks_and_lower_key_error():
 
 def test_zipcache_blocks_and_rows():
     # after L + S steps: n_blocks = 1 + S // N, n_buf = S % N; each block splits floor(0.4 n) regular tokens
-    c = C.make_cache("zipcache", mcfg(), paper=True, block_size=5)
+    c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     v = c.layer_view(0)
@@ -291,7 +291,7 @@ def test_zipcache_nbytes_closed_form(scope):
     # the README for B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
     B, H, D, nb = 2, 2, 16, 3
     Hv = H if scope == "head" else 1
-    c = C.make_cache("zipcache", mcfg(), paper=True, block_size=5, v_token_scope=scope)
+    c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5, v_token_scope=scope)
     c.attend(0, *qkv(B, 4, H, 37, D, seed=0))
     run_steps(c, B, 4, H, D, 12, seed=1)
     n_hi, n_lo, n_buf = 29, 18, 2
@@ -347,7 +347,7 @@ def test_paper_formula_ratio():
 
 
 def test_requantize_leaves_one_block():
-    c = C.make_cache("zipcache", mcfg(), paper=True, block_size=5, requantize=True)
+    c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5, requantize=True)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     v = c.layer_view(0)
@@ -379,7 +379,7 @@ def test_kernel_triton_matches_torch_path():
     g = torch.Generator().manual_seed(1)
     steps = [[torch.randn(2, n, 1, 64, generator=g, dtype=torch.float16) for n in (4, 2, 2)] for _ in range(7)]
     for kern in ("torch", "triton"):
-        c = C.make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), block_size=5, kernel=kern)
+        c = C.make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), recompress_every=5, kernel=kern)
         c.attend(0, *(t.half() for t in qkv(2, 4, 2, 37, 64, seed=0)))
         try:
             outs[kern] = torch.cat([c.attend(0, *s) for s in steps], 2).float()
@@ -391,9 +391,9 @@ def test_kernel_triton_matches_torch_path():
 
 
 def test_saliency_mask_and_special_probes():
-    # probe_mode="all" + norm "full" = exact normalized scores; the mask records exactly the salient positions
+    # probe_strategy="all" + norm "full" = exact normalized scores; the mask records exactly the salient positions
     L = 30
-    c = C.make_cache("zipcache", mcfg(), paper=True, probe_mode="all", keep_saliency_mask=True, block_size=5)
+    c = C.make_cache("zipcache", mcfg(), paper=True, probe_strategy="all", keep_saliency_mask=True, recompress_every=5)
     q, k, v = qkv(1, 4, 2, L, 16, seed=4)
     c.attend(0, q, k, v)
     A = torch.softmax((q.double() @ k.repeat_interleave(2, 1).double().transpose(-1, -2) / 4).masked_fill(
@@ -406,7 +406,7 @@ def test_saliency_mask_and_special_probes():
     m = c.salient_mask(0)
     assert m.shape == (1, 2, 35) and int(m[..., 30:].sum(-1).max()) == 3    # the decode block: 3 of 5 salient
     # special probes: the caller supplies positions
-    s = C.make_cache("zipcache", mcfg(), probe_mode="special", paper=True)
+    s = C.make_cache("zipcache", mcfg(), probe_strategy="special", paper=True)
     with pytest.raises(ValueError, match="set_special_positions"):
         s.attend(0, q, k, v)
     s.reset()
@@ -448,7 +448,7 @@ def _split(score, r=0.6):
 
 def test_official_mode_matches_spec_formulas():
     B, H, Hkv, L, D, N = 2, 4, 2, 24, 8, 4
-    c = C.make_cache("zipcache", mcfg(H=H, Hkv=Hkv, D=D), official=True, block_size=N)
+    c = C.make_cache("zipcache", mcfg(H=H, Hkv=Hkv, D=D), official=True, recompress_every=N)
     q, k, v = qkv(B, H, Hkv, L, D, seed=7)
     c.attend(0, q, k, v)
     # probes: n_rec = 24 - floor(22.8) = 2 recent, floor(1.2) = 1 random from [0, 22), seed 0
@@ -501,7 +501,7 @@ def test_official_mode_matches_spec_formulas():
 
 @pytest.mark.parametrize("r", [0.0, 1.0])
 def test_empty_groups(r):
-    c = C.make_cache("zipcache", mcfg(), salient_ratio=r, block_size=3)
+    c = C.make_cache("zipcache", mcfg(), salient_ratio=r, recompress_every=3)
     c.attend(0, *qkv(2, 4, 2, 10, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 4, seed=1)
     v = c.layer_view(0)
@@ -511,7 +511,7 @@ def test_empty_groups(r):
 
 
 def test_single_token_prompt_and_constant_values():
-    c = C.make_cache("zipcache", mcfg(), block_size=4)
+    c = C.make_cache("zipcache", mcfg(), recompress_every=4)
     q, k, v = qkv(1, 4, 2, 1, 16, seed=0)
     c.attend(0, q, k, v)                                     # L = 1: n_lo = floor(0.4) = 0
     assert c.layer_view(0).lo.rows[0, :2].tolist() == [0, 0]
@@ -529,7 +529,7 @@ def test_single_token_prompt_and_constant_values():
 
 def test_errors_are_clear():
     cfg = mcfg(max_seq_len=40)
-    for opts, msg in [(dict(bits=3), "bits"), (dict(high_bits=5), "bits_hi"), (dict(salient_ratio=1.5), "salient"),
+    for opts, msg in [(dict(bits=3), "bits"), (dict(high_bits=5), "high_bits"), (dict(salient_ratio=1.5), "salient"),
                       (dict(probe_ratio=-0.1), "probe_ratio"), (dict(high_bits=16), "16 bits"),
                       (dict(kernel="cuda"), "kernel"), (dict(nonsense=1), "nonsense")]:
         with pytest.raises(ValueError, match=msg):
@@ -558,7 +558,7 @@ def test_errors_are_clear():
         run_steps(c, 1, 4, 2, 16, 1, seed=3)
     # None options are ignored (a command line passes every flag), aliases map to the config fields
     z = C.make_cache("zipcache", cfg, high_bits=8, low_bits=4, recompress_every=7, probe_ratio=0.2, kivi_bits=None)
-    assert (z.cfg.bits_hi, z.cfg.bits_lo, z.cfg.block_size, z.cfg.probe_recent) == (8, 4, 7, 0.1)
+    assert (z.cfg.high_bits, z.cfg.low_bits, z.cfg.recompress_every, z.cfg.probe_recent) == (8, 4, 7, 0.1)
     assert C.make_cache("zipcache", cfg, official=True, requantize=False).cfg.requantize is False
 
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import baselines
 import cache as C
 import model as M
 import quant
@@ -176,7 +177,7 @@ def test_decode_equals_full_forward(name):
     assert cache.pos == len(cache) == 20
     # float32, only summation order differs; quantized variants read back the very codes fake-quant produced
     assert (got - full).abs().max().item() <= 1e-5
-    want_cls = {"cla": C.CLACache, "mla": C.LatentCache, "clla": C.LatentCache}.get(m.config.attn, C.DenseCache)
+    want_cls = {"cla": baselines.CLACache, "mla": C.LatentCache, "clla": C.LatentCache}.get(m.config.attn, C.DenseCache)
     assert type(cache) is want_cls
 
 
@@ -195,7 +196,7 @@ def test_quantized_cache_equals_training_mode():
     assert (got - train_logits).abs().max().item() <= 1e-5
     assert (unquant - train_logits).abs().max().item() > 1e-3
     slot = cache.slots[("c", 0)]
-    assert set(slot.t) == {"codes", "scale", "mn"} and slot["codes"].dtype == torch.uint8
+    assert set(slot.full) == {"codes", "scale", "mn"} and slot["codes"].dtype == torch.uint8
     assert slot["codes"].shape[-1] == m.config.kv_lora_rank // 2 and slot["scale"].dtype == torch.float16
 
 
@@ -228,7 +229,7 @@ def test_kv_bits_16_never_quantizes(monkeypatch):
         cache = dense_cache(m.eval(), torch.float16)
         m(idx[:, :6], cache=cache)
         m(idx[:, 6:7], cache=cache)
-    assert all(set(s.t) == {"x"} and s["x"].dtype == torch.float16 for s in cache.slots.values())
+    assert all(set(s.full) == {"x"} and s["x"].dtype == torch.float16 for s in cache.slots.values())
 
 
 # -----------------------------------------------------------------------------

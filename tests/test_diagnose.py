@@ -11,7 +11,7 @@ def test_error_split_on_a_tiny_model():
     cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=512)
     model = Transformer(cfg).eval()
     ids = torch.randint(0, 97, (300,)).tolist()
-    rows = D.run(model, ids, {"paper": dict(paper=True), "8bit": dict(paper=True, bits_hi=8, bits_lo=8),
+    rows = D.run(model, ids, {"paper": dict(paper=True), "8bit": dict(paper=True, high_bits=8, low_bits=8),
                               "default": {}}, log=lambda *a: None)
     for name, r in rows.items():
         m = r["mean"]

@@ -79,7 +79,7 @@ def test_zero_padding_is_no_padding():
     torch.testing.assert_close(model(idx, cache=c0)[0], model(idx, cache=c1)[0], atol=0, rtol=0)
 
 
-ZIP = dict(block_size=3, n_sink=2, n_recent=2, k_group=4, keep_saliency_mask=True, kernel="torch")
+ZIP = dict(recompress_every=3, n_sink=2, n_recent=2, k_group=4, keep_saliency_mask=True, kernel="torch")
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def test_zipcache_ragged_matches_alone():
     model = tiny(seed=3)
     batch = prompts(seed=4)
     idx, pad = left_pad(batch)
-    steps = 7                                  # crosses two flushes of block_size 3
+    steps = 7                                  # crosses two flushes of recompress_every 3
     nxt = torch.randint(1, 64, (len(batch), steps), generator=torch.Generator().manual_seed(5))
     cache = C.make_cache("zipcache", model.config, **ZIP)
     got = run(model, cache, idx, pad, steps=steps, nxt=nxt)
@@ -134,7 +134,7 @@ def test_latent_and_cla_refuse_ragged():
 def test_generate_ragged_list(name):
     model = tiny()
     batch = prompts([5, 11])
-    opts = dict(block_size=3) if name == "zipcache" else {}
+    opts = dict(recompress_every=3) if name == "zipcache" else {}
     ids, _ = G.generate(model, batch, C.make_cache(name, model.config, **opts), 6)
     for b, p in enumerate(batch):
         alone, _ = G.generate(model, p, C.make_cache(name, model.config, **opts), 6)

@@ -1,0 +1,361 @@
+"""
+The baselines ZipCache is compared with, behind the same `attend` interface as cache.py's caches (one small class
+per method, built on cache.py's storage and `Cache` base):
+
+    KIVICache    2/4-bit: keys per channel in groups of G tokens, values per token, an fp16 residual window (KIVI)
+    H2OCache     heavy hitters + a recent window, everything else evicted (H2O)
+    MiKVCache    mixed 4/2-bit per token, saliency from accumulated attention of the full matrix (MiKV)
+    CLACache     fp16 K/V stored once per group of layers, for attn="cla" models (cross-layer attention)
+
+make_cache (cache.py) builds them by name: `make_cache("kivi", config, bits=2)`.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import quant
+import saliency
+from cache import Cache, DenseCache, _Store, _State, _check_bits, _check_pack_dim, _check_ratio, \
+    _causal_tail_mask, _gather_tokens, _state_bytes
+
+
+def _attention(q, K, V, mask=None):
+    """Explicit fp32 attention: q [B, H, T, D], K/V [B, H_kv, n, D], mask broadcastable to [B, H, T, n] (True =
+    visible) -> (out [B, H, T, D] fp32, p [B, H, T, n]). The eager baseline path; p feeds accumulated scores."""
+    g = q.shape[1] // K.shape[1]
+    K, V = K.float().repeat_interleave(g, 1), V.float().repeat_interleave(g, 1)
+    s = q.float() @ K.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1)
+    return p @ V, p
+
+
+# -----------------------------------------------------------------------------
+# KIVI
+
+class KIVICache(Cache):
+    """KIVI: keys quantized per channel in groups of G tokens, values per token in groups of G channels.
+
+    Keys wait in fp16 until R have accumulated, then are quantized as one chunk (old codes untouched); values keep a
+    sliding fp16 window of the R newest, and each step quantizes the one that leaves it. Decode attention
+    dequantizes, then runs SDPA (KIVI's fused kernels are a CUDA affair).
+    """
+    name = "kivi"
+
+    def __init__(self, config, bits=2, group=32, residual=128):
+        _check_bits("bits", bits)
+        D = config.head_dim
+        if group < 1 or residual < 1:
+            raise ValueError(f"KIVI group={group} and residual={residual} must be at least 1 (default 32 and 128)")
+        self.bits, self.G, self.R = bits, group, residual
+        self.quantized = bits < 16
+        if self.quantized:
+            _check_pack_dim(D, (bits,))
+            if residual % group or residual < group:
+                raise ValueError(f"KIVI residual={residual} must be a positive multiple of group={group}")
+            if D % group:
+                raise ValueError(f"KIVI groups of {group} channels cannot split head_dim={D}; pass group= a divisor")
+        super().__init__(config)
+
+    def info(self):
+        return f"kivi {self.bits}-bit, group {self.G}, residual {self.R}"
+
+    def _quant_keys(self, st, k):  # k [B, H, n, D], n a multiple of G
+        if k.shape[2]:
+            codes, s, m = quant.quantize_groupwise(k, self.bits, self.G, dim=-2)          # s [B, H, n/G, 1, D]
+            st.kq.append(k_codes=quant.pack(codes, self.bits))
+            st.kp.append(k_scale=s[..., 0, :], k_min=m[..., 0, :])                        # [B, H, n/G, D]
+
+    def _quant_values(self, st, v):
+        if v.shape[2]:
+            codes, s, m = quant.quantize_groupwise(v, self.bits, self.G, dim=-1)          # s [B, H, n, D/G, 1]
+            st.vq.append(v_codes=quant.pack(codes, self.bits), v_scale=s[..., 0], v_min=m[..., 0])
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        L = k.shape[2]
+        st = _State(kq=_Store(), kp=_Store(), kf=_Store(), vq=_Store(), vf=_Store())
+        nk, nv = (L - L % self.R, max(0, L - self.R)) if self.quantized else (0, 0)
+        self._quant_keys(st, k[:, :, :nk])
+        self._quant_values(st, v[:, :, :nv])
+        st.kf.append(min_cap=self.R, k=k[:, :, nk:].half())
+        st.vf.append(min_cap=self.R + 1, v=v[:, :, nv:].half())
+        return st, out
+
+    def kv(self, layer):
+        """(K̂, V̂) fp32 [B, H_kv, L, D] in position order: dequantized part, then the fp16 part."""
+        st, G = self.layers[layer], self.G
+        K, V = [], []
+        if st.kq.n:
+            x = quant.unpack(st.kq["k_codes"], self.bits)
+            K.append(quant.dequantize_groupwise(x, st.kp["k_scale"][..., None, :], st.kp["k_min"][..., None, :],
+                                                G, dim=-2))
+        if st.vq.n:
+            y = quant.unpack(st.vq["v_codes"], self.bits)
+            V.append(quant.dequantize_groupwise(y, st.vq["v_scale"][..., None], st.vq["v_min"][..., None], G))
+        K.append(st.kf["k"].float())
+        V.append(st.vf["v"].float())
+        return torch.cat(K, 2), torch.cat(V, 2)
+
+    def _decode(self, layer, st, q, k, v):
+        st.kf.append(k=k.half())
+        st.vf.append(v=v.half())
+        K, V = self.kv(layer)
+        out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), enable_gqa=True)
+        if self.quantized:
+            if st.kf.n == self.R:  # a full residual of keys becomes one quantized chunk
+                self._quant_keys(st, st.kf["k"])
+                st.kf.n = 0
+            if st.vf.n > self.R:   # the oldest value leaves the window
+                self._quant_values(st, st.vf["v"][:, :, :1])
+                st.vf.drop_front(1)
+        return out
+
+    def _held(self, st):
+        return st.seen
+
+    def _paper_terms(self, st):
+        B, H, D = self.shape
+        e = B * H * D * (st.kq.n + st.vq.n)
+        par = (2 * st.kp["k_scale"].numel() if st.kp.n else 0) + (2 * st.vq["v_scale"].numel() if st.vq.n else 0)
+        return e, e * self.bits, par
+
+
+# -----------------------------------------------------------------------------
+# H2O
+
+class H2OCache(Cache):
+    """Heavy-hitter oracle: keep the rec newest tokens plus the hh with the largest accumulated attention, evict the
+    rest for good. hh = floor(heavy_ratio * L), rec = floor(recent_ratio * L), fixed at the prefill; slots
+    [B, H_kv, hh + rec + 1, D] with an int32 position each (-1 = free). heavy + recent >= 1 never evicts."""
+    name = "h2o"
+
+    def __init__(self, config, heavy_ratio=0.1, recent_ratio=0.1):
+        _check_ratio("heavy_ratio", heavy_ratio)
+        _check_ratio("recent_ratio", recent_ratio)
+        self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
+        self.unbounded = heavy_ratio + recent_ratio >= 1.0
+        super().__init__(config)
+
+    def reset(self):
+        super().reset()
+        self.budget = None  # (hh, rec), fixed by the first prefill
+
+    def info(self):
+        return f"h2o heavy {self.heavy_ratio:.0%} + recent {self.recent_ratio:.0%}"
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        B, H, L, D = k.shape
+        hh, rec = math.floor(self.heavy_ratio * L), math.floor(self.recent_ratio * L)
+        if not self.unbounded and hh + rec == 0:  # a zero budget would evict every token, the prompt included
+            raise ValueError(f"h2o keeps floor(ratio x {L} prompt tokens) = 0 tokens at heavy_ratio="
+                             f"{self.heavy_ratio:g}, recent_ratio={self.recent_ratio:g}; raise --keep_ratio (at least "
+                             f"{2 / L:.2g} for this prompt) or use a longer prompt")
+        self.budget = self.budget or (hh, rec)
+        # accumulated attention over every prompt row (materialized, one KV-head group at a time)
+        scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # [B, H_kv, L]
+        if self.unbounded or hh + rec >= L:
+            keep = torch.arange(L, device=k.device).expand(B, H, L)
+        else:
+            top = scores[..., :L - rec].topk(hh, dim=-1).indices.sort(-1).values
+            keep = torch.cat([top, torch.arange(L - rec, L, device=k.device).expand(B, H, rec)], -1)
+        st = _State(slots=_Store())
+        st.slots.append(min_cap=hh + rec + 1, k=_gather_tokens(k, keep).half(), v=_gather_tokens(v, keep).half(),
+                        score=torch.gather(scores, 2, keep), posn=keep.to(torch.int32))
+        st.slots.full["posn"][:, :, st.slots.n:] = -1                                       # free slots
+        return st, out
+
+    def _decode(self, layer, st, q, k, v):
+        t = st.seen  # position of the new token
+        s = st.slots
+        if self.unbounded:
+            s.append(k=k.half(), v=v.half(), score=k.new_zeros(k.shape[:3], dtype=torch.float32),
+                     posn=torch.full(k.shape[:3], t, dtype=torch.int32, device=k.device))
+        else:  # write into the free slot (the one holding position -1)
+            free = s.full["posn"].argmin(-1, keepdim=True)                                  # [B, H_kv, 1]
+            s.full["k"].scatter_(2, free[..., None].expand_as(k), k.half())
+            s.full["v"].scatter_(2, free[..., None].expand_as(v), v.half())
+            s.full["score"].scatter_(2, free, 0.0)
+            s.full["posn"].scatter_(2, free, t)
+            s.n += 1
+        width, valid = self._valid(s)                                                    # [B, H_kv, S]
+        K, V, posn = s.full["k"][:, :, :width], s.full["v"][:, :, :width], s.full["posn"][:, :, :width]
+        g = q.shape[1] // k.shape[1]
+        out, p = _attention(q, K, V, valid.repeat_interleave(g, 1)[:, :, None, :])
+        s.full["score"][:, :, :width] += saliency.group_sum(p[:, :, 0], k.shape[1])         # accumulated attention
+        hh, rec = self.budget
+        if not self.unbounded and s.n > hh + rec:  # evict the lowest score among the non-recent tokens
+            cand = valid & (posn < t + 1 - rec)
+            e = s.full["score"][:, :, :width].masked_fill(~cand, float("inf")).argmin(-1, keepdim=True)
+            s.full["posn"].scatter_(2, e, -1)
+            s.n -= 1
+        return out.to(q.dtype)
+
+    def _valid(self, s):
+        width = s.n if self.unbounded else s.full["posn"].shape[2]  # bounded: every slot, the free one masked
+        return width, s.full["posn"][:, :, :width] >= 0
+
+    def kept_positions(self, layer):
+        """int32 [B, H_kv, n] positions currently held, in slot order."""
+        s = self.layers[layer].slots
+        width, valid = self._valid(s)
+        return s.full["posn"][:, :, :width][valid].view(*valid.shape[:2], -1)
+
+    def kv(self, layer):
+        """(K, V) fp32 [B, H_kv, n, D] of the kept tokens (slot order)."""
+        s = self.layers[layer].slots
+        width, valid = self._valid(s)
+        B, H = valid.shape[:2]
+        K = s.full["k"][:, :, :width][valid].view(B, H, -1, s.full["k"].shape[-1]).float()
+        V = s.full["v"][:, :, :width][valid].view(B, H, -1, s.full["v"].shape[-1]).float()
+        return K, V
+
+    def _held(self, st):
+        return st.slots.n
+
+    def _paper_terms(self, st):
+        # eviction as "compression": tokens seen over tokens kept, in fp16 (scores and positions ignored)
+        B, H, D = self.shape
+        return 2 * B * H * D * st.seen, 16 * 2 * B * H * D * st.slots.n, 0
+
+
+# -----------------------------------------------------------------------------
+# MiKV
+
+class MiKVCache(Cache):
+    """MiKV: accumulated attention from the full prefill matrix picks the salient tokens (plus the recent ones);
+    K and V are quantized per token at high_bits (salient) / low_bits. Decode is eager: every step dequantizes the whole
+    cache and materializes the attention row; every recompress_every steps the fp16 buffer is split by the attention its
+    tokens accumulated and quantized. Nothing is ever re-classified. (The optional channel balancer is not built.)"""
+    name = "mikv"
+
+    def __init__(self, config, salient_ratio=0.6, recent_ratio=0.1, high_bits=4, low_bits=2,
+                 recompress_every=100):
+        _check_ratio("salient_ratio", salient_ratio)
+        _check_ratio("recent_ratio", recent_ratio)
+        _check_bits("high_bits", high_bits)
+        _check_bits("low_bits", low_bits)
+        if (high_bits == 16) != (low_bits == 16):
+            raise ValueError("MiKV: 16 bits means 'not quantized'; set both bits to 16 or both below")
+        _check_pack_dim(config.head_dim, (high_bits, low_bits))
+        if recompress_every < 1:
+            raise ValueError(f"recompress_every={recompress_every} must be >= 1")
+        self.r, self.recent_ratio, self.bits, self.N = salient_ratio, recent_ratio, dict(hi=high_bits, lo=low_bits), \
+            recompress_every
+        self.quantized = high_bits < 16
+        super().__init__(config)
+
+    def info(self):
+        return f"mikv {self.bits['hi']}/{self.bits['lo']}-bit, {self.r:.0%} salient, recent {self.recent_ratio:.0%}"
+
+    def _append(self, st, k, v, hi, lo):
+        for p, idx in (("hi", hi), ("lo", lo)):
+            bits, m = self.bits[p], idx.shape[-1]
+            if m == 0:
+                continue
+            kc, ks, km = quant.quantize(_gather_tokens(k, idx), bits, dim=-1)          # per token: s [B, H, m, 1]
+            vc, vs, vm = quant.quantize(_gather_tokens(v, idx), bits, dim=-1)
+            getattr(st, p).append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),
+                                  k_scale=ks[..., 0], k_min=km[..., 0], v_scale=vs[..., 0], v_min=vm[..., 0])
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        B, H, L, D = k.shape
+        st = _State(hi=_Store(), lo=_Store(), buf=_Store())
+        if not self.quantized:
+            st.buf.append(min_cap=L + self.N, k=k.half(), v=v.half())
+            return st, out
+        scores = saliency.probe_scores(q, k, torch.arange(L), "accumulated")             # the full matrix
+        scores[..., L - math.floor(self.recent_ratio * L):] = float("inf")              # recent tokens are salient
+        hi, lo = saliency.split(scores, self.r)
+        self._append(st, k.float(), v.float(), hi, lo)
+        st.buf.append(min_cap=self.N, k=k.new_zeros(B, H, 0, D, dtype=torch.float16),
+                      v=k.new_zeros(B, H, 0, D, dtype=torch.float16), acc=k.new_zeros(B, H, 0, dtype=torch.float32))
+        return st, out
+
+    def kv(self, layer):
+        """(K̂, V̂) fp32 [B, H_kv, n, D]: hi | lo | fp16 buffer."""
+        st = self.layers[layer]
+        K, V = [], []
+        for p in ("hi", "lo"):
+            s = getattr(st, p)
+            if s.n:
+                K.append(quant.dequantize(quant.unpack(s["k_codes"], self.bits[p]), s["k_scale"][..., None],
+                                          s["k_min"][..., None]))
+                V.append(quant.dequantize(quant.unpack(s["v_codes"], self.bits[p]), s["v_scale"][..., None],
+                                          s["v_min"][..., None]))
+        K.append(st.buf["k"].float())
+        V.append(st.buf["v"].float())
+        return torch.cat(K, 2), torch.cat(V, 2)
+
+    def _decode(self, layer, st, q, k, v):
+        extra = {"acc": k.new_zeros(k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.full else {}
+        st.buf.append(k=k.half(), v=v.half(), **extra)
+        K, V = self.kv(layer)
+        out, p = _attention(q, K, V)                                                     # eager: p [B, H, 1, n]
+        if self.quantized:
+            n = st.buf.n
+            st.buf["acc"].add_(saliency.group_sum(p[:, :, 0, -n:], k.shape[1]))
+            if n == self.N:  # flush: split the buffer by the attention it accumulated
+                hi, lo = saliency.split(st.buf["acc"], self.r)
+                self._append(st, st.buf["k"].float(), st.buf["v"].float(), hi, lo)
+                st.buf.n = 0
+        return out.to(q.dtype)
+
+    def _held(self, st):
+        return st.seen
+
+    def _paper_terms(self, st):
+        qel = bits = par = 0
+        for p in ("hi", "lo"):
+            s = getattr(st, p)
+            if s.n:
+                e = 2 * s["k_codes"].shape[0] * s["k_codes"].shape[1] * s.n * self.shape[2]
+                qel, bits, par = qel + e, bits + e * self.bits[p], par + 4 * s["k_scale"].numel()
+        return qel, bits, par
+
+
+# -----------------------------------------------------------------------------
+# CLA
+
+class CLACache(DenseCache):
+    """Cross-layer attention (Brandon et al. 2024): the producer (first layer of a group) appends its k, v; the
+    consumers are handed the same k, v by the model and only read the group's store. Stored once: the cache is
+    1/share_factor of a DenseCache with the same KV heads."""
+    name = "cla"
+    ragged = False
+
+    def __init__(self, config, dtype=torch.float16):
+        self.share = config.share_factor
+        super().__init__(config, dtype=dtype)
+
+    def _producer(self, layer):
+        return layer - layer % self.share
+
+    def _prefill(self, layer, q, k, v):
+        if layer == self._producer(layer):
+            return super()._prefill(layer, q, k, v)
+        prod = self.layers[self._producer(layer)]
+        if prod is None or prod.kv.n != q.shape[2]:
+            raise ValueError(f"cla: layer {layer} attended before its producer layer {self._producer(layer)} wrote "
+                             f"this chunk; run the layers in order")
+        # the consumer's state shares the producer's store (nbytes counts it once)
+        return _State(kv=prod.kv), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def _decode(self, layer, st, q, k, v):
+        if layer == self._producer(layer):
+            return super()._decode(layer, st, q, k, v)
+        K, V = st.kv["k"].to(q.dtype), st.kv["v"].to(q.dtype)                      # the group's K/V, already updated
+        mask = _causal_tail_mask(q.shape[2], st.kv.n, q.device)
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+
+    def nbytes(self, allocated=False):
+        # producers: their store and counters; consumers: only their `seen` counter (8 B)
+        return sum(_state_bytes(s, allocated) if i == self._producer(i) else 8
+                   for i, s in enumerate(self.layers) if s is not None)
+
+    def info(self):
+        return f"cla (share_factor {self.share}, {self.dtype})"
