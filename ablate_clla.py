@@ -30,6 +30,7 @@ import cache as C
 import data as datalib
 import model as M
 import train
+import weights
 from tokenizer import load_tokenizer
 
 OUT, RESULTS = os.path.join("out", "ablate_clla"), "results"
@@ -136,7 +137,7 @@ def run_one(job):
         path = os.path.join(out_dir, "ckpt.pt")
         ck = torch.load(path, map_location="cpu", weights_only=True)
         ck["config"]["kv_ste"] = True          # a training-behaviour switch, not a shape change: same state_dict
-        train.atomic_save(ck, path)
+        weights.atomic_save(ck, path)
         res = train.main(argv + ["--resume=True", f"--lr_decay_iters={steps}"], log=log)
         res["elapsed_s"] += r1["elapsed_s"]
         res["trained_steps"] += r1["trained_steps"]
@@ -144,7 +145,7 @@ def run_one(job):
     else:
         res = train.main(argv, log=log)
     train_s = time.perf_counter() - t0
-    model, _ = M.load_model(os.path.join(out_dir, "ckpt.pt"))      # the checkpoint records the variant
+    model, _ = weights.load_model(os.path.join(out_dir, "ckpt.pt"))      # the checkpoint records the variant
     cfg = model.config
     g = torch.Generator().manual_seed(4242)        # the same val batches for every run
     batches = [datalib.get_batch(meta, "val", TRAIN["batch_size"], TRAIN["block_size"], g, torch.device("cpu"))
@@ -184,7 +185,7 @@ def bench(results, repeats=3):
                       generator=torch.Generator().manual_seed(0))
     xs, ys = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     for r in results:
-        model, _ = M.load_model(os.path.join(OUT, r["name"], "ckpt.pt"))
+        model, _ = weights.load_model(os.path.join(OUT, r["name"], "ckpt.pt"))
         dec = max(loss_on(model, [(xs, ys)], cache_eval=True)[1] for _ in range(repeats))
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -362,7 +362,7 @@ def main():
             r = measure(B, Hq, Hkv, D, ctx, args.salient, paths=("fused",), block_n=bn, num_warps=nw)
             print(f"  block_n={bn:>3} num_warps={nw}: {r['fused']:8.1f} µs", flush=True)
 
-    # the kernel issue's targets, judged on this run
+    # the kernel's targets (README "The decode kernel"), judged on this run
     if DEV == "cuda":
         print("\ntargets:")
         at = [r for r in rows if r["ctx"] == 32768 and r["B"] == 8 and "fused" in r]

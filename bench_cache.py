@@ -1,5 +1,5 @@
 """
-The caches side by side on one attention layer (the ZipCache issue's targets): real bytes, prefill time and one
+The caches side by side on one attention layer (the targets of README "ZipCache in five steps"): real bytes, prefill time and one
 decode step at a long context, every ratio measured against the dense cache in the same run.
 
     python bench_cache.py                     # 4k tokens, 8 query / 2 KV heads, head_dim 64 and 128, on the CPU

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-import eval as E
 from cache import make_cache
-from generate import Parser, default_checkpoint, pick_device, sync
+from generate import Parser, pick_device, sync
+from weights import load_model_and_tokenizer
 
 
 def one_run(model, ids, name, steps, device):
@@ -55,7 +55,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
-        model, _ = E.load(args.checkpoint or default_checkpoint(), None, device, torch.float32)
+        model, _ = load_model_and_tokenizer(args.checkpoint, None, device, torch.float32)
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     if max(lengths) + args.steps > model.config.max_seq_len:

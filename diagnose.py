@@ -127,11 +127,10 @@ def main(argv=None):
         p.error(f"--configs: unknown {bad}; use names from {list(CONFIGS)}")
     if args.tokens < 64:
         p.error(f"--tokens={args.tokens} is too short to say anything; use >= 64")
-    import eval as E
-    import generate as G
+    from weights import load_model_and_tokenizer
     from pydoc_data.topics import topics
     try:
-        model, tok = E.load(args.checkpoint or G.default_checkpoint(), None, "cpu", torch.float32)
+        model, tok = load_model_and_tokenizer(args.checkpoint, None, "cpu", torch.float32)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"diagnose.py: error: {e}")
     text = "\n\n".join(topics[k] for k in sorted(topics))             # ~465 KB of English, every Python has it

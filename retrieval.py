@@ -256,7 +256,8 @@ def dense_accuracy(model, tok, n_lines, n, split="val", seed=0, batch=50):
 
 
 def train(cfg, log=print):
-    import train as T  # train.py's optimizer and checkpoint writers
+    import train as T  # train.py's optimizer
+    import weights
     from model import ModelConfig, Transformer
     from tokenizer import load_tokenizer
 
@@ -315,13 +316,12 @@ def train(cfg, log=print):
             counts = sorted({c for c in (10, 50, 100, 150, 200, cfg.lines) if c <= cfg.lines})
             acc = {c: dense_accuracy(model, tok, c, cfg.eval_n) for c in counts}
             log(f"step {step}: val accuracy " + ", ".join(f"{c} lines {a:.1f}%" for c, a in acc.items()))
-            T.atomic_save({"model": model.state_dict(), "config": asdict(mconf), "tokenizer": tok.spec, "step": step,
-                           "train_config": asdict(cfg), "val_accuracy": acc, "elapsed_s": time.perf_counter() - t0,
-                           "lines_cap": cap, "optimizer": opt.state_dict()}, ckpt_path)
+            weights.save_checkpoint(ckpt_path, model, tok, step, train_config=asdict(cfg), val_accuracy=acc,
+                                    elapsed_s=time.perf_counter() - t0, lines_cap=cap, optimizer=opt.state_dict())
     elapsed = time.perf_counter() - t0
     log(f"done: {cfg.max_iters} steps in {elapsed:.0f}s")
     if cfg.export_to:
-        size = T.export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
+        size = weights.export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
         log(f"exported {cfg.export_to} ({size / 2**20:.1f} MB, fp16, no optimizer state)")
     return acc, elapsed
 

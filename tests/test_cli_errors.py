@@ -20,6 +20,7 @@ import generate as G
 import model as M
 import retrieval
 import train
+import weights
 from cache import make_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,7 @@ def _train(argv):
 
 
 def _ragged(p):
-    model, _ = M.load_model(p["tiny"])
+    model, _ = weights.load_model(p["tiny"])
     G.generate(model, [[1, 2, 3], [1, 2]], make_cache("h2o", model.config), 2)
 
 
@@ -131,7 +132,7 @@ def _empty(p, name, B, T):
 def _save_nan(p):
     # the save path itself refuses non-finite weights, whoever calls it
     path = os.path.join(p["dir"], "run", "ckpt.pt")
-    train.atomic_save({"model": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    weights.atomic_save({"model": {"w": torch.tensor([1.0, float("nan")])}}, path)
 
 
 def _save_disk_full(p, monkeypatch):
@@ -139,7 +140,7 @@ def _save_disk_full(p, monkeypatch):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    train.atomic_save({"model": {"w": torch.ones(2)}}, os.path.join(p["dir"], "run", "ckpt.pt"))
+    weights.atomic_save({"model": {"w": torch.ones(2)}}, os.path.join(p["dir"], "run", "ckpt.pt"))
 
 
 CALLS = {"ragged": _ragged, "nan_fp32": _nan_fp32, "save_nan": _save_nan, "save_disk_full": _save_disk_full,

@@ -100,7 +100,7 @@ def test_torchrun_two_processes_gloo(tmp_path, corpus):
 
 
 def test_export_slim_checkpoint(tmp_path, corpus):
-    from model import load_model
+    from weights import load_model
     out = tmp_path / "ship" / "ckpt.pt"
     train.main(tiny(tmp_path, corpus, "--max_iters=5", f"--export_to={out}"), log=quiet)
     slim = torch.load(out, weights_only=True)

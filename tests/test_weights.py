@@ -122,9 +122,9 @@ def write_hf_dir(d, sd):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_every_type_matches_hf_path(tmp_path, qtype):
     gg, sd = random_llama(qtype)
-    ours, meta = M.load_model(write_gguf(tmp_path / "m.gguf", gg), dtype=torch.float32)
+    ours, meta = weights.load_model(write_gguf(tmp_path / "m.gguf", gg), dtype=torch.float32)
     assert meta["format"] == "gguf" and ours.config.tie_embeddings and ours.config.head_dim == CFG.head_dim
-    ref, _ = M.load_model(write_hf_dir(tmp_path / "hf", sd), dtype=torch.float32)
+    ref, _ = weights.load_model(write_hf_dir(tmp_path / "hf", sd), dtype=torch.float32)
     idx = torch.randint(0, CFG.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours(idx)[0], ref(idx)[0]
@@ -149,14 +149,14 @@ def test_bad_files_one_line(tmp_path):
     garbage.write_bytes(b"GGUF" + os.urandom(300))
     for bad in (cut, garbage):
         with pytest.raises(ValueError, match="truncated or corrupt") as e:
-            M.load_model(str(bad))
+            weights.load_model(str(bad))
         assert "\n" not in str(e.value)
     gg = random_llama(Q.F32)[0]
     with pytest.raises(ValueError, match="architecture is 'qwen2'.*only 'llama'"):
-        M.load_model(write_gguf(tmp_path / "q.gguf", gg, arch="qwen2"))
+        weights.load_model(write_gguf(tmp_path / "q.gguf", gg, arch="qwen2"))
     gg["blk.0.attn_norm.weight"] = (gg["blk.0.attn_norm.weight"][0].astype(np.float64), None)   # F64: no dequantizer
     with pytest.raises(ValueError, match="type F64, which gguf.quants cannot dequantize"):
-        M.load_model(write_gguf(tmp_path / "f64.gguf", gg))
+        weights.load_model(write_gguf(tmp_path / "f64.gguf", gg))
 
 
 def test_sentencepiece_gguf_refused(tmp_path):
