@@ -333,7 +333,7 @@ class CLACache(DenseCache):
         super().__init__(config, dtype=dtype)
 
     def _producer(self, layer):
-        return layer - layer % self.share
+        return self.config.kv_owner(layer)[0]             # the model's group rule
 
     def _prefill(self, layer, q, k, v):
         if layer == self._producer(layer):

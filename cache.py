@@ -775,11 +775,8 @@ class LatentCache:
         self.bits, self.group, self.quant_rope = c.kv_bits, c.kv_quant_group, c.kv_quant_rope
         self.max_seq_len, self.n_layers = c.max_seq_len, c.n_layers
         self.d = {"c": c.kv_lora_rank, "r": c.qk_rope_dim}
-        s = c.share_factor if c.attn == "clla" else 1
-        mode = c.share_mode if c.attn == "clla" else "latent+rope"
-        # layer -> slot keys; a layer writes the slots named after itself
-        self.slot_of = [(("c", i if mode == "rope_only" else i - i % s), ("r", i if mode == "latent_only" else i - i % s))
-                        for i in range(c.n_layers)]
+        # layer -> its slot keys, named after the layer that writes them (config.kv_owner: the model's group rule)
+        self.slot_of = [(("c", own_c), ("r", own_r)) for own_c, own_r in map(c.kv_owner, range(c.n_layers))]
         # slot (and (c slot, r slot) pair) -> the last layer that reads it
         self.last_reader = {key: i for i, keys in enumerate(self.slot_of) for key in (*keys, keys)}
         self.reset()

@@ -141,6 +141,17 @@ class ModelConfig:
                         raise ValueError(f"{n}={getattr(self, n)} cannot be packed into {b}-bit codes: it must be a "
                                          f"multiple of {per_byte}")
 
+    def kv_owner(self, i):
+        """The one layer-group rule (CLA, CLLA): which layers computed what layer i attends over, as
+        (owner of its K/V or latent c_KV, owner of its rope key k_R). Layer i is in group i // s, and the group's
+        first layer produces for it; the last group may be shorter. CLLA's share_mode says what a consumer reuses:
+        latent+rope both, latent_only the latent (it computes its own k_R), rope_only k_R. Without sharing, every
+        layer owns its own. The model and the caches (CLACache, LatentCache) both ask this method."""
+        s = self.share_factor if self.attn in ("cla", "clla") else 1
+        mode = self.share_mode if self.attn == "clla" else "latent+rope"
+        first = i - i % s
+        return (i if mode == "rope_only" else first), (i if mode == "latent_only" else first)
+
     @property
     def rope_dim(self):
         """Width RoPE rotates: the whole head, or MLA's decoupled d_r slice (README)."""
@@ -216,23 +227,32 @@ def apply_rope(x, cos, sin):
 # attention variants
 
 class Attention(nn.Module):
-    """Multi-head attention with n_kv_heads key/value heads: MHA (n_kv = n_heads), GQA, MQA (n_kv = 1).
+    """Multi-head attention with n_kv_heads key/value heads: MHA (n_kv = n_heads), GQA, MQA (n_kv = 1), and CLA.
 
     Query head i reads KV head i // (n_heads // n_kv_heads) (consecutive grouping, as SDPA's enable_gqa).
+    CLA (Brandon et al. 2024): only the first layer of each group of share_factor (the producer) computes K/V; the
+    consumers have no wk/wv and attend over the producer's K/V (after RoPE) with their own queries. With a cache,
+    consumers still call cache.attend(layer, q, k, v) with the producer's k, v; baselines.CLACache stores them once.
     """
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.producer = config.kv_owner(layer_idx)[0] == layer_idx      # always, unless attn="cla"
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        if self.producer:
+            self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+            self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, cache=None, shared=None):
         B, T, _ = x.shape
         H, H_kv = self.n_heads, self.n_kv_heads
+        if not self.producer:  # CLA consumer: own queries, the producer's K/V (gradients flow back into its wk/wv)
+            q = apply_rope(self.wq(x).view(B, T, H, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, D]
+            k, v = shared.kv
+            return self._attend(q, k, v, cache)
         # q, k, v in one matmul over the stacked weights: one pass over x instead of three (the checkpoint keeps
         # wq/wk/wv). Stacking copies the weights, small next to a training batch's activations but more than the
         # matmul itself for a few decode tokens, which run the three projections and stack their outputs instead.
@@ -243,11 +263,17 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, H + 2 * H_kv, self.head_dim).transpose(1, 2)             # [B, H + 2 H_kv, T, D]
         qk, v = qkv.split([H + H_kv, H_kv], dim=1)                    # split, not slices: one cat in the backward
         q, k = apply_rope(qk, cos, sin).split([H, H_kv], dim=1)       # [B, H, T, D], [B, H_kv, T, D]
+        if shared is not None:
+            shared.kv = k, v                                          # for this group's CLA consumers
+        return self._attend(q, k, v, cache)
+
+    def _attend(self, q, k, v, cache):
+        B, _, T, _ = q.shape
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = cache.attend(self.layer_idx, q, k, v)                                 # [B, H, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            y = cache.attend(self.layer_idx, q, k, v)                 # the cache: prefill or decode, cache.py
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))           # y: [B, H, T, D]
 
 
 # -----------------------------------------------------------------------------
@@ -258,15 +284,22 @@ SHARE_MODES = ("latent+rope", "latent_only", "rope_only")
 
 
 class LayerRole:
-    """What layer i computes itself. Layer i is in group i // s and produces iff i % s == 0; the
-    last group may be shorter. cache.py builds its slots from the same rule (and a test checks the bytes)."""
+    """What layer i computes itself, from config.kv_owner(i): the producer (first layer of its group) computes
+    everything; a consumer its own latent (rope_only) or its own rope key (latent_only), or neither."""
 
     def __init__(self, config, i):
-        s = config.share_factor if config.attn in ("cla", "clla") else 1
-        mode = config.share_mode if config.attn == "clla" else "latent+rope"
-        self.group, self.producer = i // s, i % s == 0
-        self.own_latent = self.producer or mode == "rope_only"    # cla: "latent" = the layer's K/V
-        self.own_rope = self.producer or mode == "latent_only"
+        owner_latent, owner_rope = config.kv_owner(i)
+        self.producer = owner_latent == owner_rope == i
+        self.own_latent, self.own_rope = owner_latent == i, owner_rope == i   # cla: "latent" = the layer's K/V
+
+
+@dataclass
+class GroupShare:
+    """What a producer layer hands the consumers of its group within one forward pass (CLA, CLLA)."""
+    kv: tuple = None                # CLA: the producer's (k, v) after RoPE
+    latent: tuple = None            # CLLA: (c, k_R) as the producer computed them (fake-quantized if kv_bits < 16)
+    wkv_b: torch.Tensor = None      # CLLA share_kv_proj: the producer's up-projection W_UK|W_UV
+    latent_kv: tuple = None         # CLLA share_kv_proj: the producer's materialized per-head (k, v)
 
 
 # Named attention settings; train.py accepts them as presets: `python train.py small clla-quant`
@@ -300,34 +333,6 @@ def kv_bits_per_token(cfg):
 def kv_ratio(cfg):
     """The cache relative to fp16 MHA of the same width (n_heads x head_dim, all layers): the '2%' of the paper."""
     return kv_bits_per_token(cfg) / (2 * cfg.n_heads * cfg.head_dim * 16 * cfg.n_layers)
-
-
-class CrossLayerAttention(Attention):
-    """CLA (Brandon et al. 2024): the first layer of each group of share_factor computes K/V (post-RoPE) and every
-    layer of the group attends over them with its own queries. Consumers have no wk/wv. With a cache, consumers
-    still call cache.attend(layer, q, k, v) with the producer's k, v; a CLA-aware cache (cache.py CLACache) stores
-    them once per group."""
-
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        self.producer = LayerRole(config, layer_idx).producer
-        if not self.producer:
-            del self.wk, self.wv
-
-    def forward(self, x, cos, sin, cache=None, shared=None):
-        B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, D]
-        if self.producer:
-            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, H_kv, T, D]
-            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            shared["cla"] = k, v = apply_rope(k, cos, sin), v
-        else:
-            k, v = shared["cla"]                          # gradients flow back into the producer's wk/wv
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            y = cache.attend(self.layer_idx, q, k, v)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def latent_fake_quant(x, config, ste=True):
@@ -399,13 +404,11 @@ class LatentAttention(nn.Module):
             kr_raw = apply_rope(kr.unsqueeze(1), cos, sin).squeeze(1)           # RoPE before caching
             kr = self._fq(kr_raw) if self.config.kv_quant_rope else kr_raw
         if role.producer:
-            shared["latent"] = (c, kr)
-            shared["wkv_b"] = self.wkv_b.weight
-            shared.pop("latent_kv", None)
+            shared.latent, shared.wkv_b, shared.latent_kv = (c, kr), self.wkv_b.weight, None
         else:
-            c = c if role.own_latent else shared["latent"][0]                   # gradients reach the producer
-            kr = kr if role.own_rope else shared["latent"][1]
-        w = (self.wkv_b.weight if hasattr(self, "wkv_b") else shared["wkv_b"]).view(H, d_nope + d_v, d_c)
+            c = c if role.own_latent else shared.latent[0]                      # gradients reach the producer
+            kr = kr if role.own_rope else shared.latent[1]
+        w = (self.wkv_b.weight if hasattr(self, "wkv_b") else shared.wkv_b).view(H, d_nope + d_v, d_c)
         w_uk, w_uv = w[:, :d_nope], w[:, d_nope:]                               # [H, d_nope, d_c], [H, d_v, d_c]
 
         if cache is not None:
@@ -414,8 +417,8 @@ class LatentAttention(nn.Module):
                                  f"the cache with make_cache('dense', config) (a LatentCache)")
             if role.own_latent or role.own_rope:
                 cache.write(self.layer_idx, c_raw, kr_raw)                      # raw: the cache quantizes as _fq did
-            if cache.length(self.layer_idx) > T:
-                # decode (or a continued prefill): absorbed attention over the cached history, the README
+            if cache.length(self.layer_idx) > T:   # history before this chunk: decode (or a continued prefill)
+                # absorbed attention over the cached latent, README "CLLA"
                 q_lat = torch.einsum("bhtn,hnc->bhtc", q_c, w_uk)                # [B, H, T, d_c]
                 z = cache.attend_latent(self.layer_idx, q_lat, q_r, self.scale)  # [B, H, T, d_c], in latent space
                 y = torch.einsum("bhtc,hvc->bhtv", z, w_uv)                      # [B, H, T, d_v]
@@ -423,22 +426,22 @@ class LatentAttention(nn.Module):
         # training / prefill: materialize per-head K and V. A share_kv_proj consumer in latent+rope mode
         # sees exactly its producer's K/V, so it reuses them (CLA on top of MLA).
         reuse = not role.producer and self.config.share_kv_proj and not (role.own_latent or role.own_rope)
-        if reuse and "latent_kv" in shared:
-            k, v = shared["latent_kv"]
+        if reuse and shared.latent_kv is not None:
+            k, v = shared.latent_kv
         else:
             kv = F.linear(c, w.flatten(0, 1)).view(B, T, H, d_nope + d_v).transpose(1, 2)   # [B, H, T, d_nope + d_v]
             k_c, v = kv.split([d_nope, d_v], dim=-1)
             k = torch.cat([k_c, kr.unsqueeze(1).expand(B, H, T, d_r)], dim=-1)  # [B, H, T, d_nope + d_r]
             if role.producer:
-                shared["latent_kv"] = k, v
+                shared.latent_kv = k, v
         y = F.scaled_dot_product_attention(torch.cat([q_c, q_r], dim=-1), k, v, is_causal=True, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * d_v))                # y: [B, H, T, d_v]
 
 
 # The one place where the attention variant is chosen: config.attn -> module class. A class takes
-# (config, layer_idx) and its forward takes (x, cos, sin, cache, shared); `shared` is a dict that lives for one
-# forward pass, so cross-layer variants (CLA, CLLA) can hand tensors from a producer layer to its consumers.
-ATTENTION = {"mha": Attention, "gqa": Attention, "mqa": Attention, "cla": CrossLayerAttention,
+# (config, layer_idx) and its forward takes (x, cos, sin, cache, shared); `shared` is a GroupShare that lives for
+# one forward pass, so cross-layer variants (CLA, CLLA) can hand tensors from a producer layer to its consumers.
+ATTENTION = {"mha": Attention, "gqa": Attention, "mqa": Attention, "cla": Attention,
              "mla": LatentAttention, "clla": LatentAttention}
 
 
@@ -522,7 +525,7 @@ class Transformer(nn.Module):
             pos = (start + torch.arange(T, device=idx.device) - pad.to(idx.device)[:, None]).clamp(min=0)  # [B, T]
             cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]           # [B, 1, T, D/2]
         h = self.tok_embeddings(idx)                                                  # [B, T, dim]
-        shared = {}
+        shared = GroupShare()
         for layer in self.layers:
             h = layer(h, cos, sin, cache, shared)
         h = self.norm(h)

@@ -86,7 +86,7 @@ def test_mla_layer_matches_per_head_reference():
     x = torch.randn(2, 11, 64, dtype=torch.float64)
     cos, sin = m.rope_cos[:11].double(), m.rope_sin[:11].double()
     with torch.no_grad():
-        got = att(x, cos, sin, None, {})
+        got = att(x, cos, sin, None, M.GroupShare())
         want = reference_mla(att, x, cos, sin)
     assert rel_err(got, want) <= 1e-10   # float64, same math in another order
     assert m.rope_cos.shape[1] == 8 // 2  # RoPE tables are d_r wide, not head_dim wide
@@ -300,7 +300,7 @@ def test_gradients_reach_producer_from_every_consumer(mode, bits):
             "rope_only": slice(cfg.kv_lora_rank, None)}[mode]   # the part of wkv_a the consumers read
     for consumer in (1, 2):
         m.zero_grad()
-        shared = {}
+        shared = M.GroupShare()
         for i in range(consumer + 1):       # producer, then consumers; only the chosen consumer's output is the loss
             y = layers[i](torch.randn(2, 9, cfg.dim), cos, sin, None, shared)
         y.square().sum().backward()
@@ -311,7 +311,7 @@ def test_gradients_reach_producer_from_every_consumer(mode, bits):
 
 def test_cla_gradients_reach_producer():
     m = make(attn="cla", n_kv_heads=2, share_factor=2).train()
-    shared, cos, sin = {}, m.rope_cos[:5], m.rope_sin[:5]
+    shared, cos, sin = M.GroupShare(), m.rope_cos[:5], m.rope_sin[:5]
     att = [b.attention for b in m.layers]
     att[0](torch.randn(1, 5, 64), cos, sin, None, shared)
     att[1](torch.randn(1, 5, 64), cos, sin, None, shared).sum().backward()
