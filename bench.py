@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-import quant
 
 args = None   # the parsed command line (main); the cache helpers below are importable without it (tests use them)
 DEV = "cuda"
@@ -92,32 +91,17 @@ def synthetic_view(B, Hkv, D, ctx, salient=0.6, n_buf=0, prompt=None, block=100,
 
 
 def dequant_plan(view):
-    """Host-side facts the dequantizer needs (computed once, outside the timed region: no syncs under a graph)."""
-    plan = []
-    for seg in view.segments:
-        rows = seg.rows[0, :view.n_blocks + 1].long()
-        n = int(rows[-1])
-        blk = torch.searchsorted(rows, torch.arange(n, device=rows.device), right=True) - 1
-        plan.append((n, blk if view.n_blocks > 1 else None))
-    return plan
+    """The block of every row, per segment (computed once, outside the timed region: no syncs under a graph)."""
+    return [kernels.row_blocks(seg.rows[0], view.n_blocks) for seg in view.segments]
 
 
 def dequantize_view(view, plan):
-    """The ZipCache layout -> fp16 K, V [B, H_kv, L, D] (hi | lo | buffer): unpack, then K̂ = a·x + μ and
-    V̂ = c·(σ·y + ν) per row, in fp16, vectorised over everything (the 'dequantize, then SDPA' baseline)."""
-    Ks, Vs = [], []
-    for seg, (n, blk) in zip(view.segments, plan):
-        if n == 0:
-            continue
-        def per_row(t):  # [Bs, NB_CAP, H_kv, D] block params -> broadcastable [Bs, H_kv, n or 1, D]
-            return (t[:, blk] if blk is not None else t[:, :1]).transpose(1, 2)
-        x = quant.unpack(seg.k_codes[:, :, :n], seg.bits).half()
-        y = quant.unpack(seg.v_codes[:, :, :n], seg.bits).half()
-        Ks.append(x * per_row(seg.k_scale) + per_row(seg.k_min))
-        Vs.append(per_row(view.v_chan) * (y * seg.v_scale[:, :, :n, None] + seg.v_min[:, :, :n, None]))
-    Ks.append(view.k_buf[:, :, :view.n_buf])
-    Vs.append(view.v_buf[:, :, :view.n_buf])
-    return torch.cat(Ks, 2), torch.cat(Vs, 2)
+    """The ZipCache layout -> fp16 K, V [B, H_kv, L, D] (hi | lo | buffer) with kernels.dequantize_segment, in fp16,
+    vectorised over everything (the 'dequantize, then SDPA' baseline)."""
+    parts = [kernels.dequantize_segment(seg, view.v_chan, blk, torch.float16)
+             for seg, blk in zip(view.segments, plan) if len(blk)]
+    parts.append((view.k_buf[:, :, :view.n_buf], view.v_buf[:, :, :view.n_buf]))
+    return torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2)
 
 
 def sdpa_decode(q, k, v):

@@ -445,6 +445,9 @@ class ZipCache(Cache):
         super().reset()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)  # probes: one draw per layer, in layer order
         self.subs = None  # ragged batch: one single-sequence ZipCache per sequence (set_padding)
+        # per layer: the kernel's split tables, derived from the row tables; emptied whenever a block is appended
+        # (prefill, flush), so the kernel rebuilds them only then, not every step (scratch, not cache bytes)
+        self.split_tables = [{} for _ in range(self.n_layers)]
 
     def set_padding(self, pad):
         """A ragged batch is held as B single-sequence ZipCaches, each fed its sequence without the padding: the
@@ -576,6 +579,7 @@ class ZipCache(Cache):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
         B, H, L, D = k.shape
         st = self._new_state(B, H, D, k.device)
+        self.split_tables[layer] = {}
         if not self.quantized:  # 16 bits: everything stays in the fp16 buffer
             st.buf.append(min_cap=L + self.cfg.recompress_every, k=k.half(), v=v.half())
             return st, out
@@ -604,7 +608,9 @@ class ZipCache(Cache):
     def layer_view(self, layer):
         """The layout kernels.decode_attention consumes: full-capacity tensors + valid counts."""
         self._ragged_only_per_sequence("layer_view(layer)")
-        st = self.layers[layer]
+        return self._view(self.layers[layer], self.split_tables[layer])
+
+    def _view(self, st, tables=None):
         if not self.quantized:
             return kernels.dense_view(st.buf["k"], st.buf["v"])
 
@@ -616,7 +622,7 @@ class ZipCache(Cache):
 
         return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan.full["v_chan"],
                                     k_buf=st.buf.full["k"], v_buf=st.buf.full["v"], n_buf=st.buf.n,
-                                    n_blocks=st.v_chan.n)
+                                    n_blocks=st.v_chan.n, tables=tables)
 
     def _decode(self, layer, st, q, k, v):
         if self.subs is not None:
@@ -634,24 +640,19 @@ class ZipCache(Cache):
         if self.quantized:
             flush = st.buf.n - getattr(st, "n_sink", 0) == c.recompress_every
             if c.decode_score == "normalized" or flush:
-                # each buffered token's true probability under this query, summed over its group's heads
-                B, H, D = q1.shape
-                Hkv = k.shape[1]
-                s = q1.float().reshape(B, Hkv, H // Hkv, 1, D) @ st.buf["k"].float()[:, :, None].transpose(-1, -2)
-                p = torch.exp(s[..., 0, :] * D ** -0.5 - lse.view(B, Hkv, H // Hkv, 1)).sum(2)   # [B, H_kv, n_buf]
+                p = saliency.decode_probabilities(q1, st.buf["k"], lse)                    # [B, H_kv, n_buf]
                 if c.decode_score == "normalized":
                     st.buf["acc"].add_(p)
             if flush:
                 self._flush(st, p)
+                self.split_tables[layer] = {}
         return out[:, :, None]                                                           # [B, H, 1, D]
 
     def _flush(self, st, p_last):
         """Compress the full buffer into a new block with its own statistics and split."""
         c, N, S = self.cfg, self.cfg.recompress_every, getattr(st, "n_sink", 0)   # buffer rows [S, S + N) compress
         if c.decode_score == "normalized":
-            # decode row j was seen by N - j queries; the R prompt-tail rows in front by all N - R decode queries
-            R = getattr(st, "n_tail", 0)
-            score = st.buf["acc"][..., S:] / (N - torch.arange(N, device=p_last.device).clamp(min=R))
+            score = saliency.normalize_block(st.buf["acc"][..., S:], getattr(st, "n_tail", 0))
         else:
             score = p_last[..., S:]                                              # official: the last query's attention
         hi, lo = self._split(score)
@@ -669,17 +670,9 @@ class ZipCache(Cache):
 
     def _dequantize(self, st, p):
         """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""
-        seg, bits = getattr(st, p), self._bits(p)
-        n = seg.codes.n
-        rows = seg.rows["rows"][0].long()          # row counts are equal for every sequence
-        blk = torch.searchsorted(rows, torch.arange(n, device=rows.device), right=True) - 1
-        a = seg.params["k_scale"][:, blk].float().transpose(1, 2)                        # [Bs, H, n, D]
-        mu = seg.params["k_min"][:, blk].float().transpose(1, 2)
-        ch = st.v_chan["v_chan"][:, blk].float().transpose(1, 2)
-        x = quant.unpack(seg.codes["k_codes"], bits).float()
-        y = quant.unpack(seg.codes["v_codes"], bits).float()
-        sig, nu = seg.codes["v_scale"].float()[..., None], seg.codes["v_min"].float()[..., None]
-        return a * x + mu, ch * (sig * y + nu)
+        seg = getattr(self._view(st), p)
+        blk = kernels.row_blocks(seg.rows[0], st.v_chan.n)          # row counts are equal for every sequence
+        return kernels.dequantize_segment(seg, st.v_chan.full["v_chan"], blk, torch.float32)
 
     def _requantize(self, st, k, v, hi, lo):
         """Official behaviour: dequantize the cache, append the new block's raw fp16 tokens k, v [B, H, N, D] to each

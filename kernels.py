@@ -1,13 +1,14 @@
 """
 Decode attention over the ZipCache layer layout: one new query token per sequence attends to
-[4-bit blocks | 2-bit blocks | fp16 buffer] without ever materializing a dequantized cache.   (README)
+[4-bit blocks | 2-bit blocks | fp16 buffer] without ever materializing a dequantized cache (README "The decode
+kernel"). In reading order:
 
-    ZipLayerView                the per-layer layout cache.py stores (the README)
-    zip_decode_attention_ref    oracle: dequantize everything, fp32 softmax attention           
-    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch, one block at a time
-    zip_decode_attention        the fused Triton kernel: split-K flash-decoding + a combine kernel
+    ZipLayerView                the per-layer layout cache.py stores, and dense_view (a plain fp16 cache as a view)
     decode_attention            the one dispatch cache.py calls: kernel="auto" | "triton" | "torch"
-    dense_view, pick_num_splits flash-decoding baseline on a plain fp16 cache; split heuristic
+    zip_decode_attention_ref    oracle: dequantize everything (dequantize_segment), fp32 softmax attention
+    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch, one block at a time
+    zip_decode_attention        the fused Triton kernel's launcher: split-K flash-decoding + a combine kernel
+    _zip_decode_stage1, ...     the Triton kernels themselves
 
 The algebra every fast path uses. For a row t of block k,
     K̂[t,d] = a[k,d]·x[t,d] + μ[k,d]                 keys: channelwise (scale a, min μ) per block
@@ -21,7 +22,6 @@ the score that the fp16 rounding of q⊙a multiplies; and sm_scale·log2(e) mult
 of being folded into q, so the fp16 buffer's scores use the query exactly as given.
 """
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,9 @@ class ZipLayerView:
     v_buf: torch.Tensor    # fp16 [B, H_kv, NBUF_CAP, D]
     n_buf: int             # valid buffer rows (same for every sequence)
     n_blocks: int          # valid blocks (same for every sequence; a block may hold 0 rows in one segment)
+    # the owner's store for the split tables the Triton launcher derives from the row tables: ZipCache passes a dict
+    # it empties whenever it appends a block, so a table is built once per block, not per step; None = build per call
+    tables: dict | None = None
 
     @property
     def segments(self):
@@ -112,27 +115,68 @@ def _finish(out, lse, q, return_lse):
 
 
 # -----------------------------------------------------------------------------
-# the reference: dequantize with the view's formulas (K = a x + mu, V = c (sigma y + nu)), concatenate, plain softmax attention
+# the one dispatch function cache.py calls, and the split heuristic
 
-def _dequantize_segment(seg, v_chan, b, n_blocks, dt):
-    """Sequence b of one segment -> K̂, V̂ [H_kv, n, D] in dtype dt (n = rows of its n_blocks blocks)."""
-    n = int(seg.rows[b, n_blocks]) if n_blocks > 0 else 0
-    Hkv, D = seg.k_codes.shape[1], v_chan.shape[-1]
-    if n == 0:
-        z = torch.zeros(Hkv, 0, D, dtype=dt, device=seg.k_codes.device)
-        return z, z
-    rows = seg.rows[b, :n_blocks + 1].long()
-    blk = torch.searchsorted(rows, torch.arange(n, device=rows.device), right=True) - 1   # [n] block of each row
-    bs = b if seg.k_scale.shape[0] > 1 else 0                                              # Bs = 1: pooled params
-    a, mu = seg.k_scale[bs][blk].to(dt), seg.k_min[bs][blk].to(dt)                          # [n, H_kv, D]
-    c = v_chan[bs if v_chan.shape[0] > 1 else 0][blk].to(dt)                               # [n, H_kv, D]
-    x = unpack(seg.k_codes[b, :, :n], seg.bits).to(dt)                                     # [H_kv, n, D]
-    y = unpack(seg.v_codes[b, :, :n], seg.bits).to(dt)
-    sig = seg.v_scale[b, :, :n].to(dt)[..., None]                                          # [Hv, n, 1]
-    nu = seg.v_min[b, :, :n].to(dt)[..., None]
-    K = a.transpose(0, 1) * x + mu.transpose(0, 1)                 # K̂ = a·x + μ
-    V = c.transpose(0, 1) * (sig * y + nu)                         # V̂ = c·(σ·y + ν)
-    return K, V
+def decode_attention(q, view, kernel="auto", **kw):
+    """out [B, H_q, D] (+ lse if return_lse=True) of one decode step over a ZipLayerView.
+
+    kernel="auto": the Triton kernel on CUDA when D is supported, else the torch fast path;
+    "triton": force the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch": force the torch path."""
+    if kernel == "torch":
+        return zip_decode_attention_torch(q, view, **kw)
+    if kernel == "auto":
+        use = HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_D and q.dtype in (torch.float16, torch.bfloat16)
+        return (zip_decode_attention if use else zip_decode_attention_torch)(q, view, **kw)
+    if kernel == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("kernel='triton' needs the triton package: pip install triton (Linux), "
+                               "or use --kernel torch")
+        if not q.is_cuda and not INTERPRET:
+            raise RuntimeError("kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing "
+                               "kernels.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
+        return zip_decode_attention(q, view, **kw)
+    raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
+
+
+def pick_num_splits(B, H_kv, n_tokens, n_sm):
+    """Splits of the sequence per (b, KV head): aim for B·H_kv·S ≈ 4 programs per SM, with >= 512 tokens per split,
+    a power of two (fewer recompiles), at most 64; 1 when B·H_kv alone fills the GPU (cf. xformers' get_split_k)."""
+    progs = max(1, B * H_kv)
+    s = min(4 * n_sm // progs, n_tokens // 512, 64)
+    return 1 << (max(1, s).bit_length() - 1)                         # round down to a power of two
+
+
+# -----------------------------------------------------------------------------
+# the reference: dequantize with the view's formulas (K = a x + mu, V = c (sigma y + nu)), concatenate, plain
+# softmax attention
+
+def row_blocks(rows, n_blocks):
+    """rows int32 [NB_CAP+1] (one sequence's row table) -> long [n]: the block each of the segment's n rows is in."""
+    rows = rows[:n_blocks + 1].long()
+    n = int(rows[-1]) if n_blocks > 0 else 0
+    return torch.searchsorted(rows, torch.arange(n, device=rows.device), right=True) - 1
+
+
+def dequantize_segment(seg, v_chan, blk, dt):
+    """One segment -> K̂, V̂ [B, H_kv, n, D] in dtype dt, n = len(blk) rows with blk = row_blocks(...) (every
+    sequence of the view holds the same rows, as ZipCache stores them; the reference slices one sequence at a time).
+    The one dequantizer: ZipCache.kv, the reference below and bench.py's dequantize-then-SDPA baseline use it."""
+    n = blk.shape[0]
+    a = seg.k_scale[:, blk].to(dt).transpose(1, 2)                 # [Bs, H_kv, n, D]; Bs = 1 when pooled
+    mu = seg.k_min[:, blk].to(dt).transpose(1, 2)
+    c = v_chan[:, blk].to(dt).transpose(1, 2)
+    x = unpack(seg.k_codes[:, :, :n], seg.bits).to(dt)             # [B, H_kv, n, D]
+    y = unpack(seg.v_codes[:, :, :n], seg.bits).to(dt)
+    sig = seg.v_scale[:, :, :n].to(dt)[..., None]                  # [B, Hv, n, 1]
+    nu = seg.v_min[:, :, :n].to(dt)[..., None]
+    return a * x + mu, c * (sig * y + nu)                          # K̂ = a·x + μ, V̂ = c·(σ·y + ν)
+
+
+def _sequence(seg, v_chan, b):
+    """Sequence b of a segment (and its channel normalizer) as a one-sequence segment; pooled params stay shared."""
+    pick = lambda t: t[b:b + 1] if t.shape[0] > 1 else t                               # noqa: E731
+    return ZipSegment(seg.bits, seg.k_codes[b:b + 1], seg.v_codes[b:b + 1], seg.v_scale[b:b + 1],
+                      seg.v_min[b:b + 1], pick(seg.k_scale), pick(seg.k_min), seg.rows[b:b + 1]), pick(v_chan)
 
 
 def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False):
@@ -144,7 +188,11 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
     out = torch.empty(B, Hq, D, dtype=dt, device=q.device)
     lse = torch.empty(B, Hq, dtype=dt, device=q.device)
     for b in range(B):
-        parts = [_dequantize_segment(s, view.v_chan, b, view.n_blocks, dt) for s in view.segments]
+        parts = []
+        for seg in view.segments:
+            seg_b, chan_b = _sequence(seg, view.v_chan, b)
+            K, V = dequantize_segment(seg_b, chan_b, row_blocks(seg_b.rows[0], view.n_blocks), dt)
+            parts.append((K[0], V[0]))                                    # [H_kv, n_b, D]
         parts.append((view.k_buf[b, :, :view.n_buf].to(dt), view.v_buf[b, :, :view.n_buf].to(dt)))
         K = torch.cat([k for k, _ in parts], 1).repeat_interleave(G, 0)   # [H_q, L, D]
         V = torch.cat([v for _, v in parts], 1).repeat_interleave(G, 0)
@@ -227,127 +275,147 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
 
 
 # -----------------------------------------------------------------------------
-# the Triton kernels. Scores live in the log2 domain (each dot's result is multiplied by
-# sm_scale·log2(e)) so the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the
+# launcher
+
+def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False,
+                         num_warps=4, num_stages=2):
+    """Fused decode attention over a ZipLayerView: out [B, H_q, D] in q.dtype (+ natural-log lse [B, H_q] fp32).
+    num_splits=None picks with pick_num_splits from the segment capacities (an upper bound on the rows, no sync);
+    block_n=None: 64-row tiles, 32 when a KV head serves more than 16 query heads. Fixed configs, no autotune:
+    bench.py sweeps (block_n, num_warps) on the GPU."""
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton kernel needs the triton package: pip install triton, or use kernel='torch'")
+    B, Hq, Hkv, G, D = _shapes(q, view)
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    if block_n is None:  # [BLOCK_G, BLOCK_N] tiles: at G > 16, 64-row tiles spill registers on sm_90 (AOT check)
+        block_n = 64 if BLOCK_G <= 16 else 32
+    _check_kernel_inputs(q, view, block_n)
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    if num_splits is None:
+        n_est = view.hi.k_codes.shape[2] + view.lo.k_codes.shape[2] + view.n_buf
+        num_splits = pick_num_splits(B, Hkv, n_est, _n_sm(q.device))
+    S = int(num_splits)
+    if S < 1:
+        raise ValueError(f"num_splits={num_splits} must be >= 1")
+    # the table changes only when a block is appended; rebuilding it costs ~8 tiny launches, more than the kernel
+    # itself at batch 1, so the view's owner keeps it until then
+    tab = view.tables.get((S, block_n)) if view.tables is not None else None
+    if tab is None:
+        tab = _split_table(view, S, block_n)
+        if view.tables is not None:
+            view.tables[(S, block_n)] = tab
+    out = _alloc((B, Hq, D), q.dtype, q.device)
+    lse = _alloc((B, Hq), torch.float32, q.device)
+    if S == 1:
+        o_part, l_part, s_o = out, lse, (out.stride(0), out.stride(1), 0)
+    else:
+        o_part = _alloc((B, Hq, S, D), torch.float32, q.device)                # fp32 partials, log2 lse
+        l_part = _alloc((B, Hq, S), torch.float32, q.device)
+        s_o = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
+
+    def seg_args(seg):
+        bs0 = seg.k_scale.shape[0] == 1                                       # pooled params: batch stride 0
+        hv0 = seg.v_scale.shape[1] == 1                                       # one value pair per row: head stride 0
+        ptrs = (seg.k_codes, seg.v_codes, seg.v_scale, seg.v_min, seg.k_scale, seg.k_min, seg.rows)
+        strides = (seg.k_codes.stride(0), seg.k_codes.stride(1), seg.k_codes.stride(2),
+                   seg.v_scale.stride(0), 0 if hv0 else seg.v_scale.stride(1),
+                   0 if bs0 else seg.k_scale.stride(0), seg.k_scale.stride(1), seg.k_scale.stride(2),
+                   seg.rows.stride(0))
+        return ptrs + strides
+
+    vch = view.v_chan
+    _zip_decode_stage1[(B * Hkv, S)](
+        q, q.stride(0), q.stride(1),
+        *seg_args(view.hi), *seg_args(view.lo),
+        vch, 0 if vch.shape[0] == 1 else vch.stride(0), vch.stride(1), vch.stride(2),
+        view.k_buf, view.v_buf, *view.k_buf.stride()[:3], *view.v_buf.stride()[:3],
+        tab, o_part, l_part, *s_o, l_part.stride(0), l_part.stride(1),
+        Hkv, G, view.n_buf, scale * LOG2E,
+        D4=D // 4, BLOCK_G=BLOCK_G, BLOCK_N=block_n,
+        HI_BITS=view.hi.bits, LO_BITS=view.lo.bits, SPLIT=S > 1,
+        num_warps=num_warps, num_stages=num_stages)
+    if S > 1:
+        _zip_decode_combine[(B * Hq,)](
+            o_part, l_part, out, lse, Hq, S, *o_part.stride()[:3], l_part.stride(0), l_part.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            D=D, BLOCK_S=triton.next_power_of_2(S), num_warps=4)
+    return (out, lse) if return_lse else out
+
+
+def _check_kernel_inputs(q, view, block_n):
+    D = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton decode kernel takes fp16 or bf16 queries, got {q.dtype}; cast q, or use "
+                         f"kernel='torch'")
+    if D not in SUPPORTED_D:
+        raise ValueError(f"the Triton decode kernel supports head_dim in {SUPPORTED_D}, got {D}; use kernel='torch' "
+                         f"for this model")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+    named = [("q", q), ("k_buf", view.k_buf), ("v_buf", view.v_buf), ("v_chan", view.v_chan)]
+    for p, seg in zip(("hi", "lo"), view.segments):
+        if seg.bits not in (2, 4):
+            raise ValueError(f"the kernel reads 2- or 4-bit segments, got {p}.bits={seg.bits}; use kernel='torch'")
+        named += [(f"{p}.{f}", getattr(seg, f)) for f in ("k_codes", "v_codes", "v_scale", "v_min", "k_scale",
+                                                            "k_min", "rows")]
+        if seg.k_codes.stride() != seg.v_codes.stride() or seg.v_scale.stride() != seg.v_min.stride() \
+                or seg.k_scale.stride() != seg.k_min.stride():
+            raise ValueError(f"segment {p}: k/v codes, v_scale/v_min and k_scale/k_min must have matching strides "
+                             f"(allocate them alike)")
+        if seg.k_codes.shape[-1] != D * seg.bits // 8:
+            raise ValueError(f"segment {p}: codes are {seg.k_codes.shape[-1]} bytes wide, expected D*bits/8 = "
+                             f"{D * seg.bits // 8}")
+    want = {"k_codes": torch.uint8, "v_codes": torch.uint8, "rows": torch.int32, "q": q.dtype}
+    for name, t in named:
+        dt = want.get(name.split(".")[-1], torch.float16)
+        if t.dtype != dt:
+            raise ValueError(f"{name} must be {dt}, got {t.dtype} (the kernel reads the cache exactly as stored)")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim; pass .contiguous()")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; keep the cache on one device")
+
+
+def _split_table(view, S, block_n):
+    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split), the README
+    Built with device ops (no host sync): split s covers rows [s·chunk, (s+1)·chunk) ∩ [0, n) of each segment,
+    chunk = roundup(cdiv(n, S), block_n), and the blocks that intersect them come from searchsorted on rows."""
+    B, nb, dev = view.k_buf.shape[0], view.n_blocks, view.k_buf.device
+    tabs = []
+    for seg in view.segments:
+        if nb == 0:
+            tabs.append(torch.zeros(B, S, 4, dtype=torch.int64, device=dev))
+            continue
+        rows = seg.rows[:, :nb + 1].long().contiguous()                       # [B, nb+1]
+        n = rows[:, nb:]                                                      # [B, 1] rows in this segment
+        chunk = (n + S - 1) // S
+        chunk = (chunk + block_n - 1) // block_n * block_n
+        lo = torch.minimum(torch.arange(S, device=dev)[None] * chunk, n)     # [B, S]
+        hi = torch.minimum(lo + chunk, n)
+        first = torch.searchsorted(rows, lo, right=True) - 1                 # block holding row lo
+        last = torch.searchsorted(rows[:, :nb].contiguous(), hi)             # blocks starting before hi
+        tabs.append(torch.stack([first, last, lo, hi], -1))
+    return torch.stack(tabs, 1).to(torch.int32).contiguous()
+
+
+def _alloc(shape, dtype, device):
+    # every element is overwritten by the kernels; the tests patch this to NaN-fill and check that
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _n_sm(device):
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another: splits only cost time there
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels, top-down: the split-K stage, the combine, then the helpers they call. Scores live in the log2
+# domain (each dot's result is multiplied by sm_scale·log2(e)) so the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the
 # interpreter's bf16 dot is garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only, so the
 # file runs on Triton 3.6 to 3.9 (no block pointers, no tensor descriptors); int64 base offsets.
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _codes_to_f16(x, Z: tl.constexpr):
-        # integer code -> centred fp16 value c - Z without an I2F instruction: 0x6400 is 1024.0 in fp16 with a
-        # 10-bit mantissa of zeros, so OR-ing a code c < 1024 into the mantissa gives exactly 1024 + c.
-        # Subtracting 1024 + Z instead of 1024 costs nothing and centres the codes (see _segment_pass).
-        return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + Z)
-
-    @triton.jit
-    def _load_code_quarters(ptr, t, valid, stride_t, dq, D4: tl.constexpr, BITS: tl.constexpr):
-        """Packed rows t of one (b, KV head) of a segment -> its four fp16 tiles [BLOCK_N, D/4] of centred codes
-        x - 2^(BITS-1). Planar packing (quant.pack) makes every quarter a shift-and-mask of a contiguous
-        byte tile."""
-        Z: tl.constexpr = 1 << (BITS - 1)
-        offs = t[:, None] * stride_t + dq[None, :]
-        if BITS == 4:
-            lo = tl.load(ptr + offs, mask=valid[:, None], other=0)           # bytes [0, D/4): quarters 0 and 2
-            hi = tl.load(ptr + offs + D4, mask=valid[:, None], other=0)      # bytes [D/4, D/2): quarters 1 and 3
-            x0, x1, x2, x3 = lo & 15, hi & 15, lo >> 4, hi >> 4
-        else:
-            by = tl.load(ptr + offs, mask=valid[:, None], other=0)           # 2-bit: byte j holds x[j + i·D/4] at 2i
-            x0, x1, x2, x3 = by & 3, (by >> 2) & 3, (by >> 4) & 3, by >> 6
-        return _codes_to_f16(x0, Z), _codes_to_f16(x1, Z), _codes_to_f16(x2, Z), _codes_to_f16(x3, Z)
-
-    @triton.jit
-    def _attend_tile(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qb, k0, k1, k2, k3, v0, v1, v2, v3,
-                     vs, vm, c0, c1, c2, c3, valid, qk_scale, QUANT: tl.constexpr):
-        """One online-softmax step over a [BLOCK_N] tile for all BLOCK_G query rows.
-        QUANT: scores get the per-block constant qb; p is scaled by σ before the V dot, ν adds a rank-1 bias,
-        and c (the CST normalizer) multiplies the tile's contribution. The fp16 buffer uses none of these."""
-        s = tl.dot(q0, tl.trans(k0))                                          # [BLOCK_G, BLOCK_N] fp32
-        s = tl.dot(q1, tl.trans(k1), s)
-        s = tl.dot(q2, tl.trans(k2), s)
-        s = tl.dot(q3, tl.trans(k3), s)
-        s = s * qk_scale                                                      # sm_scale·log2(e) after the dot:
-        if QUANT:                                                             # q itself is never rounded again
-            s += qb[:, None]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                 # all masked so far: avoid -inf - -inf
-        alpha = tl.math.exp2(m - m_use)
-        p = tl.math.exp2(s - m_use[:, None])                                  # masked -> exactly 0
-        l = l * alpha + tl.sum(p, 1)
-        if QUANT:
-            pv = (p * vs[None, :]).to(tl.float16)                             # p ⊙ σ, p <= 1 so fp16 is safe
-            bias = tl.sum(p * vm[None, :], 1)[:, None]                        # Σ_t p_t ν_t
-            a0 = a0 * alpha[:, None] + c0[None, :] * (tl.dot(pv, v0) + bias)
-            a1 = a1 * alpha[:, None] + c1[None, :] * (tl.dot(pv, v1) + bias)
-            a2 = a2 * alpha[:, None] + c2[None, :] * (tl.dot(pv, v2) + bias)
-            a3 = a3 * alpha[:, None] + c3[None, :] * (tl.dot(pv, v3) + bias)
-        else:
-            pv = p.to(tl.float16)
-            a0 = tl.dot(pv, v0, a0 * alpha[:, None])
-            a1 = tl.dot(pv, v1, a1 * alpha[:, None])
-            a2 = tl.dot(pv, v2, a2 * alpha[:, None])
-            a3 = tl.dot(pv, v3, a3 * alpha[:, None])
-        return m_new, l, a0, a1, a2, a3
-
-    @triton.jit
-    def _segment_pass(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
-                      KC, VC, VS, VM, KS, KM, VCH, ROWS, TAB, b, h,
-                      s_c_b, s_c_h, s_c_t, s_v_b, s_v_h, s_p_b, s_p_k, s_p_h, s_n_b, s_n_k, s_n_h, s_r_b,
-                      dq, D4: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's share of one segment: its blocks blk_first..blk_last, clipped to rows [row_lo, row_hi)
-        (the launcher's table). q0..q3 are the raw fp32 query quarters."""
-        blk_first = tl.load(TAB)
-        blk_last = tl.load(TAB + 1)
-        row_lo = tl.load(TAB + 2)
-        row_hi = tl.load(TAB + 3)
-        kc = KC + b * s_c_b + h * s_c_h                                       # int64 base offsets
-        vc = VC + b * s_c_b + h * s_c_h
-        vsp = VS + b * s_v_b + h * s_v_h                                      # s_v_h = 0 for one pair per row
-        vmp = VM + b * s_v_b + h * s_v_h
-        for blk in range(blk_first, blk_last):
-            r0 = tl.maximum(tl.load(ROWS + b * s_r_b + blk), row_lo)
-            r1 = tl.minimum(tl.load(ROWS + b * s_r_b + blk + 1), row_hi)
-            # per-block parameters; s_p_b = 0 when pooled over the batch (Bs = 1)
-            kp = b * s_p_b + blk * s_p_k + h * s_p_h
-            cp = VCH + b * s_n_b + blk * s_n_k + h * s_n_h
-            a_0 = tl.load(KS + kp + dq).to(tl.float32)
-            a_1 = tl.load(KS + kp + D4 + dq).to(tl.float32)
-            a_2 = tl.load(KS + kp + 2 * D4 + dq).to(tl.float32)
-            a_3 = tl.load(KS + kp + 3 * D4 + dq).to(tl.float32)
-            mu0 = tl.load(KM + kp + dq).to(tl.float32)
-            mu1 = tl.load(KM + kp + D4 + dq).to(tl.float32)
-            mu2 = tl.load(KM + kp + 2 * D4 + dq).to(tl.float32)
-            mu3 = tl.load(KM + kp + 3 * D4 + dq).to(tl.float32)
-            c0 = tl.load(cp + dq).to(tl.float32)
-            c1 = tl.load(cp + D4 + dq).to(tl.float32)
-            c2 = tl.load(cp + 2 * D4 + dq).to(tl.float32)
-            c3 = tl.load(cp + 3 * D4 + dq).to(tl.float32)
-            # keys: q' = fp16(q ⊙ a), the only rounding; qb = q·μ · sm_scale·log2e in fp32 from the raw q.
-            # Centred codes: K̂ = a·x + μ = a·(x - Z) + (μ + Z·a). The rounding error of q' now multiplies
-            # |x - Z| <= Z instead of x <= 2Z, and its mean over tokens (a shift of the block's scores) is gone.
-            Z: tl.constexpr = 1 << (BITS - 1)
-            mu0 = mu0 + Z * a_0
-            mu1 = mu1 + Z * a_1
-            mu2 = mu2 + Z * a_2
-            mu3 = mu3 + Z * a_3
-            qa0 = (q0 * a_0[None, :]).to(tl.float16)
-            qa1 = (q1 * a_1[None, :]).to(tl.float16)
-            qa2 = (q2 * a_2[None, :]).to(tl.float16)
-            qa3 = (q3 * a_3[None, :]).to(tl.float16)
-            qb = tl.sum(q0 * mu0[None, :] + q1 * mu1[None, :] + q2 * mu2[None, :] + q3 * mu3[None, :], 1) * qk_scale
-            for t0 in range(r0, r1, BLOCK_N):
-                t = t0 + tl.arange(0, BLOCK_N)
-                valid = t < r1                                                # a tile never straddles a block
-                k0, k1, k2, k3 = _load_code_quarters(kc, t, valid, s_c_t, dq, D4, BITS)
-                v0, v1, v2, v3 = _load_code_quarters(vc, t, valid, s_c_t, dq, D4, BITS)
-                vs = tl.load(vsp + t, mask=valid, other=0.0).to(tl.float32)  # σ_t, ν_t
-                vm = tl.load(vmp + t, mask=valid, other=0.0).to(tl.float32) + Z * vs   # centred: ν + Z·σ
-                m, l, a0, a1, a2, a3 = _attend_tile(m, l, a0, a1, a2, a3, qa0, qa1, qa2, qa3, qb,
-                                                    k0, k1, k2, k3, v0, v1, v2, v3, vs, vm, c0, c1, c2, c3,
-                                                    valid, qk_scale, True)
-        return m, l, a0, a1, a2, a3
 
     @triton.jit
     def _zip_decode_stage1(
@@ -470,182 +538,117 @@ if HAS_TRITON:
         tl.store(OUT + b * s_out_b + hq * s_out_h + d, out.to(OUT.dtype.element_ty))
         tl.store(LSE + b * s_lse_b + hq * s_lse_h, lse_out)
 
+    @triton.jit
+    def _segment_pass(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
+                      KC, VC, VS, VM, KS, KM, VCH, ROWS, TAB, b, h,
+                      s_c_b, s_c_h, s_c_t, s_v_b, s_v_h, s_p_b, s_p_k, s_p_h, s_n_b, s_n_k, s_n_h, s_r_b,
+                      dq, D4: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's share of one segment: its blocks blk_first..blk_last, clipped to rows [row_lo, row_hi)
+        (the launcher's table). q0..q3 are the raw fp32 query quarters."""
+        blk_first = tl.load(TAB)
+        blk_last = tl.load(TAB + 1)
+        row_lo = tl.load(TAB + 2)
+        row_hi = tl.load(TAB + 3)
+        kc = KC + b * s_c_b + h * s_c_h                                       # int64 base offsets
+        vc = VC + b * s_c_b + h * s_c_h
+        vsp = VS + b * s_v_b + h * s_v_h                                      # s_v_h = 0 for one pair per row
+        vmp = VM + b * s_v_b + h * s_v_h
+        for blk in range(blk_first, blk_last):
+            r0 = tl.maximum(tl.load(ROWS + b * s_r_b + blk), row_lo)
+            r1 = tl.minimum(tl.load(ROWS + b * s_r_b + blk + 1), row_hi)
+            # per-block parameters; s_p_b = 0 when pooled over the batch (Bs = 1)
+            kp = b * s_p_b + blk * s_p_k + h * s_p_h
+            cp = VCH + b * s_n_b + blk * s_n_k + h * s_n_h
+            a_0 = tl.load(KS + kp + dq).to(tl.float32)
+            a_1 = tl.load(KS + kp + D4 + dq).to(tl.float32)
+            a_2 = tl.load(KS + kp + 2 * D4 + dq).to(tl.float32)
+            a_3 = tl.load(KS + kp + 3 * D4 + dq).to(tl.float32)
+            mu0 = tl.load(KM + kp + dq).to(tl.float32)
+            mu1 = tl.load(KM + kp + D4 + dq).to(tl.float32)
+            mu2 = tl.load(KM + kp + 2 * D4 + dq).to(tl.float32)
+            mu3 = tl.load(KM + kp + 3 * D4 + dq).to(tl.float32)
+            c0 = tl.load(cp + dq).to(tl.float32)
+            c1 = tl.load(cp + D4 + dq).to(tl.float32)
+            c2 = tl.load(cp + 2 * D4 + dq).to(tl.float32)
+            c3 = tl.load(cp + 3 * D4 + dq).to(tl.float32)
+            # keys: q' = fp16(q ⊙ a), the only rounding; qb = q·μ · sm_scale·log2e in fp32 from the raw q.
+            # Centred codes: K̂ = a·x + μ = a·(x - Z) + (μ + Z·a). The rounding error of q' now multiplies
+            # |x - Z| <= Z instead of x <= 2Z, and its mean over tokens (a shift of the block's scores) is gone.
+            Z: tl.constexpr = 1 << (BITS - 1)
+            mu0 = mu0 + Z * a_0
+            mu1 = mu1 + Z * a_1
+            mu2 = mu2 + Z * a_2
+            mu3 = mu3 + Z * a_3
+            qa0 = (q0 * a_0[None, :]).to(tl.float16)
+            qa1 = (q1 * a_1[None, :]).to(tl.float16)
+            qa2 = (q2 * a_2[None, :]).to(tl.float16)
+            qa3 = (q3 * a_3[None, :]).to(tl.float16)
+            qb = tl.sum(q0 * mu0[None, :] + q1 * mu1[None, :] + q2 * mu2[None, :] + q3 * mu3[None, :], 1) * qk_scale
+            for t0 in range(r0, r1, BLOCK_N):
+                t = t0 + tl.arange(0, BLOCK_N)
+                valid = t < r1                                                # a tile never straddles a block
+                k0, k1, k2, k3 = _load_code_quarters(kc, t, valid, s_c_t, dq, D4, BITS)
+                v0, v1, v2, v3 = _load_code_quarters(vc, t, valid, s_c_t, dq, D4, BITS)
+                vs = tl.load(vsp + t, mask=valid, other=0.0).to(tl.float32)  # σ_t, ν_t
+                vm = tl.load(vmp + t, mask=valid, other=0.0).to(tl.float32) + Z * vs   # centred: ν + Z·σ
+                m, l, a0, a1, a2, a3 = _attend_tile(m, l, a0, a1, a2, a3, qa0, qa1, qa2, qa3, qb,
+                                                    k0, k1, k2, k3, v0, v1, v2, v3, vs, vm, c0, c1, c2, c3,
+                                                    valid, qk_scale, True)
+        return m, l, a0, a1, a2, a3
 
-# -----------------------------------------------------------------------------
-# launcher
+    @triton.jit
+    def _attend_tile(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qb, k0, k1, k2, k3, v0, v1, v2, v3,
+                     vs, vm, c0, c1, c2, c3, valid, qk_scale, QUANT: tl.constexpr):
+        """One online-softmax step over a [BLOCK_N] tile for all BLOCK_G query rows.
+        QUANT: scores get the per-block constant qb; p is scaled by σ before the V dot, ν adds a rank-1 bias,
+        and c (the CST normalizer) multiplies the tile's contribution. The fp16 buffer uses none of these."""
+        s = tl.dot(q0, tl.trans(k0))                                          # [BLOCK_G, BLOCK_N] fp32
+        s = tl.dot(q1, tl.trans(k1), s)
+        s = tl.dot(q2, tl.trans(k2), s)
+        s = tl.dot(q3, tl.trans(k3), s)
+        s = s * qk_scale                                                      # sm_scale·log2(e) after the dot:
+        if QUANT:                                                             # q itself is never rounded again
+            s += qb[:, None]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                 # all masked so far: avoid -inf - -inf
+        alpha = tl.math.exp2(m - m_use)
+        p = tl.math.exp2(s - m_use[:, None])                                  # masked -> exactly 0
+        l = l * alpha + tl.sum(p, 1)
+        if QUANT:
+            pv = (p * vs[None, :]).to(tl.float16)                             # p ⊙ σ, p <= 1 so fp16 is safe
+            bias = tl.sum(p * vm[None, :], 1)[:, None]                        # Σ_t p_t ν_t
+            a0 = a0 * alpha[:, None] + c0[None, :] * (tl.dot(pv, v0) + bias)
+            a1 = a1 * alpha[:, None] + c1[None, :] * (tl.dot(pv, v1) + bias)
+            a2 = a2 * alpha[:, None] + c2[None, :] * (tl.dot(pv, v2) + bias)
+            a3 = a3 * alpha[:, None] + c3[None, :] * (tl.dot(pv, v3) + bias)
+        else:
+            pv = p.to(tl.float16)
+            a0 = tl.dot(pv, v0, a0 * alpha[:, None])
+            a1 = tl.dot(pv, v1, a1 * alpha[:, None])
+            a2 = tl.dot(pv, v2, a2 * alpha[:, None])
+            a3 = tl.dot(pv, v3, a3 * alpha[:, None])
+        return m_new, l, a0, a1, a2, a3
 
-def _check_kernel_inputs(q, view, block_n):
-    D = q.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the Triton decode kernel takes fp16 or bf16 queries, got {q.dtype}; cast q, or use "
-                         f"kernel='torch'")
-    if D not in SUPPORTED_D:
-        raise ValueError(f"the Triton decode kernel supports head_dim in {SUPPORTED_D}, got {D}; use kernel='torch' "
-                         f"for this model")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two >= 16")
-    named = [("q", q), ("k_buf", view.k_buf), ("v_buf", view.v_buf), ("v_chan", view.v_chan)]
-    for p, seg in zip(("hi", "lo"), view.segments):
-        if seg.bits not in (2, 4):
-            raise ValueError(f"the kernel reads 2- or 4-bit segments, got {p}.bits={seg.bits}; use kernel='torch'")
-        named += [(f"{p}.{f}", getattr(seg, f)) for f in ("k_codes", "v_codes", "v_scale", "v_min", "k_scale",
-                                                            "k_min", "rows")]
-        if seg.k_codes.stride() != seg.v_codes.stride() or seg.v_scale.stride() != seg.v_min.stride() \
-                or seg.k_scale.stride() != seg.k_min.stride():
-            raise ValueError(f"segment {p}: k/v codes, v_scale/v_min and k_scale/k_min must have matching strides "
-                             f"(allocate them alike)")
-        if seg.k_codes.shape[-1] != D * seg.bits // 8:
-            raise ValueError(f"segment {p}: codes are {seg.k_codes.shape[-1]} bytes wide, expected D*bits/8 = "
-                             f"{D * seg.bits // 8}")
-    want = {"k_codes": torch.uint8, "v_codes": torch.uint8, "rows": torch.int32, "q": q.dtype}
-    for name, t in named:
-        dt = want.get(name.split(".")[-1], torch.float16)
-        if t.dtype != dt:
-            raise ValueError(f"{name} must be {dt}, got {t.dtype} (the kernel reads the cache exactly as stored)")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim; pass .contiguous()")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; keep the cache on one device")
+    @triton.jit
+    def _codes_to_f16(x, Z: tl.constexpr):
+        # integer code -> centred fp16 value c - Z without an I2F instruction: 0x6400 is 1024.0 in fp16 with a
+        # 10-bit mantissa of zeros, so OR-ing a code c < 1024 into the mantissa gives exactly 1024 + c.
+        # Subtracting 1024 + Z instead of 1024 costs nothing and centres the codes (see _segment_pass).
+        return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + Z)
 
-
-_TABLES = {}  # (id(hi.rows), id(lo.rows), n_blocks, S, block_n) -> (weakrefs, versions, table)
-
-
-def _cached_split_table(view, S, block_n):
-    """The table only changes when a block is appended, not per decode step or layer call: reuse it while both
-    rows tensors are the same live objects, unmodified (torch bumps ._version on every in-place write). This saves
-    ~8 tiny launches per call, which would cost more than the kernel itself at batch 1."""
-    hi, lo = view.hi.rows, view.lo.rows
-    key = (id(hi), id(lo), view.n_blocks, S, block_n)
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0][0]() is hi and hit[0][1]() is lo and hit[1] == (hi._version, lo._version):
-        return hit[2]
-    if len(_TABLES) > 256:
-        _TABLES.clear()
-    tab = _split_table(view, S, block_n)
-    _TABLES[key] = ((weakref.ref(hi), weakref.ref(lo)), (hi._version, lo._version), tab)
-    return tab
-
-
-def _split_table(view, S, block_n):
-    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split), the README
-    Built with device ops (no host sync): split s covers rows [s·chunk, (s+1)·chunk) ∩ [0, n) of each segment,
-    chunk = roundup(cdiv(n, S), block_n), and the blocks that intersect them come from searchsorted on rows."""
-    B, nb, dev = view.k_buf.shape[0], view.n_blocks, view.k_buf.device
-    tabs = []
-    for seg in view.segments:
-        if nb == 0:
-            tabs.append(torch.zeros(B, S, 4, dtype=torch.int64, device=dev))
-            continue
-        rows = seg.rows[:, :nb + 1].long().contiguous()                       # [B, nb+1]
-        n = rows[:, nb:]                                                      # [B, 1] rows in this segment
-        chunk = (n + S - 1) // S
-        chunk = (chunk + block_n - 1) // block_n * block_n
-        lo = torch.minimum(torch.arange(S, device=dev)[None] * chunk, n)     # [B, S]
-        hi = torch.minimum(lo + chunk, n)
-        first = torch.searchsorted(rows, lo, right=True) - 1                 # block holding row lo
-        last = torch.searchsorted(rows[:, :nb].contiguous(), hi)             # blocks starting before hi
-        tabs.append(torch.stack([first, last, lo, hi], -1))
-    return torch.stack(tabs, 1).to(torch.int32).contiguous()
-
-
-def _alloc(shape, dtype, device):
-    # every element is overwritten by the kernels; the tests patch this to NaN-fill and check that
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _n_sm(device):
-    if device.type != "cuda":
-        return 1  # the interpreter runs programs one after another: splits only cost time there
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False,
-                         num_warps=4, num_stages=2):
-    """Fused decode attention over a ZipLayerView: out [B, H_q, D] in q.dtype (+ natural-log lse [B, H_q] fp32).
-    num_splits=None picks with pick_num_splits from the segment capacities (an upper bound on the rows, no sync);
-    block_n=None: 64-row tiles, 32 when a KV head serves more than 16 query heads. Fixed configs, no autotune:
-    bench.py sweeps (block_n, num_warps) on the GPU."""
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton kernel needs the triton package: pip install triton, or use kernel='torch'")
-    B, Hq, Hkv, G, D = _shapes(q, view)
-    BLOCK_G = max(16, triton.next_power_of_2(G))
-    if block_n is None:  # [BLOCK_G, BLOCK_N] tiles: at G > 16, 64-row tiles spill registers on sm_90 (AOT check)
-        block_n = 64 if BLOCK_G <= 16 else 32
-    _check_kernel_inputs(q, view, block_n)
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    if num_splits is None:
-        n_est = view.hi.k_codes.shape[2] + view.lo.k_codes.shape[2] + view.n_buf
-        num_splits = pick_num_splits(B, Hkv, n_est, _n_sm(q.device))
-    S = int(num_splits)
-    if S < 1:
-        raise ValueError(f"num_splits={num_splits} must be >= 1")
-    tab = _cached_split_table(view, S, block_n)
-    out = _alloc((B, Hq, D), q.dtype, q.device)
-    lse = _alloc((B, Hq), torch.float32, q.device)
-    if S == 1:
-        o_part, l_part, s_o = out, lse, (out.stride(0), out.stride(1), 0)
-    else:
-        o_part = _alloc((B, Hq, S, D), torch.float32, q.device)                # fp32 partials, log2 lse
-        l_part = _alloc((B, Hq, S), torch.float32, q.device)
-        s_o = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
-
-    def seg_args(seg):
-        bs0 = seg.k_scale.shape[0] == 1                                       # pooled params: batch stride 0
-        hv0 = seg.v_scale.shape[1] == 1                                       # one value pair per row: head stride 0
-        ptrs = (seg.k_codes, seg.v_codes, seg.v_scale, seg.v_min, seg.k_scale, seg.k_min, seg.rows)
-        strides = (seg.k_codes.stride(0), seg.k_codes.stride(1), seg.k_codes.stride(2),
-                   seg.v_scale.stride(0), 0 if hv0 else seg.v_scale.stride(1),
-                   0 if bs0 else seg.k_scale.stride(0), seg.k_scale.stride(1), seg.k_scale.stride(2),
-                   seg.rows.stride(0))
-        return ptrs + strides
-
-    vch = view.v_chan
-    _zip_decode_stage1[(B * Hkv, S)](
-        q, q.stride(0), q.stride(1),
-        *seg_args(view.hi), *seg_args(view.lo),
-        vch, 0 if vch.shape[0] == 1 else vch.stride(0), vch.stride(1), vch.stride(2),
-        view.k_buf, view.v_buf, *view.k_buf.stride()[:3], *view.v_buf.stride()[:3],
-        tab, o_part, l_part, *s_o, l_part.stride(0), l_part.stride(1),
-        Hkv, G, view.n_buf, scale * LOG2E,
-        D4=D // 4, BLOCK_G=BLOCK_G, BLOCK_N=block_n,
-        HI_BITS=view.hi.bits, LO_BITS=view.lo.bits, SPLIT=S > 1,
-        num_warps=num_warps, num_stages=num_stages)
-    if S > 1:
-        _zip_decode_combine[(B * Hq,)](
-            o_part, l_part, out, lse, Hq, S, *o_part.stride()[:3], l_part.stride(0), l_part.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            D=D, BLOCK_S=triton.next_power_of_2(S), num_warps=4)
-    return (out, lse) if return_lse else out
-
-
-# -----------------------------------------------------------------------------
-# split heuristic and the one dispatch function cache.py calls
-
-def pick_num_splits(B, H_kv, n_tokens, n_sm):
-    """Splits of the sequence per (b, KV head): aim for B·H_kv·S ≈ 4 programs per SM, with >= 512 tokens per split,
-    a power of two (fewer recompiles), at most 64; 1 when B·H_kv alone fills the GPU (cf. xformers' get_split_k)."""
-    progs = max(1, B * H_kv)
-    s = min(4 * n_sm // progs, n_tokens // 512, 64)
-    return 1 << (max(1, s).bit_length() - 1)                         # round down to a power of two
-
-
-def decode_attention(q, view, kernel="auto", **kw):
-    """out [B, H_q, D] (+ lse if return_lse=True) of one decode step over a ZipLayerView.
-
-    kernel="auto": the Triton kernel on CUDA when D is supported, else the torch fast path;
-    "triton": force the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch": force the torch path."""
-    if kernel == "torch":
-        return zip_decode_attention_torch(q, view, **kw)
-    if kernel == "auto":
-        use = HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_D and q.dtype in (torch.float16, torch.bfloat16)
-        return (zip_decode_attention if use else zip_decode_attention_torch)(q, view, **kw)
-    if kernel == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("kernel='triton' needs the triton package: pip install triton (Linux), "
-                               "or use --kernel torch")
-        if not q.is_cuda and not INTERPRET:
-            raise RuntimeError("kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing "
-                               "kernels.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
-        return zip_decode_attention(q, view, **kw)
-    raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
+    @triton.jit
+    def _load_code_quarters(ptr, t, valid, stride_t, dq, D4: tl.constexpr, BITS: tl.constexpr):
+        """Packed rows t of one (b, KV head) of a segment -> its four fp16 tiles [BLOCK_N, D/4] of centred codes
+        x - 2^(BITS-1). Planar packing (quant.pack) makes every quarter a shift-and-mask of a contiguous
+        byte tile."""
+        Z: tl.constexpr = 1 << (BITS - 1)
+        offs = t[:, None] * stride_t + dq[None, :]
+        if BITS == 4:
+            lo = tl.load(ptr + offs, mask=valid[:, None], other=0)           # bytes [0, D/4): quarters 0 and 2
+            hi = tl.load(ptr + offs + D4, mask=valid[:, None], other=0)      # bytes [D/4, D/2): quarters 1 and 3
+            x0, x1, x2, x3 = lo & 15, hi & 15, lo >> 4, hi >> 4
+        else:
+            by = tl.load(ptr + offs, mask=valid[:, None], other=0)           # 2-bit: byte j holds x[j + i·D/4] at 2i
+            x0, x1, x2, x3 = by & 3, (by >> 2) & 3, (by >> 4) & 3, by >> 6
+        return _codes_to_f16(x0, Z), _codes_to_f16(x1, Z), _codes_to_f16(x2, Z), _codes_to_f16(x3, Z)

@@ -134,6 +134,31 @@ def probe_scores(q, k, rows, score="normalized", norm="full", sm_scale=None, chu
     return normalize_columns(col, rows, L, score, norm)
 
 
+# -----------------------------------------------------------------------------
+# decode time: the scores of a block of N decode tokens, from the block's own queries (README "ZipCache in five steps")
+
+def decode_probabilities(q, k_buf, lse):
+    """One decode query's attention probability of each buffered token, summed over the query heads of its KV group:
+    q [B, H, D], k_buf [B, H_kv, n, D], lse [B, H] (natural-log logsumexp over the whole cache, from the decode
+    kernel) -> [B, H_kv, n]. exp(q·k/sqrt(D) - lse) is the token's true softmax probability, so the compressed part
+    of the cache is not read again."""
+    B, H, D = q.shape
+    Hkv = k_buf.shape[1]
+    s = q.float().reshape(B, Hkv, H // Hkv, 1, D) @ k_buf.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, g, 1, n]
+    return torch.exp(s[..., 0, :] * D ** -0.5 - lse.view(B, Hkv, H // Hkv, 1)).sum(2)
+
+
+def normalize_block(acc, n_tail=0):
+    """Accumulated probabilities acc [..., N] of a block -> normalized scores, as at the prefill: row j was seen
+    by the N - j decode queries from its own on, so it is divided by N - j; the n_tail prompt rows buffered in front
+    of the decode tokens (ZipCacheConfig.n_recent) were seen by all N - n_tail of them."""
+    N = acc.shape[-1]
+    return acc / (N - torch.arange(N, device=acc.device).clamp(min=n_tail))
+
+
+# -----------------------------------------------------------------------------
+# the split
+
 def n_regular(n, salient_ratio):
     """n_lo = floor((1 - r) * n), guarded against float error (1 - 0.9 = 0.0999...)."""
     return min(n, max(0, math.floor((1.0 - salient_ratio) * n + 1e-9)))

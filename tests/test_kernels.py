@@ -323,8 +323,10 @@ def test_moving_a_token_from_lo_to_the_buffer_changes_nothing():
     lo, k, n = view.lo, view.n_blocks - 1, view.n_buf
     for b in range(2):
         r = int(lo.rows[b, k + 1]) - 1                      # last row of the last lo block
-        K, V = kernels._dequantize_segment(lo, view.v_chan, b, view.n_blocks, torch.float32)
-        kh, vh = K[:, r], V[:, r]                            # [H_kv, D]
+        seg_b, chan_b = kernels._sequence(lo, view.v_chan, b)
+        K, V = kernels.dequantize_segment(seg_b, chan_b, kernels.row_blocks(seg_b.rows[0], view.n_blocks),
+                                          torch.float32)
+        kh, vh = K[0, :, r], V[0, :, r]                      # [H_kv, D]
         assert torch.equal(kh.half().float(), kh) and torch.equal(vh.half().float(), vh)   # fp16-exact
         view.k_buf[b, :, n], view.v_buf[b, :, n] = kh.half(), vh.half()
         lo.rows[b, k + 1] -= 1

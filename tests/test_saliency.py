@@ -141,3 +141,20 @@ def test_split_per_sequence_and_head():
             lo_ref = torch.argsort(s[b, h])[:20].sort().values
             assert torch.equal(lo[b, h], lo_ref)
             assert s[b, h, hi[b, h]].min() >= s[b, h, lo[b, h]].max()
+
+
+def test_decode_probabilities_are_the_softmax_over_the_whole_cache():
+    # the decode kernel's lse covers every cached token; exp(q.k/sqrt(D) - lse) must then be the true probability
+    g = torch.Generator().manual_seed(3)
+    q, K = torch.randn(2, 4, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g)
+    s = torch.einsum("bhd,bhld->bhl", q, K.repeat_interleave(2, 1)) / 4.0               # [B, H, L]
+    p = saliency.decode_probabilities(q, K[:, :, -3:], torch.logsumexp(s, -1))
+    want = saliency.group_sum(s.softmax(-1)[..., -3:], 2)                                # [B, H_kv, 3]
+    torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_block_divides_by_the_queries_that_saw_each_row():
+    acc = torch.ones(1, 1, 5)
+    torch.testing.assert_close(saliency.normalize_block(acc)[0, 0], 1 / torch.tensor([5., 4, 3, 2, 1]))
+    # two prompt-tail rows in front: both were seen by all 3 decode queries
+    torch.testing.assert_close(saliency.normalize_block(acc, n_tail=2)[0, 0], 1 / torch.tensor([3., 3, 3, 2, 1]))
