@@ -157,6 +157,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def prefill(model, idx, cache):
+    """The prompt idx [B, T] in one forward pass. Every layer hands its q, k, v to cache.attend, which returns exact
+    attention and then compresses what it keeps (cache.py). -> logits of the last position [B, V]."""
+    logits, _ = model(idx, cache=cache, last_only=True)                                 # [B, 1, V]
+    return logits[:, -1]
+
+
+def decode_step(model, token, cache):
+    """One new token per sequence, token [B], attending over the cache (ZipCache: the fused kernel, kernels.py)
+    -> next-token logits [B, V]."""
+    logits, _ = model(token[:, None], cache=cache)                                      # [B, 1, V]
+    return logits[:, -1]
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, seed=0,
              stop_ids=(), num_samples=1):
@@ -178,16 +192,14 @@ def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=No
         cache.set_padding(pad)     # the pad id (0) never matters: padded tokens are masked out of attention
     sync(device)
     t0 = time.perf_counter()
-    logits, _ = model(idx, cache=cache, last_only=True)                                 # [B, 1, V]
-    nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)                         # [B]
+    nxt = sample(prefill(model, idx, cache), temperature, top_k, top_p, gen)           # [B]
     sync(device)
     t1 = time.perf_counter()
     out, done = [nxt], torch.tensor([t in stop_ids for t in nxt.tolist()])
     for _ in range(max_new_tokens - 1):
         if done.all():
             break
-        logits, _ = model(nxt[:, None], cache=cache)
-        nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
+        nxt = sample(decode_step(model, nxt, cache), temperature, top_k, top_p, gen)
         out.append(nxt)
         done |= torch.tensor([t in stop_ids for t in nxt.tolist()])
     sync(device)
