@@ -266,13 +266,8 @@ def main(argv=None, log=print):
             dist.destroy_process_group()
 
 
-def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
-    ckpt = holder.pop()
-    # ---- tokenizer
-    tok = load_tokenizer(cfg.tokenizer)
-    if ckpt is not None and ckpt.get("tokenizer") != tok.spec:
-        raise ValueError(f"--tokenizer gives {tok.spec} but the checkpoint was trained with {ckpt.get('tokenizer')}")
-    # ---- model config
+def _model_config(cfg, ckpt, tok):
+    """The model's config: the checkpoint's when resuming, else the flags' (vocab_size from the tokenizer)."""
     if ckpt is not None:
         mconf = ModelConfig.from_dict(ckpt["config"])
     else:
@@ -284,14 +279,22 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
     if cfg.block_size > mconf.max_seq_len:
         raise ValueError(f"--block_size={cfg.block_size} exceeds max_seq_len={mconf.max_seq_len}; lower it or raise "
                          f"--max_seq_len")
-    dtype = cfg.dtype  # resolved here, not in cfg: a resumed run on other hardware decides afresh
+    return mconf
+
+
+def _dtype(cfg, device):
+    """(dtype name, torch dtype) for --dtype; "auto" is the best this device runs."""
+    dtype = cfg.dtype
     if dtype == "auto":
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if ptdtype is None:
         raise ValueError(f"--dtype={cfg.dtype!r}: choose auto, float32, bfloat16 or float16")
+    return dtype, ptdtype
 
-    # ---- data (after every cheap check, so a typo never waits for tokenizing)
+
+def _data(cfg, tok, ddp, master, log):
+    """The corpus as token memmaps (data.py), prepared by rank 0; its error reaches every rank."""
     err, meta = [None], None
     if master:
         try:
@@ -308,6 +311,58 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
         if meta[f"{split}_tokens"] <= cfg.block_size:
             raise ValueError(f"the {split} split has {meta[f'{split}_tokens']} tokens, fewer than block_size+1="
                              f"{cfg.block_size + 1}; add text, lower --block_size, or change --val_frac")
+    return meta
+
+
+def _resume(ckpt, raw, opt, scaler, gen, cfg, rank, world, log):
+    """Weights, optimizer, loss scaler and both RNG streams from a checkpoint -> (step, best val loss)."""
+    raw.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    step = ckpt["step"]
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    if len(rng["sampler"]) == world:
+        gen.set_state(rng["sampler"][rank])
+    else:  # a different number of processes cannot replay the same batches; carry on with fresh streams
+        log(f"note: checkpoint has {len(rng['sampler'])} sampler states for {world} processes; reseeding")
+        gen.manual_seed(cfg.seed + rank + 1_000_003 * step)
+    return step, ckpt.get("best_val_loss", float("inf"))
+
+
+def train_step(model, raw, opt, scaler, ctx, meta, cfg, gen, device, ddp, lr):
+    """One optimizer step over grad_accum micro-batches -> the summed (scaled) loss, on the device (no sync)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    total = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum):
+        x, y = datalib.get_batch(meta, "train", cfg.batch_size, cfg.block_size, gen, device)
+        if ddp:  # all-reduce gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with ctx:
+            _, loss = model(x, y)
+            loss = loss / cfg.grad_accum
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
+def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
+    """Set up (tokenizer, config, data, model, optimizer, resume), then the loop: step, log, evaluate, checkpoint."""
+    ckpt = holder.pop()
+    tok = load_tokenizer(cfg.tokenizer)
+    if ckpt is not None and ckpt.get("tokenizer") != tok.spec:
+        raise ValueError(f"--tokenizer gives {tok.spec} but the checkpoint was trained with {ckpt.get('tokenizer')}")
+    mconf = _model_config(cfg, ckpt, tok)
+    dtype, ptdtype = _dtype(cfg, device)  # resolved here, not in cfg: a resumed run on other hardware decides afresh
+    meta = _data(cfg, tok, ddp, master, log)  # after every cheap check, so a typo never waits for tokenizing
 
     # ---- model and optimizer
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -319,18 +374,7 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # the training-batch sampler (CPU; its state is saved)
     step, best_val = 0, float("inf")
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if len(rng["sampler"]) == world:
-            gen.set_state(rng["sampler"][rank])
-        else:  # a different number of processes cannot replay the same batches; carry on with fresh streams
-            log(f"note: checkpoint has {len(rng['sampler'])} sampler states for {world} processes; reseeding")
-            gen.manual_seed(cfg.seed + rank + 1_000_003 * step)
+        step, best_val = _resume(ckpt, raw, opt, scaler, gen, cfg, rank, world, log)
         log(f"resuming {ckpt_path} at step {step}")
     del ckpt
     log(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {asdict(mconf)}")
@@ -391,23 +435,7 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
     loss_acc = torch.zeros((), device=device)
     while step < cfg.max_iters:
         lr = get_lr(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            x, y = datalib.get_batch(meta, "train", cfg.batch_size, cfg.block_size, gen, device)
-            if ddp:  # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / cfg.grad_accum
-            scaler.scale(loss).backward()
-            loss_acc += loss.detach()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        loss_acc += train_step(model, raw, opt, scaler, ctx, meta, cfg, gen, device, ddp, lr)
         step += 1
         steps_since += 1
 
