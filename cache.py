@@ -810,7 +810,7 @@ class LatentCache:
             self.batch = x.shape[0]
             if not self._quantized(kind):
                 store.append(min_cap=64, x=x.detach().to(self.dtype))
-            else:  # the README: asymmetric min/scale per token or per g channels, fp16 parameters
+            else:  # README "CLLA": asymmetric min/scale per token or per g channels, fp16 parameters
                 codes, scale, mn = quant.quantize(x.detach().unflatten(-1, (-1, self._g(kind))), self.bits, dim=-1,
                                                   check=False)                         # checked above
                 store.append(min_cap=64, codes=quant.pack(codes.flatten(-2), self.bits),      # [B, T, d*b/8]

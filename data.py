@@ -6,7 +6,7 @@ sources read from the running interpreter. It is tokenized once into train.bin /
 when the vocabulary fits, else uint32) plus meta.json, in a cache directory named by a fingerprint of everything that
 decides the tokens (files, sizes, mtimes, tokenizer, limits), so a second run with the same inputs reuses them.
 
-Rules a reader should know (the README repeats them):
+Rules a reader should know (README "Training" repeats them):
 - Files are read in a fixed pseudo-random order (sorted by sha1 of their relative path), so the first max_corpus_mb
   and the validation tail are both a mix of the whole directory rather than its alphabetically first part.
 - Each document is followed by the end-of-text token (GPT-2 style); tokenizers with a distinct BOS also get one first.

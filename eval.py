@@ -3,7 +3,7 @@ Line retrieval and perplexity under every KV cache: the ZipCache paper's Fig. 1 
 Table 1 (granularity), Table 2 (probes) and Table A (saliency metric) ablations, on the models trained here or on
 any Llama checkpoint.
 
-    python eval.py --quick                       # the README table: a few minutes on a laptop CPU
+    python eval.py --quick                       # the README's table: a few minutes on a laptop CPU
     python eval.py                               # more examples, line counts and sweep points
     python eval.py --checkpoint ~/Meta-Llama-3-8B-Instruct --chat --device cuda --lines 100,200 --n 100
 
@@ -115,7 +115,7 @@ def configurations(quick):
     def add(group, label, cache, **opts):
         C.append(dict(group=group, label=label, cache=cache, opts=opts))
 
-    # the comparison (Fig. 1 / Fig. 5 analogue); H2O keeps ~20% (the ~5x budget of the README)
+    # the comparison (Fig. 1 / Fig. 5 analogue); H2O keeps ~20% (about ZipCache's ~5x byte budget)
     add("main", "dense fp16", "dense")
     add("main", "ZipCache 4/2 (60% salient)", "zipcache", salient_ratio=0.6)
     add("main", "KIVI-2", "kivi", bits=2)
@@ -481,7 +481,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", default=DEFAULT_CKPT, help="retrieval model: a ckpt.pt, an HF Llama dir or a Meta dir")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
-    p.add_argument("--quick", action="store_true", help="the README table: fewer examples, line counts, sweep points")
+    p.add_argument("--quick", action="store_true", help="the README's table: fewer examples, line counts, sweep points")
     p.add_argument("--lines", default=None, help="comma-separated line counts (default 50,100,150,200; quick 100,200)")
     p.add_argument("--n", type=int, default=None, help="examples per line count (default 100; quick 40)")
     p.add_argument("--split", default="test", choices=list(retrieval.SPLITS))

@@ -219,8 +219,8 @@ def generate(model, prompt_ids, cache, max_new_tokens, temperature=0.0, top_k=No
 
 def kv_summary(cache):
     """Real bytes of the cache, what a dense fp16 cache would hold for the same tokens (for CLA/MLA/CLLA: an MHA
-    cache of the same width), and the two ratios (the README: real counts every byte, paper ignores
-    buffers and index storage)."""
+    cache of the same width), and the two ratios (README "Two ratios, always printed": real counts every byte,
+    paper ignores buffers and index storage)."""
     r = cache.ratios()
     return dict(kv_bytes=cache.nbytes(), dense_fp16_bytes=cache.dense_nbytes(), real_ratio=r["real"],
                 paper_ratio=r["paper"], info=cache.info())

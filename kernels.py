@@ -16,7 +16,7 @@ The algebra every fast path uses. For a row t of block k,
 so the scores and the weighted value sum never need K̂ or V̂:
     q·K̂_t      = (q⊙a_k)·x_t + q·μ_k               fold the key scale into q, add one constant per block
     Σ_t p_t V̂_t = c_k ⊙ (Σ_t (p_t σ_t) y_t + Σ_t p_t ν_t)  fold the value scale into p, apply c once per tile
-Two refinements of the README in the Triton kernel, both free: the codes are centred (x - 2^(bits-1), by
+Two refinements of this algebra in the Triton kernel, both free: the codes are centred (x - 2^(bits-1), by
 subtracting 1024 + 2^(bits-1) in the int->fp16 trick, with the shift folded into μ and ν), which halves the part of
 the score that the fp16 rounding of q⊙a multiplies; and sm_scale·log2(e) multiplies each dot's fp32 result instead
 of being folded into q, so the fp16 buffer's scores use the query exactly as given.
@@ -377,7 +377,7 @@ def _check_kernel_inputs(q, view, block_n):
 
 
 def _split_table(view, S, block_n):
-    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split), the README
+    """int32 [B, 2, S, 4] = (blk_first, blk_last, row_lo, row_hi) per (sequence, segment, split)
     Built with device ops (no host sync): split s covers rows [s·chunk, (s+1)·chunk) ∩ [0, n) of each segment,
     chunk = roundup(cdiv(n, S), block_n), and the blocks that intersect them come from searchsorted on rows."""
     B, nb, dev = view.k_buf.shape[0], view.n_blocks, view.k_buf.device
@@ -411,8 +411,8 @@ def _n_sm(device):
 
 # -----------------------------------------------------------------------------
 # the Triton kernels, top-down: the split-K stage, the combine, then the helpers they call. Scores live in the log2
-# domain (each dot's result is multiplied by sm_scale·log2(e)) so the softmax uses exp2. Every tl.dot takes fp16 operands with an fp32 accumulator (the
-# interpreter's bf16 dot is garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only, so the
+# domain (each dot's result is multiplied by sm_scale·log2(e)) so the softmax uses exp2. Every tl.dot takes fp16
+# operands with an fp32 accumulator (the interpreter's bf16 dot is garbage, and fp32 dots would be TF32 on the GPU). Plain pointer arithmetic only, so the
 # file runs on Triton 3.6 to 3.9 (no block pointers, no tensor descriptors); int64 base offsets.
 
 if HAS_TRITON:

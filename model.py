@@ -49,11 +49,11 @@ class ModelConfig:
     qk_nope_dim: int | None = None       # per-head query/key width without position
     qk_rope_dim: int | None = None       # d_r: decoupled RoPE width; one k_rope per token shared by all heads
     v_head_dim: int | None = None
-    # --- cross-layer sharing (attn = cla | clla), the README None -> 2 / "latent+rope" for those variants.
+    # --- cross-layer sharing (attn = cla | clla), README "CLLA". None -> 2 / "latent+rope" for those variants.
     share_factor: int | None = None      # s: layers per group; the first of each group produces, the rest consume
     share_mode: str | None = None        # clla: latent+rope | latent_only | rope_only (what consumers reuse)
     share_kv_proj: bool = False          # clla: consumers also reuse the producer's up-projection wkv_b
-    # --- latent quantization (attn = mla | clla), the README
+    # --- latent quantization (attn = mla | clla), README "CLLA" (the int4 latent)
     kv_bits: int = 16                    # 16 = none; 8 or 4: producer fake-quantizes in training, cache stores codes
     kv_quant_group: int | str = "token"  # "token": one (scale, min) per token; int g: per g channels
     kv_quant_rope: bool = True           # quantize k_rope too (else it is cached in 16 bits)
@@ -336,9 +336,9 @@ def kv_ratio(cfg):
 
 
 def latent_fake_quant(x, config, ste=True):
-    """the README: dequant(quant(x)) with the straight-through estimator, one (scale, min) per token ("token") or per
-    g channels (an int group; k_rope uses min(g, d_r)). The cache quantizes with quant.quantize over the same groups,
-    so what it stores reproduces this tensor exactly."""
+    """dequant(quant(x)) with the straight-through estimator (README "CLLA"), one (scale, min) per token ("token") or
+    per g channels (an int group; k_rope uses min(g, d_r)). The cache quantizes with quant.quantize over the same
+    groups, so what it stores reproduces this tensor exactly."""
     g = config.kv_quant_group
     if g == "token":
         return fake_quant(x, config.kv_bits, dim=-1, ste=ste)
@@ -369,7 +369,8 @@ class LatentAttention(nn.Module):
             self.wq_b = nn.Linear(c.q_lora_rank, q_out, bias=False)
         else:
             self.wq = nn.Linear(c.dim, q_out, bias=False)
-        # what this layer computes itself (the README table); consumers of the latent have no down-projection
+        # what this layer computes itself (README "CLLA": the share modes); consumers of the latent have no
+        # down-projection
         if self.role.own_latent:
             self.wkv_a = nn.Linear(c.dim, self.d_c + (self.d_r if self.role.own_rope else 0), bias=False)  # W_DKV|W_KR
             self.kv_norm = RMSNorm(self.d_c, c.norm_eps)

@@ -1,6 +1,7 @@
 """cache.py: every cache behind one interface. Prefill = SDPA, decode = attention over the cache's own (dequantized)
 K/V, 16 bits / keep ratio 1 = dense, real bytes, the paper's ratio accounting, ZipCache's official mode against the
-the paper's formulas, and the edge cases of the README"""
+the paper's formulas, and the edge cases of README "ZipCache in five steps".
+"""
 import math
 
 import pytest
@@ -288,7 +289,7 @@ def test_zipcache_blocks_and_rows():
 
 @pytest.mark.parametrize("scope", ["row", "head"])
 def test_zipcache_nbytes_closed_form(scope):
-    # the README for B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
+    # a worked layout: B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
     B, H, D, nb = 2, 2, 16, 3
     Hv = H if scope == "head" else 1
     c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5, v_token_scope=scope)
@@ -307,7 +308,8 @@ def test_zipcache_nbytes_closed_form(scope):
 
 @pytest.mark.parametrize("scope,expected", [("row", 701_728), ("head", 725_248)])
 def test_zipcache_worked_example_840(scope, expected):
-    # the README worked example: one LLaMA3-8B layer (H_kv = 8, D = 128), B = 1, r = 0.6, an 840-token prompt block
+    # worked example (README "Two ratios, always printed"): one LLaMA3-8B layer (H_kv = 8, D = 128), B = 1,
+    # r = 0.6, an 840-token prompt block
     c = C.make_cache("zipcache", mcfg(H=8, Hkv=8, D=128, max_seq_len=1024), paper=True, v_token_scope=scope)
     c.attend(0, *qkv(1, 8, 8, 840, 128, seed=0))
     tables = 2 * 4 * 1 * 2 + 8 * 9                                          # row tables + counters, excluded there
@@ -332,7 +334,8 @@ def test_zipcache_worked_example_decode_blocks():
 
 
 def test_paper_formula_ratio():
-    # the README: mixed precision at b = 8, hd = 4096, l = 840, P = 5 hd + 2 b l
+    # the paper's ratio formula (README "Two ratios, always printed"): mixed precision at b = 8, hd = 4096,
+    # l = 840, P = 5 hd + 2 b l
     table = {0: 7.96, 0.2: 6.64, 0.4: 5.69, 0.5: 5.32, 0.6: 4.98, 0.7: 4.69, 0.8: 4.43, 1.0: 3.99}
     for r, want in table.items():
         assert round(C.paper_formula_ratio(8, 840, 4096, r), 2) == want
@@ -416,7 +419,8 @@ def test_saliency_mask_and_special_probes():
 # ZipCache official mode against the the paper's formulas (independent implementation, float64 scores)
 
 def _official_quant(x, bits, dims):
-    """the README with scale_eps = 0 (official), params stored fp16; 0/0 -> code 0."""
+    """The official code's arithmetic (README "Where we differ from the official code") with scale_eps = 0,
+    params stored fp16; 0/0 -> code 0."""
     mn, mx = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
     s = ((mx - mn) / (2 ** bits - 1)).half().float()
     m = mn.half().float()

@@ -1,8 +1,8 @@
-"""CLA, MLA and CLLA (model.py) and their caches (cache.py CLACache / LatentCache), the README
+"""CLA, MLA and CLLA (model.py) and their caches (baselines.CLACache, cache.LatentCache), README "CLLA"
 
 References are independent of the code under test: a per-head loop of the MLA equations, the accounting
-formulas of the README written out again, and the worked percentages of the CLLA paper. Tolerances: float32 paths that differ
-only in summation order agree to ~1e-6 on these tiny models; 1e-5 leaves margin. float64 ≤ 1e-10.
+formulas of README "CLLA" written out again, and the worked percentages of the CLLA paper. Tolerances: float32
+paths that differ only in summation order agree to ~1e-6 on these tiny models; 1e-5 leaves margin. float64 ≤ 1e-10.
 """
 import math
 
@@ -319,10 +319,10 @@ def test_cla_gradients_reach_producer():
 
 
 # -----------------------------------------------------------------------------
-# accounting: formulas of the README written out again, the worked examples of the CLLA paper, real cache bytes
+# accounting: formulas of README "CLLA" written out again, the worked examples of the CLLA paper, real cache bytes
 
 def formula_bits(cfg):
-    """the README table, per token over all layers (layers divisible by s here)."""
+    """README "CLLA"'s table of bits per token, over all layers (layers divisible by s here)."""
     l, nh, dh = cfg.n_layers, cfg.n_heads, cfg.head_dim
     if cfg.attn in ("mha", "gqa", "mqa"):
         return 2 * cfg.n_kv_heads * dh * l * 16
@@ -344,7 +344,7 @@ def formula_bits(cfg):
 
 SHAPES = {"v2lite": dict(dim=2048, n_heads=16, head_dim=128, kv_lora_rank=512, qk_rope_dim=64),
           "default": dict(dim=512, n_heads=16, head_dim=32, kv_lora_rank=128, qk_rope_dim=16)}
-WORKED = [  # the README: (settings, V2-Lite %, default %)
+WORKED = [  # README "CLLA": (settings, V2-Lite %, default %)
     (dict(attn="mha"), 100, 100),
     (dict(attn="gqa", n_kv_heads=4), 25, 25),
     (dict(attn="mqa", n_kv_heads=1), 6.25, 6.25),

@@ -170,7 +170,7 @@ def test_simquant_granularity_params_and_error():
 
 def test_shipped_retrieval_model_is_near_perfect_with_the_dense_cache():
     """The bar: >= 95% exact match at the trained line count (200) with the dense cache. 40 test-split
-    records (the README's eval.py run uses 100 per line count); at the measured 100%, 38/40 leaves room for noise."""
+    records (README "Evaluation": the eval.py run uses 100 per line count); at the measured 100%, 38/40 leaves room for noise."""
     ck = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ckpt", "retrieval", "ckpt.pt")
     model, _ = weights.load_model(ck, device="cpu", dtype=torch.float32)
     tok = load_tokenizer("words")

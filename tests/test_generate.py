@@ -27,7 +27,7 @@ def run_main(*argv):
 
 
 def test_shipped_checkpoint_cli():
-    # the README's first command on the shipped tiny model (short, so the suite stays fast; the real model: test_weights.py)
+    # the README's first command (its first lines) on the shipped tiny model (short, so the suite stays fast; the real model: test_weights.py)
     r = subprocess.run([sys.executable, "generate.py", "--checkpoint", "ckpt/stdlib-byte", "--cache", "zipcache",
                         "--max_new_tokens", "30", "--compare"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,5 @@
 """kernels.py: the Triton decode kernel (interpreter on CPU) and the torch fast path against the dequantize-everything
-reference, over the case list, invariants and poisoning of the README"""
+reference, over a case list, invariants and poisoned capacity (README "The decode kernel")"""
 import math
 import os
 
@@ -108,7 +108,7 @@ def rel_err(a, b):
 
 
 def check_close(out, lse, ref_out, ref_lse, rel=2e-3, mx=1e-2, dl=1e-3):
-    # the README bounds vs the fp32 reference on the *dequantized* cache (isolates kernel error from
+    # README "The decode kernel" bounds vs the fp32 reference on the *dequantized* cache (isolates kernel error from
     # quantization error): q⊙a and p⊙σ are rounded to fp16 for the dots, ~3-7e-4 relative expected. The final
     # cast to q.dtype comes on top, so its relative error u is added to the relative and elementwise bounds:
     # 2^-12 for fp16; 2^-8 for bf16, because Triton 3.9's interpreter casts fp32 -> bf16 by truncation (checked:

@@ -6,7 +6,7 @@ import quant
 
 
 def _bound(scale, mn):
-    # per-element error bound of the README: half a step, plus the fp16 rounding of the stored min (|mn| * 2^-11)
+    # per-element error bound: half a step, plus the fp16 rounding of the stored min (|mn| * 2^-11)
     # and a little fp32 slack for the division/multiplication.
     return scale.float() / 2 + mn.float().abs() * 2 ** -11 + 1e-6
 
@@ -22,7 +22,8 @@ def test_pack_unpack_roundtrip(bits, D):
 
 
 def test_pack_bit_order_is_planar():
-    # the README: 4-bit byte j = x[j] | x[j+D/2] << 4; 2-bit byte j = x[j] | x[j+D/4]<<2 | x[j+D/2]<<4 | x[j+3D/4]<<6
+    # the planar packing (README "ZipCache in five steps"): 4-bit byte j = x[j] | x[j+D/2] << 4;
+    # 2-bit byte j = x[j] | x[j+D/4]<<2 | x[j+D/2]<<4 | x[j+3D/4]<<6
     x = torch.tensor([1, 2, 3, 0, 3, 1, 0, 2], dtype=torch.uint8)
     p2 = quant.pack(x, 2)
     assert p2.tolist() == [1 | 3 << 2 | 3 << 4 | 0 << 6, 2 | 0 << 2 | 1 << 4 | 2 << 6]
