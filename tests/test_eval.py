@@ -186,3 +186,95 @@ def test_shipped_retrieval_model_is_near_perfect_with_the_dense_cache():
     got = torch.stack(out, 1).tolist()
     hits = sum(R.score(tok.decode(g), e["answer"]) for g, e in zip(got, exs))
     assert hits >= 38, f"{hits}/40"
+
+
+# -----------------------------------------------------------------------------
+# the real-model run (eval.py's default), on a tiny random byte-level model
+
+@pytest.fixture(scope="module")
+def tiny_byte_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = load_tokenizer("bytes")
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=64, vocab_size=tok.n_vocab,
+                      max_seq_len=1024)
+    path = tmp_path_factory.mktemp("tinybytes") / "ckpt.pt"
+    torch.save({"model": Transformer(cfg).state_dict(), "config": cfg.__dict__, "tokenizer": tok.spec}, path)
+    return path
+
+
+def test_shared_prefill_work_is_exact(tiny_byte_ckpt):
+    """FanOut computes SDPA and the every-row scores once per layer (shared_prefill_work); each cache must end up
+    exactly as if it had been prefilled alone."""
+    model, tok = E.load(str(tiny_byte_ckpt), None, torch.device("cpu"), torch.float32)
+    idx = torch.tensor([E.passkey_example(tok, 400, i, 2)["ids"] for i in range(2)])
+    specs = [s for s in E.configurations(True, real=True) if s["group"] in ("main", "score")]
+    special = E.special_probe_ids(tok)
+    fanned, last, _ = E.prefill_all(model, idx, specs, special)
+    fan = E.FanOut([E.build_cache(s, model.config) for s in specs[:3] + specs[5:7]], idx.device)  # dense, zip, h2o, mikv
+    model(idx, cache=fan, last_only=True)
+    assert fan.memo_hits == 5 * model.config.n_layers        # per layer: SDPA served 4 times, H2O's scores to MiKV
+    for s, c in zip(specs, fanned):
+        alone, last_alone, _ = E.prefill_all(model, idx, [s], special)
+        torch.testing.assert_close(last, last_alone, rtol=0, atol=0)
+        assert c.nbytes() == alone[0].nbytes(), s["label"]
+        nxt = last.argmax(-1)
+        a = E.decode(model, c, nxt, 3)[0]
+        b = E.decode(model, alone[0], nxt, 3)[0]
+        assert torch.equal(a, b), s["label"]
+        if s["cache"] == "h2o":
+            assert all(torch.equal(c.kept_positions(i), alone[0].kept_positions(i)) for i in range(2))
+
+
+def test_passkey_records():
+    tok = load_tokenizer("bytes")
+    exs = [E.passkey_example(tok, 3000, i, 10, seed=1) for i in range(10)]
+    assert exs == [E.passkey_example(tok, 3000, i, 10, seed=1) for i in range(10)]      # deterministic
+    for e in exs:
+        text = tok.decode(e["ids"])
+        assert 2900 < len(e["ids"]) <= 3000 and text.count(e["key"]) == 2 and text.endswith("The pass key is")
+        # bytes: one token a character (the BOS token decodes to 13)
+        assert text.index(f"The pass key is {e['key']}") == pytest.approx(e["depth"] * len(text), abs=20)
+    depths = [e["depth"] for e in exs]
+    assert depths == sorted(depths) and depths[0] < 0.15 and depths[-1] > 0.8   # uniform over the prompt
+    assert len({e["key"] for e in exs}) == 10 and all(len(e["key"]) == 5 for e in exs)
+
+
+def test_eval_real_mode_end_to_end(tiny_byte_ckpt, tmp_path):
+    argv = ["--checkpoint", str(tiny_byte_ckpt), "--quick", "--lengths", "400,600", "--ablate_at", "400",
+            "--sweep_at", "400", "--lines", "3", "--n", "3", "--batch_tokens", "400", "--ppl_windows", "2",
+            "--ppl_prefill", "64",
+            "--ppl_decode", "9", "--out_dir", str(tmp_path)]
+    rows, meta = E.main(argv)
+    assert meta["done"] and {r["group"] for r in rows} == {"main", "sweep", "probe", "score", "granularity"}
+    for r in rows:
+        ablation = r["group"] in ("probe", "score", "granularity")
+        assert set(r["passkey"]) == ({400, 600} if r["group"] == "main" else {400})
+        assert set(r["lines"]) == (set() if ablation else {3})
+        assert (r.get("ppl", 0) > 1) == (r["group"] == "main")
+    dense = rows[0]
+    assert dense["cache"] == "dense" and abs(dense["real_at"][600] - 1) < 0.05
+    zip_ = next(r for r in rows if r["label"] == "ZipCache default")
+    assert zip_["real_at"][600] > 2
+    # dense passkey accuracy equals an independent no-cache greedy decode of the same records
+    model, tok = E.load(str(tiny_byte_ckpt), None, torch.device("cpu"), torch.float32)
+    hits = 0
+    for i in range(3):
+        e = E.passkey_example(tok, 600, i, 3)
+        x = torch.tensor([e["ids"]])
+        for _ in range(E.PASSKEY_STEPS):
+            x = torch.cat([x, model(x)[0][:, -1:].argmax(-1)], 1)
+        hits += e["key"] in tok.decode(x[0, -E.PASSKEY_STEPS:].tolist())
+    assert dense["passkey"][600] == pytest.approx(100 * hits / 3)
+    out = json.loads((tmp_path / "real" / "eval.json").read_text())
+    assert len(out["rows"]) == len(rows) and out["meta"]["done"]
+    md = (tmp_path / "real" / "eval.md").read_text()
+    assert "| dense fp16 | 1.00→1.00 |" in md and "passkey@600" in md and "52.08" in md and "**Targets**" in md
+    assert (tmp_path / "real" / "eval_fig1.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,msg", [(["--lengths", "1k"], "--lengths='1k'"), (["--lengths", "0"], "at least 1"), (["--batch_tokens", "0"], "at least 1"),
+                                      (["--tasks", "passkey,qa"], "--tasks=passkey,qa"),
+                                      (["--ablate_at", "x"], "--ablate_at='x'")])
+def test_bad_flags_one_line(argv, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        E.get_args(argv)
