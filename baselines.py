@@ -6,6 +6,7 @@ per method, built on cache.py's storage and `Cache` base):
     H2OCache     heavy hitters + a recent window, everything else evicted (H2O)
     MiKVCache    mixed 4/2-bit per token, saliency from accumulated attention of the full matrix (MiKV)
     CLACache     fp16 K/V stored once per group of layers, for attn="cla" models (cross-layer attention)
+    SimQuantCache simulated quantization at one granularity (the paper's Table 1 ablation, eval.py)
 
 make_cache (cache.py) builds them by name: `make_cache("kivi", config, bits=2)`.
 """
@@ -359,3 +360,54 @@ class CLACache(DenseCache):
 
     def info(self):
         return f"cla (share_factor {self.share}, {self.dtype})"
+
+
+# -----------------------------------------------------------------------------
+# simulated quantization at a chosen granularity (the Table 1 ablation)
+
+GRANULARITIES = ("groupwise", "tokenwise", "channelwise", "cst")
+
+
+def fake_quantize(x, bits, gran, group=32):
+    """x [B, H, T, D] -> dequantize(quantize(x)) at one granularity (quant.py), and the number of fp16 parameters."""
+    B, H, T, D = x.shape
+    if gran == "groupwise":       # 32 consecutive channels of one token
+        c, s, m = quant.quantize_groupwise(x, bits, group=group, dim=-1)
+        return quant.dequantize_groupwise(c, s, m, group=group, dim=-1), 2 * B * H * T * (D // group)
+    if gran == "tokenwise":       # one pair per token over its D channels
+        c, s, m = quant.quantize_tokenwise(x, bits)
+        return quant.dequantize(c, s, m), 2 * B * H * T
+    if gran == "channelwise":     # one pair per channel over the tokens
+        c, s, m = quant.quantize_channelwise(x, bits)
+        return quant.dequantize(c, s, m), 2 * B * H * D
+    if gran == "cst":             # channel normalizer, then one pair per token (ZipCache values)
+        c, s, m, chan = quant.quantize_cst(x, bits)
+        return quant.dequantize_cst(c, s, m, chan), B * H * D + 2 * B * H * T
+    raise ValueError(f"granularity {gran!r} is unknown; use one of {GRANULARITIES}")
+
+
+class SimQuantCache(DenseCache):
+    """*Simulated* quantization for the granularity ablation (paper Table 1): the prompt's K and V are quantized at
+    `bits` with the given granularities and kept dequantized in fp16; decode tokens stay fp16. It isolates the
+    quantizer's error from storage, so its ratio is the paper formula over the parameter count (no real bytes)."""
+    name = "simquant"
+
+    def __init__(self, config, bits=4, k_gran="channelwise", v_gran="cst"):
+        for g in (k_gran, v_gran):
+            if g not in GRANULARITIES:
+                raise ValueError(f"granularity {g!r} is unknown; use one of {GRANULARITIES}")
+        self.bits, self.k_gran, self.v_gran = bits, k_gran, v_gran
+        super().__init__(config)
+
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        kh, pk = fake_quantize(k, self.bits, self.k_gran)
+        vh, pv = fake_quantize(v, self.bits, self.v_gran)
+        st, _ = super()._prefill(layer, q, kh.to(k.dtype), vh.to(v.dtype))
+        st.n_el, st.n_par = 2 * k.numel(), pk + pv
+        return st, out
+
+    def ratios(self):
+        st = [s for s in self.layers if s is not None]
+        el, par = sum(s.n_el for s in st), sum(s.n_par for s in st)
+        return dict(real=float("nan"), paper=16 * el / (self.bits * el + 16 * par))

@@ -1014,6 +1014,11 @@ def _cla(config, **opts):
     return baselines.CLACache(config, **opts)
 
 
+def _simquant(config, **opts):
+    import baselines
+    return baselines.SimQuantCache(config, **opts)
+
+
 # name -> (builder, the options it accepts). baselines.py builds on this file's classes, so it is imported by the
 # builders at the point of use.
 _ZIP_OPTIONS = ("official", "paper", "bits", "probe_ratio", *(f.name for f in fields(ZipCacheConfig)))
@@ -1023,6 +1028,7 @@ CACHES = {
     "kivi": (_kivi, ("bits", "group", "residual")),
     "h2o": (_h2o, ("heavy_ratio", "recent_ratio", "keep_ratio")),
     "mikv": (_mikv, ("salient_ratio", "recent_ratio", "bits", "high_bits", "low_bits", "recompress_every")),
+    "simquant": (_simquant, ("bits", "k_gran", "v_gran")),   # simulated quantization (eval.py's Table 1)
     "cla": (_cla, ("dtype",)),         # attn="cla" models: K/V once per group of layers
     "latent": (LatentCache, ("dtype",)),  # attn="mla"/"clla" models: the latent and the rope key
 }
