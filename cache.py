@@ -401,8 +401,9 @@ class ZipCacheConfig:
                              f"block)")
         if self.scale_eps < 0:
             raise ValueError(f"scale_eps={self.scale_eps} must be >= 0")
-        if self.n_recent < 0:
-            raise ValueError(f"n_recent={self.n_recent} must be >= 0 (prompt tokens kept fp16 until the first flush)")
+        if not 0 <= self.n_recent < self.recompress_every:   # the tail is compressed with the first decode block
+            raise ValueError(f"n_recent={self.n_recent} must be >= 0 and below recompress_every="
+                             f"{self.recompress_every} (prompt tokens kept fp16 until the first flush)")
         if self.n_sink < 0:
             raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
         if self.k_group < 0:

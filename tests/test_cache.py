@@ -532,7 +532,8 @@ def test_errors_are_clear():
     cfg = mcfg(max_seq_len=40)
     for opts, msg in [(dict(bits=3), "bits"), (dict(high_bits=5), "high_bits"), (dict(salient_ratio=1.5), "salient"),
                       (dict(probe_ratio=-0.1), "probe_ratio"), (dict(high_bits=16), "16 bits"),
-                      (dict(kernel="cuda"), "kernel"), (dict(nonsense=1), "nonsense")]:
+                      (dict(kernel="cuda"), "kernel"), (dict(nonsense=1), "nonsense"),
+                      (dict(n_recent=100), "below recompress_every=100")]:
         with pytest.raises(ValueError, match=msg):
             C.make_cache("zipcache", cfg, **opts)
     with pytest.raises(ValueError, match="bits"):
