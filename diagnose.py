@@ -12,6 +12,11 @@ reports where that query's attention mass goes (first 4 tokens, last 32, the sal
 
     python diagnose.py                                   # SmolLM2 from the wheel, a pydoc_data text, 2k tokens
     python diagnose.py --tokens 4096 --configs paper,k_group64,sinks,v_head,default --per_layer
+
+--passkey N answers N passkey records (eval.py's, the key at uniform depths) through dense and each config instead:
+which change of the cache brings the answers back (2-bit tokens at all, the saliency estimate, the split).
+
+    python diagnose.py --passkey 16 --tokens 1024 --configs default,norm_probe,exact_scores,paper,r0.6,all_4bit
 """
 import argparse
 import math
@@ -28,7 +33,28 @@ CONFIGS = {  # name -> make_cache options
     "v_head": dict(paper=True, k_group=64, v_token_scope="head"),  # + value (min, scale) per KV head
     "k_group128": dict(paper=True, k_group=128),
     "default": dict(),                                            # the shipped ZipCacheConfig (README)
+    "norm_probe": dict(norm="probe"),                             # default, scores divided by the probes seeing j
+    "exact_scores": dict(probe_strategy="all"),                   # default, saliency from the whole attention matrix
+    "r0.6": dict(salient_ratio=0.6),                              # default, 60% salient
+    "all_4bit": dict(bits=4),                                     # default, no 2-bit tokens at all
 }
+
+
+def passkey(model, tok, n, tokens, configs, log=print):
+    """n passkey records of `tokens` tokens through dense and every config -> {name: (hits, real ratio)}."""
+    import eval as E
+    exs = [E.passkey_example(tok, tokens, i, n) for i in range(n)]
+    specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
+        [dict(group="x", label=k, cache="zipcache", opts=o) for k, o in configs.items()]
+    res = E.run_passkey(model, tok, specs, exs, batch_size=16)
+    log(f"passkey, {n} records of {tokens} tokens, key depths {exs[0]['depth']:.2f} .. {exs[-1]['depth']:.2f} "
+        f"(x = answered)")
+    out = {}
+    for s, r in zip(specs, res):
+        out[s["label"]] = (sum(r["hits"]), r["real"][0])
+        log(f"{s['label']:13s} {sum(r['hits']):3d}/{n}  {''.join('x' if h else '.' for h in r['hits'])}  "
+            f"real {r['real'][0]:.2f}x")
+    return out
 
 
 class Recorder:
@@ -120,6 +146,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=2048, help="prompt length taken from pydoc_data.topics")
     p.add_argument("--configs", default="paper,k_group64,default", help=f"comma list from {list(CONFIGS)}")
     p.add_argument("--per_layer", action="store_true", help="also print every layer's K+V error")
+    p.add_argument("--passkey", type=int, default=0, help="N > 0: answer N passkey records instead (see above)")
     args = p.parse_args(argv)
     names = args.configs.split(",")
     bad = [n for n in names if n not in CONFIGS]
@@ -127,12 +154,17 @@ def main(argv=None):
         p.error(f"--configs: unknown {bad}; use names from {list(CONFIGS)}")
     if args.tokens < 64:
         p.error(f"--tokens={args.tokens} is too short to say anything; use >= 64")
+    if args.passkey < 0:
+        p.error(f"--passkey={args.passkey}: give a number of records, e.g. 16")
     from weights import load_model_and_tokenizer
     from pydoc_data.topics import topics
     try:
         model, tok = load_model_and_tokenizer(args.checkpoint, None, "cpu", torch.float32)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"diagnose.py: error: {e}")
+    if args.passkey:
+        passkey(model, tok, args.passkey, args.tokens, {n: CONFIGS[n] for n in names})
+        return
     text = "\n\n".join(topics[k] for k in sorted(topics))             # ~465 KB of English, every Python has it
     ids = tok.encode(text)
     start = len(ids) // 5                                          # past the first topics, into plain prose

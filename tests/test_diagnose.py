@@ -21,3 +21,11 @@ def test_error_split_on_a_tiny_model():
         assert max(m["k_only"], m["v_only"], m["lo_only"], m["hi_only"]) <= 1.5 * m["both"] + 1e-9, (name, m)
     assert rows["8bit"]["mean"]["both"] < 0.1 * rows["paper"]["mean"]["both"]
     assert rows["paper"]["ratio"] > rows["8bit"]["ratio"]
+
+
+def test_passkey_mode_on_the_real_model(smollm2):
+    model, tok, _ = smollm2
+    out = D.passkey(model, tok, 2, 256, {"default": {}, "all_4bit": D.CONFIGS["all_4bit"]}, log=lambda *a: None)
+    assert set(out) == {"dense", "default", "all_4bit"}
+    assert out["dense"] == (2, out["dense"][1]) and abs(out["dense"][1] - 1) < 1e-3   # the dense model finds the key
+    assert all(0 <= h <= 2 for h, _ in out.values()) and out["default"][1] > out["all_4bit"][1] > 1
