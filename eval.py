@@ -347,6 +347,18 @@ def passkey_example(tok, n_tokens, i, n, seed=0):
 PASSKEY_STEPS = 6    # SmolLM2 writes " 48213" as 6 tokens (a space, then one token a digit)
 
 
+def spread_order(n):
+    """A processing order of records 0..n-1 (depth (i + 0.5) / n) whose every prefix covers the depths evenly:
+    the j-th pick is the record nearest to depth frac(j * golden ratio), a low-discrepancy sequence."""
+    left, order = set(range(n)), []
+    for j in range(n):
+        target = (j * 0.6180339887498949) % 1 * n
+        i = min(left, key=lambda i: abs(i + 0.5 - target))
+        left.remove(i)
+        order.append(i)
+    return order
+
+
 def passkey_records(tok, n_tokens, args):
     return [passkey_example(tok, n_tokens, i, args.n, args.seed) for i in range(args.n)]
 
@@ -446,8 +458,9 @@ def agreement(ours, paper):
     best = max(keys, key=lambda k: paper[k])
     ours_best = [k for k in keys if ours[k] == max(ours[k2] for k2 in keys)]
     return (f"Paper order: {po}. Ours: {oo}. " + ("The orders agree." if same else
-            f"The orders differ; the paper's best setting ({best}) is {'among ' if len(ours_best) > 1 else ''}"
-            f"{'our best' if best in ours_best else 'not our best'}") + ("." if not same else ""))
+            f"The orders differ; the paper's best setting ({best}) is "
+            f"{('among our best' if len(ours_best) > 1 else 'our best') if best in ours_best else 'not our best'}")
+            + ("." if not same else ""))
 
 
 def report(rows, args, meta, log_lines):
@@ -606,7 +619,7 @@ def report_real(rows, args, meta, log_lines):
                   f"(no-cache reference {meta['ppl_ref']:.3f}); Δ = vs the dense cache.\n")
 
     def ratio(r):
-        got = [r["real_at"][L] for L in Ls if L in r["real_at"]]
+        got = [r["real_at"][L] for L in Ls if L in r["real_at"] and not math.isnan(r["real_at"][L])]
         return "–" if not got else f"{got[0]:.2f}" if len(got) == 1 else f"{got[0]:.2f}→{got[-1]:.2f}"
 
     def table(rs, extra_head="", extra=lambda r: ""):
@@ -758,20 +771,28 @@ def main_real(args, model, tok, device, log, write):
         log(f"perplexity ({len(idx)} caches): {time.perf_counter() - t0:.0f} s; dense {rows[0]['ppl']:.3f}")
         write(rows, meta)
     if "passkey" in args.tasks:
+        # Round-robin over the lengths, one batch each per round, results written after every batch: a run stopped
+        # early has records at every length, and (spread_order) at depths spread over the prompt.
+        todo = {}
         for L in args.lengths:
             idx = [i for i, s in enumerate(specs) if s["group"] == "main" or
                    (L in args.sweep_at if s["group"] == "sweep" else L in args.ablate_at)]
-            sub = [specs[i] for i in idx]
             exs = passkey_records(tok, L, args)
-            bs = max(1, args.batch_tokens // L)
-            acc = {i: dict(hits=[], real=[], paper=[], prefill_ms=[], decode_tok_s=[]) for i in idx}
-            t0 = time.perf_counter()
-            # one batch at a time, written after each: a long length stopped early still reports its records
-            for b in range(0, len(exs), bs):
-                res = run_passkey(model, tok, sub, exs[b:b + bs], bs)
-                done = exs[:b + bs]
-                for i, r in zip(idx, res):
-                    a_ = acc[i]
+            exs = [exs[i] for i in spread_order(len(exs))]
+            todo[L] = dict(idx=idx, exs=exs, bs=max(1, args.batch_tokens // L), done=0, t=0.0,
+                           acc={i: dict(hits=[], real=[], paper=[], prefill_ms=[], decode_tok_s=[]) for i in idx})
+        while any(t["done"] < len(t["exs"]) for t in todo.values()):
+            for L, t in todo.items():
+                if t["done"] == len(t["exs"]):
+                    continue
+                t0 = time.perf_counter()
+                res = run_passkey(model, tok, [specs[i] for i in t["idx"]], t["exs"][t["done"]:t["done"] + t["bs"]],
+                                  t["bs"])
+                t["done"] = min(len(t["exs"]), t["done"] + t["bs"])
+                t["t"] += time.perf_counter() - t0
+                done = t["exs"][:t["done"]]
+                for i, r in zip(t["idx"], res):
+                    a_ = t["acc"][i]
                     for key in a_:
                         a_[key] += r[key]
                     row = rows[i]
@@ -779,13 +800,15 @@ def main_real(args, model, tok, device, log, write):
                     row["real_at"][L], row["paper_at"][L] = mean(a_["real"]), mean(a_["paper"])
                     row["prefill_ms"][L], row["decode_tok_s"][L] = mean(a_["prefill_ms"]), mean(a_["decode_tok_s"])
                 meta.setdefault("passkey_records", {})[L] = len(done)
+                if t["done"] == len(t["exs"]):
+                    z = next(rows[i] for i in t["idx"] if rows[i]["label"] == "ZipCache default")
+                    lens = sorted(len(e["ids"]) for e in t["exs"])
+                    log(f"passkey {L} ({lens[0]}-{lens[-1]} tokens, {len(done)} records, {len(t['idx'])} caches): "
+                        f"{t['t']:.0f} s; dense {rows[0]['passkey'][L]:.1f}%, ZipCache default "
+                        f"{z['passkey'][L]:.1f}% at {z['real_at'][L]:.2f}x")
+                else:
+                    print(f"  passkey {L}: {len(done)}/{len(t['exs'])} records, {t['t']:.0f} s", flush=True)
                 write(rows, meta)
-            z = next(rows[i] for i in idx if rows[i]["label"] == "ZipCache default")
-            lens = sorted(len(e["ids"]) for e in exs)
-            log(f"passkey {L} ({lens[0]}-{lens[-1]} tokens, {len(exs)} records, {len(idx)} caches): "
-                f"{time.perf_counter() - t0:.0f} s; dense {rows[0]['passkey'][L]:.1f}%, ZipCache default "
-                f"{z['passkey'][L]:.1f}% at {z['real_at'][L]:.2f}x")
-            write(rows, meta)
     return rows, meta
 
 
@@ -813,7 +836,7 @@ def get_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer records, lengths and sweep points")
     p.add_argument("--tasks", default=None, help="real model: comma list of passkey, lines, ppl (default all); the toy "
                    "model always runs line retrieval and perplexity")
-    p.add_argument("--lengths", default=None, help="passkey prompt lengths in tokens (default 1024,2048,4096,8192; "
+    p.add_argument("--lengths", default=None, help="passkey prompt lengths in tokens (default 1024,2048,4096,8000; "
                    "quick 1024,2048)")
     p.add_argument("--ablate_at", default=None, help="passkey lengths at which the probe, score and granularity "
                    "groups run (default and quick 1024)")
@@ -854,7 +877,7 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or os.path.join(HERE, "results", *(["quick"] if a.quick else []))
     a.lines = int_list("--lines", a.lines, "100,200") if a.lines else None
-    a.lengths = int_list("--lengths", a.lengths or ("1024,2048" if a.quick else "1024,2048,4096,8192"), "1024,4096")
+    a.lengths = int_list("--lengths", a.lengths or ("1024,2048" if a.quick else "1024,2048,4096,8000"), "1024,4096")
     a.ablate_at = int_list("--ablate_at", a.ablate_at or "1024", "1024")
     a.sweep_at = int_list("--sweep_at", a.sweep_at or ("1024" if a.quick else "1024,2048"), "1024,2048")
     if a.batch_tokens < 1:
@@ -926,9 +949,9 @@ def main(argv=None):
                 command=" ".join(["python eval.py", *(sys.argv[1:] if argv is None else argv)]))
     base = os.path.join(args.out_dir, args.name)
     if real:
-        if max(args.lengths) + 7 > model.config.max_seq_len:
+        if max(args.lengths) + PASSKEY_STEPS > model.config.max_seq_len:
             raise ValueError(f"--lengths up to {max(args.lengths)} exceed the model's max_seq_len="
-                             f"{model.config.max_seq_len} (minus 7 answer tokens); lower them")
+                             f"{model.config.max_seq_len} minus {PASSKEY_STEPS} answer tokens; lower them")
         log(f"{meta['model']} ({model.config.n_layers} layers, {model.config.n_heads} heads / "
             f"{model.config.n_kv_heads} kv x {model.config.head_dim}); tasks {args.tasks}, passkey lengths "
             f"{args.lengths} (ablations at {args.ablate_at}), lines {args.lines}, {args.n} records each")
