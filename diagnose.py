@@ -37,6 +37,7 @@ CONFIGS = {  # name -> make_cache options
     "exact_scores": dict(probe_strategy="all"),                   # default, saliency from the whole attention matrix
     "r0.6": dict(salient_ratio=0.6),                              # default, 60% salient
     "all_4bit": dict(bits=4),                                     # default, no 2-bit tokens at all
+    "probes20": dict(probe_ratio=0.2),                            # default, twice the probe rows (10% + 10%)
 }
 
 
