@@ -50,11 +50,29 @@ def passkey(model, tok, n, tokens, configs, log=print):
     res = E.run_passkey(model, tok, specs, exs, batch_size=16)
     log(f"passkey, {n} records of {tokens} tokens, key depths {exs[0]['depth']:.2f} .. {exs[-1]['depth']:.2f} "
         f"(x = answered)")
+    # where the needle went: the share of its tokens (the sentence holding the key) each cache kept at high_bits,
+    # over layers and KV heads, one prefill per record with the 1-bit saliency mask on
+    share = {k: [] for k in configs}
+    for e in exs:
+        start = len(tok.encode(e["before"], bos=True))
+        needle = torch.arange(start, start + len(tok.encode(e["needle"])))
+        zs = [dict(s, opts={**s["opts"], "keep_saliency_mask": True}) for s in specs[1:]]
+        caches, _, _ = E.prefill_all(model, torch.tensor([e["ids"]]), zs, E.special_probe_ids(tok))
+        for k, c in zip(configs, caches):
+            share[k].append(torch.stack([c.salient_mask(i)[0][:, needle].float().mean()
+                                         for i in range(model.config.n_layers)]).mean().item())
     out = {}
     for s, r in zip(specs, res):
-        out[s["label"]] = (sum(r["hits"]), r["real"][0])
-        log(f"{s['label']:13s} {sum(r['hits']):3d}/{n}  {''.join('x' if h else '.' for h in r['hits'])}  "
-            f"real {r['real'][0]:.2f}x")
+        k, hits = s["label"], r["hits"]
+        out[k] = (sum(hits), r["real"][0])
+        kept = ""
+        if k in share:
+            hit = [x for x, h in zip(share[k], hits) if h]
+            miss = [x for x, h in zip(share[k], hits) if not h]
+            kept = (f"  needle tokens at high bits: {sum(hit) / max(1, len(hit)):.0%} (answered), "
+                    f"{sum(miss) / len(miss):.0%} (missed)" if miss else
+                    f"  needle tokens at high bits: {sum(hit) / max(1, len(hit)):.0%}")
+        log(f"{k:13s} {sum(hits):3d}/{n}  {''.join('x' if h else '.' for h in hits)}  real {r['real'][0]:.2f}x{kept}")
     return out
 
 

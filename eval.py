@@ -338,7 +338,8 @@ def passkey_example(tok, n_tokens, i, n, seed=0):
         before = PASSKEY_INTRO + PASSKEY_FILLER * cut
         ids = tok.encode(before + needle + PASSKEY_FILLER * (reps - cut) + PASSKEY_QUESTION, bos=True)
         if len(ids) <= n_tokens:
-            return dict(ids=ids, key=key, depth=len(tok.encode(before, bos=True)) / len(ids))
+            return dict(ids=ids, key=key, depth=len(tok.encode(before, bos=True)) / len(ids), before=before,
+                        needle=needle)
         if reps == 1:
             raise ValueError(f"--lengths {n_tokens}: the passkey prompt needs at least {len(ids)} tokens; raise it")
         reps -= 1
