@@ -988,49 +988,35 @@ def _zipcache(config, official=False, paper=False, bits=None, probe_ratio=None, 
     return ZipCache(config, replace(base, **opts))
 
 
-def _mikv(config, bits=None, **opts):
-    import baselines
-    if bits is not None:
-        opts["high_bits"] = opts["low_bits"] = bits
-    return baselines.MiKVCache(config, **opts)
+def _baseline(cls_name, bits=False, keep_ratio=False):
+    """A builder for a baselines.py class. baselines.py builds on this file's classes, so it is imported here, at
+    the point of use. bits=True: the `bits` shorthand sets both precision groups (MiKV); keep_ratio=True: H2O's
+    keep_ratio splits evenly into heavy hitters and recent tokens."""
+    def build(config, **opts):
+        import baselines
+        if bits and "bits" in opts:
+            opts["high_bits"] = opts["low_bits"] = opts.pop("bits")
+        if keep_ratio and "keep_ratio" in opts:
+            kr = opts.pop("keep_ratio")
+            _check_ratio("keep_ratio", kr)
+            if kr == 0:
+                raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
+            opts["heavy_ratio"] = opts["recent_ratio"] = kr / 2
+        return getattr(baselines, cls_name)(config, **opts)
+    return build
 
 
-def _h2o(config, keep_ratio=None, **opts):
-    import baselines
-    if keep_ratio is not None:  # heavy hitters and recent tokens, half each
-        _check_ratio("keep_ratio", keep_ratio)
-        if keep_ratio == 0:
-            raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
-        opts["heavy_ratio"] = opts["recent_ratio"] = keep_ratio / 2
-    return baselines.H2OCache(config, **opts)
-
-
-def _kivi(config, **opts):
-    import baselines
-    return baselines.KIVICache(config, **opts)
-
-
-def _cla(config, **opts):
-    import baselines
-    return baselines.CLACache(config, **opts)
-
-
-def _simquant(config, **opts):
-    import baselines
-    return baselines.SimQuantCache(config, **opts)
-
-
-# name -> (builder, the options it accepts). baselines.py builds on this file's classes, so it is imported by the
-# builders at the point of use.
+# name -> (builder, the options it accepts)
 _ZIP_OPTIONS = ("official", "paper", "bits", "probe_ratio", *(f.name for f in fields(ZipCacheConfig)))
 CACHES = {
     "dense": (DenseCache, ("dtype",)),
     "zipcache": (_zipcache, _ZIP_OPTIONS),
-    "kivi": (_kivi, ("bits", "group", "residual")),
-    "h2o": (_h2o, ("heavy_ratio", "recent_ratio", "keep_ratio")),
-    "mikv": (_mikv, ("salient_ratio", "recent_ratio", "bits", "high_bits", "low_bits", "recompress_every")),
-    "simquant": (_simquant, ("bits", "k_gran", "v_gran")),   # simulated quantization (eval.py's Table 1)
-    "cla": (_cla, ("dtype",)),         # attn="cla" models: K/V once per group of layers
+    "kivi": (_baseline("KIVICache"), ("bits", "group", "residual")),
+    "h2o": (_baseline("H2OCache", keep_ratio=True), ("heavy_ratio", "recent_ratio", "keep_ratio")),
+    "mikv": (_baseline("MiKVCache", bits=True),
+             ("salient_ratio", "recent_ratio", "bits", "high_bits", "low_bits", "recompress_every")),
+    "simquant": (_baseline("SimQuantCache"), ("bits", "k_gran", "v_gran")),   # simulated quantization (Table 1)
+    "cla": (_baseline("CLACache"), ("dtype",)),   # attn="cla" models: K/V once per group of layers
     "latent": (LatentCache, ("dtype",)),  # attn="mla"/"clla" models: the latent and the rope key
 }
 # the cache a model's attention variant needs; every other cache stores per-layer K/V

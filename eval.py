@@ -40,7 +40,7 @@ import weights
 from cache import make_cache
 from generate import pick_device, sync
 from tokenizer import load_tokenizer, special_probe_ids
-from weights import default_checkpoint
+from weights import default_checkpoint, load_model_and_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_CKPT = os.path.join(HERE, "ckpt", "retrieval", "ckpt.pt")
@@ -550,13 +550,24 @@ def report(rows, args, meta, log_lines):
     return "\n".join(md)
 
 
-def plot(rows, args, path):
+NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib); skipped the plot"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None: the plot is optional, the tables are not."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install matplotlib); skipped the plot"
+        return None
+    return plt
+
+
+def plot(rows, args, path):
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     n = max(args.lines)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series = {"zipcache": ("ZipCache", "o-"), "mikv": ("MiKV", "s-"), "h2o": ("H2O", "^-"), "kivi": ("KIVI", "D-")}
@@ -693,12 +704,9 @@ def report_real(rows, args, meta, log_lines):
 
 
 def plot_real(rows, sweep_at, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install matplotlib); skipped the plot"
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     summarize(rows, sweep_at)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series = {"zipcache": ("ZipCache (salient-ratio sweep)", "o-"), "mikv": ("MiKV", "s-"), "h2o": ("H2O", "^-"),
@@ -924,10 +932,6 @@ def resolve_defaults(a, real):
     a.name = a.name or ("real/eval" if real else "eval")
 
 
-def load(path, tokenizer, device, dtype):
-    return weights.load_model_and_tokenizer(path, tokenizer, device, dtype)
-
-
 def main(argv=None):
     args = get_args(argv)
     t_start = time.perf_counter()
@@ -941,7 +945,7 @@ def main(argv=None):
         log_lines.append(msg)
 
     ckpt = args.checkpoint or default_checkpoint()
-    model, tok = load(ckpt, args.tokenizer, device, dtype)
+    model, tok = load_model_and_tokenizer(ckpt, args.tokenizer, device, dtype)
     real = tok.spec.get("kind") != "words"           # the toy model's "words" vocabulary: the line-retrieval run
     resolve_defaults(args, real)
     meta = dict(checkpoint=os.path.relpath(ckpt, HERE) if os.path.isfile(ckpt) and not real else ckpt,
@@ -991,7 +995,7 @@ def main(argv=None):
         if not os.path.exists(ppl_ck):
             log(f"perplexity skipped: {ppl_ck} not found (train it, or pass --ppl_checkpoint / 'none')")
         else:
-            pm, ptok = load(ppl_ck, None if ppl_ck != ckpt else args.tokenizer, device, dtype)
+            pm, ptok = load_model_and_tokenizer(ppl_ck, None if ppl_ck != ckpt else args.tokenizer, device, dtype)
             ids, source = heldout_tokens(ppl_ck, ptok, args.ppl_text, log)
             ppl_rows, ref = run_ppl(pm, ptok, ids, specs, args, log)
             for r, p in zip(rows, ppl_rows):

@@ -114,7 +114,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_fanout_prefill_is_exact(tiny_ckpt):
-    model, tok = E.load(str(tiny_ckpt / "ckpt.pt"), None, torch.device("cpu"), torch.float32)
+    model, tok = weights.load_model_and_tokenizer(str(tiny_ckpt / "ckpt.pt"), None, torch.device("cpu"), torch.float32)
     idx = torch.tensor([tok.encode(e["prompt"]) for e in R.examples(6, 3)])
     specs = [s for s in E.configurations(True)]
     caches, last, pre_s = E.prefill_all(model, idx, specs, E.special_probe_ids(tok))
@@ -138,7 +138,7 @@ def test_eval_end_to_end_every_cache(tiny_ckpt, tmp_path):
     dense = rows[0]
     assert dense["cache"] == "dense" and abs(dense["real"] - 1) < 0.05
     # dense accuracy equals an independent no-cache greedy decode of the same examples
-    model, tok = E.load(str(tiny_ckpt / "ckpt.pt"), None, torch.device("cpu"), torch.float32)
+    model, tok = weights.load_model_and_tokenizer(str(tiny_ckpt / "ckpt.pt"), None, torch.device("cpu"), torch.float32)
     for n_lines in (3, 5):
         hits = 0
         for e in R.examples(n_lines, 6, "test"):
@@ -206,7 +206,7 @@ def tiny_byte_ckpt(tmp_path_factory):
 def test_shared_prefill_work_is_exact(tiny_byte_ckpt):
     """FanOut computes SDPA and the every-row scores once per layer (shared_prefill_work); each cache must end up
     exactly as if it had been prefilled alone."""
-    model, tok = E.load(str(tiny_byte_ckpt), None, torch.device("cpu"), torch.float32)
+    model, tok = weights.load_model_and_tokenizer(str(tiny_byte_ckpt), None, torch.device("cpu"), torch.float32)
     idx = torch.tensor([E.passkey_example(tok, 400, i, 2)["ids"] for i in range(2)])
     specs = [s for s in E.configurations(True, real=True) if s["group"] in ("main", "score")]
     special = E.special_probe_ids(tok)
@@ -257,7 +257,7 @@ def test_eval_real_mode_end_to_end(tiny_byte_ckpt, tmp_path):
     zip_ = next(r for r in rows if r["label"] == "ZipCache default")
     assert zip_["real_at"][600] > 2
     # dense passkey accuracy equals an independent no-cache greedy decode of the same records
-    model, tok = E.load(str(tiny_byte_ckpt), None, torch.device("cpu"), torch.float32)
+    model, tok = weights.load_model_and_tokenizer(str(tiny_byte_ckpt), None, torch.device("cpu"), torch.float32)
     hits = 0
     for i in range(3):
         e = E.passkey_example(tok, 600, i, 3)
