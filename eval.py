@@ -74,6 +74,8 @@ def configurations(quick, real=False):
     if real:
         add("main", "ZipCache default", "zipcache")
         add("main", "ZipCache paper preset", "zipcache", paper=True)
+        # the passkey-leaning trade (README "Closing the gap"): fewer 4-bit tokens, finer key groups
+        add("main", "ZipCache 20% salient, k_group 32", "zipcache", salient_ratio=0.2, k_group=32)
     else:
         add("main", "ZipCache 4/2 (60% salient)", "zipcache", salient_ratio=0.6)
     add("main", "KIVI-2", "kivi", bits=2)
@@ -750,7 +752,7 @@ def main_real(args, model, tok, device, log, write):
     likely to be cut short last); `write(rows, meta)` after each step, so a stopped run leaves its finished parts."""
     specs = [s for s in configurations(args.quick, real=True) if s["group"] in args.groups]
     rows = [dict(s, passkey={}, depth={}, real_at={}, paper_at={}, prefill_ms={}, decode_tok_s={}, lines={},
-                 lines_real={}) for s in specs]
+                 lines_real={}, records={}) for s in specs]
     special = special_probe_ids(tok)
     meta = {}
     main_sweep = [i for i, s in enumerate(specs) if s["group"] in ("main", "sweep")]
@@ -787,6 +789,8 @@ def main_real(args, model, tok, device, log, write):
             idx = [i for i, s in enumerate(specs) if s["group"] == "main" or
                    (L in args.sweep_at if s["group"] == "sweep" else L in args.ablate_at)]
             exs = passkey_records(tok, L, args)
+            if args.shard:
+                exs = [e for i, e in enumerate(exs) if i % args.shard[1] == args.shard[0]]
             exs = [exs[i] for i in spread_order(len(exs))]
             todo[L] = dict(idx=idx, exs=exs, bs=max(1, args.batch_tokens // L), done=0, t=0.0,
                            acc={i: dict(hits=[], real=[], paper=[], prefill_ms=[], decode_tok_s=[]) for i in idx})
@@ -806,6 +810,7 @@ def main_real(args, model, tok, device, log, write):
                         a_[key] += r[key]
                     row = rows[i]
                     row["passkey"][L], row["depth"][L] = passkey_summary(done, a_["hits"])
+                    row["records"][L] = [[e["depth"], h] for e, h in zip(done, a_["hits"])]   # for --merge
                     row["real_at"][L], row["paper_at"][L] = mean(a_["real"]), mean(a_["paper"])
                     row["prefill_ms"][L], row["decode_tok_s"][L] = mean(a_["prefill_ms"]), mean(a_["decode_tok_s"])
                 meta.setdefault("passkey_records", {})[L] = len(done)
@@ -876,6 +881,10 @@ def get_args(argv=None):
     p.add_argument("--ppl_decode", type=int, default=None, help="tokens per window after the prefill (toy default "
                    "121, real 129): > 100 so ZipCache compresses one decode block; prefill + decode must stay within "
                    "the length the model was trained on (256 for ckpt/stdlib-byte)")
+    p.add_argument("--shard", default=None, help="real model: K/M runs only the passkey records i with i %% M == K "
+                   "(e.g. 0/2 and 1/2 on two cores, one thread each); --merge joins the shards' JSON files")
+    p.add_argument("--merge", default=None, help="comma list of real-model JSON files (shards of one run) to join into "
+                   "OUT_DIR/NAME.md/.json/_fig1.png; runs no model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -891,6 +900,11 @@ def get_args(argv=None):
     a.sweep_at = int_list("--sweep_at", a.sweep_at or ("1024" if a.quick else "1024,2048"), "1024,2048")
     if a.batch_tokens < 1:
         raise ValueError(f"--batch_tokens={a.batch_tokens} must be at least 1")
+    if a.shard is not None:
+        k, _, m = a.shard.partition("/")
+        if not (k.isdigit() and m.isdigit() and int(k) < int(m)):
+            raise ValueError(f"--shard={a.shard}: give K/M with 0 <= K < M, e.g. 0/2")
+        a.shard = (int(k), int(m))
     a.tasks = (a.tasks or ",".join(TASKS)).split(",")
     if set(a.tasks) - set(TASKS):
         raise ValueError(f"--tasks={','.join(a.tasks)}: choose from {', '.join(TASKS)}")
@@ -932,8 +946,70 @@ def resolve_defaults(a, real):
     a.name = a.name or ("real/eval" if real else "eval")
 
 
+def write_real(base, rows, meta, args, log_lines):
+    """The real run's files: NAME.json (everything, the log too), NAME.md (report_real), NAME_fig1.png."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    with open(base + ".json", "w") as f:
+        json.dump(dict(meta=dict(meta, log=log_lines), args=vars(args), rows=rows), f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(report_real(rows, args, meta, log_lines))
+    if any(r["passkey"] for r in rows):
+        plot_real(rows, args.sweep_at, base + "_fig1.png")
+
+
+PER_LENGTH_MEANS = ("real_at", "paper_at", "prefill_ms", "decode_tok_s")
+
+
+def merge_shards(paths):
+    """The JSON files of one run's shards (--shard K/M) -> (rows, meta, args, log lines) of the whole run: passkey
+    records per length are joined and re-summarized; ratios and timings are record-weighted means; the other
+    fields (lines, perplexity) come from the shard that ran them."""
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
+    ints = lambda d: {int(k) if k.isdigit() else k: v for k, v in d.items()}     # JSON made the int keys strings
+    merged = {}
+    for run in runs:
+        for r in run["rows"]:
+            r = {k: ints(v) if isinstance(v, dict) and k != "opts" else v for k, v in r.items()}
+            m = merged.setdefault((r["group"], r["label"]), dict(r, records={}, **{f: {} for f in PER_LENGTH_MEANS}))
+            for L, recs in r.get("records", {}).items():
+                old, new = len(m["records"].get(L, [])), len(recs)
+                for f in PER_LENGTH_MEANS:
+                    if L in r[f]:
+                        m[f][L] = (m[f][L] * old + r[f][L] * new) / (old + new) if L in m[f] else r[f][L]
+                m["records"][L] = m["records"].get(L, []) + recs
+            for k, v in r.items():
+                if k not in m or m[k] == {}:
+                    m[k] = v
+    rows = list(merged.values())
+    for r in rows:
+        for L, recs in r["records"].items():
+            r["passkey"][L], r["depth"][L] = passkey_summary([dict(depth=d) for d, _ in recs], [h for _, h in recs])
+    a = argparse.Namespace(**runs[0]["args"])
+    a.lengths = sorted({int(L) for run in runs for L in run["args"]["lengths"]})
+    a.lines = sorted({n for run in runs for n in run["args"]["lines"] or ()})
+    a.shard = None
+    meta = dict(runs[0]["meta"], wall_s=max(run["meta"]["wall_s"] for run in runs),
+                done=all(run["meta"].get("done") for run in runs),
+                command=" and ".join(run["meta"]["command"] for run in runs) + " (in parallel, one thread each), "
+                "joined by python eval.py --merge",
+                passkey_records={L: len(recs) for L, recs in rows[0]["records"].items()})
+    for k in ("ppl_source", "ppl_ref"):
+        meta.update({k: run["meta"][k] for run in runs if k in run["meta"]})
+    log_lines = [line for run in runs for line in run["meta"].get("log", [])]
+    return rows, meta, a, log_lines
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.merge:
+        rows, meta, a, log_lines = merge_shards(args.merge.split(","))
+        base = os.path.join(args.out_dir, args.name or "real/eval")
+        write_real(base, rows, meta, a, log_lines)
+        print(f"wrote {base}.md, {base}.json, {base}_fig1.png from {args.merge}")
+        return rows, meta
     t_start = time.perf_counter()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
@@ -963,13 +1039,7 @@ def main(argv=None):
 
         def write(rows, extra):
             meta.update(extra, wall_s=time.perf_counter() - t_start)
-            os.makedirs(os.path.dirname(base), exist_ok=True)
-            with open(base + ".json", "w") as f:
-                json.dump(dict(meta=meta, args=vars(args), rows=rows), f, indent=1)
-            with open(base + ".md", "w") as f:
-                f.write(report_real(rows, args, meta, log_lines))
-            if any(r["passkey"] for r in rows):
-                plot_real(rows, args.sweep_at, base + "_fig1.png")
+            write_real(base, rows, meta, args, log_lines)
 
         rows, extra = main_real(args, model, tok, device, log, write)
         meta["done"] = True

@@ -11,8 +11,8 @@ def test_error_split_on_a_tiny_model():
     cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=512)
     model = Transformer(cfg).eval()
     ids = torch.randint(0, 97, (300,)).tolist()
-    rows = D.run(model, ids, {"paper": dict(paper=True), "8bit": dict(paper=True, high_bits=8, low_bits=8),
-                              "default": {}}, log=lambda *a: None)
+    rows = D.run(model, ids, {"paper": D.parse_config("paper"), "8bit": D.parse_config("paper+high_bits=8+low_bits=8"),
+                              "default": D.parse_config("default")}, log=lambda *a: None)
     for name, r in rows.items():
         m = r["mean"]
         assert all(torch.isfinite(torch.tensor(v)) and v >= 0 for v in m.values()), (name, m)
@@ -25,7 +25,21 @@ def test_error_split_on_a_tiny_model():
 
 def test_passkey_mode_on_the_real_model(smollm2):
     model, tok, _ = smollm2
-    out = D.passkey(model, tok, 2, 256, {"default": {}, "all_4bit": D.CONFIGS["all_4bit"]}, log=lambda *a: None)
-    assert set(out) == {"dense", "default", "all_4bit"}
+    names = ("default", "all_4bit", "default+n_recent=8", "kivi+bits=4")
+    out = D.passkey(model, tok, 2, 256, {n: D.parse_config(n) for n in names}, log=lambda *a: None)
+    assert set(out) == {"dense", *names}
     assert out["dense"] == (2, out["dense"][1]) and abs(out["dense"][1] - 1) < 1e-3   # the dense model finds the key
     assert all(0 <= h <= 2 for h, _ in out.values()) and out["default"][1] > out["all_4bit"][1] > 1
+
+
+def test_parse_config():
+    assert D.parse_config("default+k_group=32+salient_ratio=0.4+v_token_scope=head") == \
+        ("zipcache", dict(k_group=32, salient_ratio=0.4, v_token_scope="head"))
+    assert D.parse_config("paper+n_sink=4") == ("zipcache", dict(paper=True, n_sink=4))
+    assert D.parse_config("kivi+bits=2+residual=32") == ("kivi", dict(bits=2, residual=32))
+    for bad in ("nope", "default+k_group"):
+        try:
+            D.parse_config(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)

@@ -211,7 +211,8 @@ def test_shared_prefill_work_is_exact(tiny_byte_ckpt):
     specs = [s for s in E.configurations(True, real=True) if s["group"] in ("main", "score")]
     special = E.special_probe_ids(tok)
     fanned, last, _ = E.prefill_all(model, idx, specs, special)
-    fan = E.FanOut([E.build_cache(s, model.config) for s in specs[:3] + specs[5:7]], idx.device)  # dense, zip, h2o, mikv
+    five = ("dense fp16", "ZipCache default", "ZipCache paper preset", "H2O (20% kept)", "MiKV 4/2 (60% salient)")
+    fan = E.FanOut([E.build_cache(s, model.config) for s in specs if s["label"] in five], idx.device)
     model(idx, cache=fan, last_only=True)
     assert fan.memo_hits == 5 * model.config.n_layers        # per layer: SDPA served 4 times, H2O's scores to MiKV
     for s, c in zip(specs, fanned):
@@ -279,3 +280,25 @@ def test_eval_real_mode_end_to_end(tiny_byte_ckpt, tmp_path):
 def test_bad_flags_one_line(argv, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
         E.get_args(argv)
+
+
+def test_shards_merge_to_the_whole_run(tiny_byte_ckpt, tmp_path):
+    """--shard K/M runs every M-th passkey record; --merge joins the shards into the rows of the unsharded run
+    (one record per prefill, so every record's computation is the same in both)."""
+    base = ["--checkpoint", str(tiny_byte_ckpt), "--quick", "--lengths", "400,500", "--n", "5", "--groups", "main",
+            "--batch_tokens", "400", "--lines", "3", "--out_dir", str(tmp_path)]
+    whole, _ = E.main(base + ["--tasks", "passkey,lines", "--name", "whole"])
+    E.main(base + ["--tasks", "passkey,lines", "--shard", "0/2", "--name", "s0"])
+    E.main(base + ["--tasks", "passkey", "--shard", "1/2", "--name", "s1"])
+    rows, meta = E.main(["--merge", f"{tmp_path}/s0.json,{tmp_path}/s1.json", "--out_dir", str(tmp_path),
+                         "--name", "joined"])
+    assert meta["passkey_records"] == {400: 5, 500: 5} and meta["done"]
+    assert [r["label"] for r in rows] == [r["label"] for r in whole]
+    for a, b in zip(rows, whole):
+        assert a["passkey"] == b["passkey"] and a["depth"] == b["depth"] and a["lines"] == b["lines"]
+        for L in (400, 500):
+            assert a["real_at"][L] == pytest.approx(b["real_at"][L], rel=1e-9)
+            assert sorted(map(tuple, a["records"][L])) == sorted(map(tuple, b["records"][L]))
+    assert "passkey@500" in (tmp_path / "joined.md").read_text()
+    with pytest.raises(ValueError, match="--shard=2/2"):
+        E.get_args(["--shard", "2/2"])
