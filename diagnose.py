@@ -17,6 +17,14 @@ reports where that query's attention mass goes (first 4 tokens, last 32, the sal
 which change of the cache brings the answers back (2-bit tokens at all, the saliency estimate, the split).
 
     python diagnose.py --passkey 16 --tokens 1024 --configs default,norm_probe,exact_scores,paper,r0.6,all_4bit
+
+A config is a name below, optionally with +option=value (any make_cache option), or a baseline cache by name:
+
+    python diagnose.py --passkey 32 --no_shares --configs default,default+salient_ratio=0.2+k_group=32,kivi+bits=2
+
+--ppl W runs eval.py's perplexity (pydoc_data.topics, 2,048 + 128 tokens per window) over W windows instead:
+
+    python diagnose.py --ppl 3 --configs default,default+k_group=128,default+k_group=32
 """
 import argparse
 import math
@@ -106,6 +114,23 @@ def passkey(model, tok, n, tokens, configs, shares=True, log=print):
         log(f"{k:{width}s} needle tokens at high bits: {sum(hit) / max(1, len(hit)):.0%} (answered)"
             + (f", {sum(miss) / len(miss):.0%} (missed)" if miss else ""))
     return out
+
+
+def perplexity(model, tok, windows, configs, prefill=2048, decode=129, log=print):
+    """eval.py's perplexity (pydoc_data.topics, 2,048 tokens prefilled, 128 teacher-forced) over `windows` windows,
+    through dense and every config -> {name: (perplexity, real ratio)}."""
+    import argparse as _a
+    import eval as E
+    specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
+        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+    args = _a.Namespace(ppl_prefill=prefill, ppl_decode=decode, ppl_windows=windows)
+    out, _ = E.run_ppl(model, tok, E.topics_tokens(tok), specs, args, lambda *a: None)
+    width = max(len(s["label"]) for s in specs)
+    log(f"perplexity, {windows} windows x ({prefill} prefilled + {decode - 1} teacher-forced) of pydoc_data.topics")
+    for s, o in zip(specs, out):
+        log(f"{s['label']:{width}s} {o['ppl']:.3f} ({100 * (o['ppl'] / out[0]['ppl'] - 1):+.1f}%)  "
+            f"real {o['ppl_real']:.2f}x")
+    return {s["label"]: (o["ppl"], o["ppl_real"]) for s, o in zip(specs, out)}
 
 
 class Recorder:
@@ -200,6 +225,7 @@ def main(argv=None):
                         f"(e.g. default+k_group=32+salient_ratio=0.4)")
     p.add_argument("--per_layer", action="store_true", help="also print every layer's K+V error")
     p.add_argument("--passkey", type=int, default=0, help="N > 0: answer N passkey records instead (see above)")
+    p.add_argument("--ppl", type=int, default=0, help="W > 0: eval.py's perplexity over W windows instead")
     p.add_argument("--no_shares", action="store_true", help="--passkey: skip the needle-share pass (one more prefill "
                    "per record)")
     args = p.parse_args(argv)
@@ -217,6 +243,9 @@ def main(argv=None):
         model, tok = load_model_and_tokenizer(args.checkpoint, None, "cpu", torch.float32)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"diagnose.py: error: {e}")
+    if args.ppl:
+        perplexity(model, tok, args.ppl, configs)
+        return
     if args.passkey:
         passkey(model, tok, args.passkey, args.tokens, configs, not args.no_shares)
         return

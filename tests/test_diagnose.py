@@ -43,3 +43,10 @@ def test_parse_config():
         except ValueError:
             continue
         raise AssertionError(bad)
+
+
+def test_perplexity_mode_on_the_real_model(smollm2):
+    model, tok, _ = smollm2
+    out = D.perplexity(model, tok, 1, {"default": D.parse_config("default")}, prefill=96, decode=9, log=lambda *a: None)
+    (dense, one), (zc, ratio) = out["dense"], out["default"]
+    assert abs(one - 1) < 1e-2 and 1 < dense < 1e3 and 1 < zc < 1e3 and ratio > 2   # dense: ~1 (a DenseCache stores fp16)
