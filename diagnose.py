@@ -25,6 +25,10 @@ A config is a name below, optionally with +option=value (any make_cache option),
 --ppl W runs eval.py's perplexity (pydoc_data.topics, 2,048 + 128 tokens per window) over W windows instead:
 
     python diagnose.py --ppl 3 --configs default,default+k_group=128,default+k_group=32
+
+--lines 100,200 runs eval.py's line retrieval instead (the toy retrieval model's task):
+
+    python diagnose.py --checkpoint ckpt/retrieval/ckpt.pt --lines 100,200 --configs default+salient_ratio=0.6,paper
 """
 import argparse
 import math
@@ -133,6 +137,23 @@ def perplexity(model, tok, windows, configs, prefill=2048, decode=129, log=print
     return {s["label"]: (o["ppl"], o["ppl_real"]) for s, o in zip(specs, out)}
 
 
+def lines(model, tok, counts, n, configs, log=print):
+    """eval.py's line retrieval (the toy model's task) at each line count, n records, through dense and every config
+    -> {name: {line count: accuracy %}}."""
+    import argparse as _a
+    import eval as E
+    specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
+        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+    args = _a.Namespace(lines=counts, n=n, split="test", seed=0, batch_size=20, chat=False)
+    rows, _ = E.run_retrieval(model, tok, specs, args, lambda *a: None)
+    width = max(len(s["label"]) for s in specs)
+    log(f"line retrieval, {n} test records per line count")
+    for r in rows:
+        log(f"{r['label']:{width}s} " + "  ".join(f"{c} lines {a:5.1f}%" for c, a in r["acc"].items()) +
+            f"  real {r['real']:.2f}x")
+    return {r["label"]: r["acc"] for r in rows}
+
+
 class Recorder:
     """Looks like a cache during one prefill: keeps every layer's q (last row), k, v and returns exact attention."""
 
@@ -226,6 +247,8 @@ def main(argv=None):
     p.add_argument("--per_layer", action="store_true", help="also print every layer's K+V error")
     p.add_argument("--passkey", type=int, default=0, help="N > 0: answer N passkey records instead (see above)")
     p.add_argument("--ppl", type=int, default=0, help="W > 0: eval.py's perplexity over W windows instead")
+    p.add_argument("--lines", default=None, help="line counts, e.g. 100,200: eval.py's line retrieval instead (the "
+                   "toy model's task: --checkpoint ckpt/retrieval/ckpt.pt), 100 records each")
     p.add_argument("--no_shares", action="store_true", help="--passkey: skip the needle-share pass (one more prefill "
                    "per record)")
     args = p.parse_args(argv)
@@ -245,6 +268,9 @@ def main(argv=None):
         raise SystemExit(f"diagnose.py: error: {e}")
     if args.ppl:
         perplexity(model, tok, args.ppl, configs)
+        return
+    if args.lines:
+        lines(model, tok, [int(x) for x in args.lines.split(",")], 100, configs)
         return
     if args.passkey:
         passkey(model, tok, args.passkey, args.tokens, configs, not args.no_shares)

@@ -50,3 +50,12 @@ def test_perplexity_mode_on_the_real_model(smollm2):
     out = D.perplexity(model, tok, 1, {"default": D.parse_config("default")}, prefill=96, decode=9, log=lambda *a: None)
     (dense, one), (zc, ratio) = out["dense"], out["default"]
     assert abs(one - 1) < 1e-2 and 1 < dense < 1e3 and 1 < zc < 1e3 and ratio > 2   # dense: ~1 (a DenseCache stores fp16)
+
+
+def test_lines_mode_on_the_shipped_retrieval_model():
+    import os
+    import weights
+    path = os.path.join(os.path.dirname(D.__file__), "ckpt", "retrieval", "ckpt.pt")
+    model, tok = weights.load_model_and_tokenizer(path, None, "cpu", torch.float32)
+    out = D.lines(model, tok, [20], 5, {"paper": D.parse_config("paper")}, log=lambda *a: None)
+    assert out["dense"] == {20: 100.0} and 0 <= out["paper"][20] <= 100
