@@ -6,7 +6,7 @@ kernel"). In reading order:
     ZipLayerView                the per-layer layout cache.py stores, and dense_view (a plain fp16 cache as a view)
     decode_attention            the one dispatch cache.py calls: kernel="auto" | "triton" | "torch"
     zip_decode_attention_ref    oracle: dequantize everything (dequantize_segment), fp32 softmax attention
-    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch, one block at a time
+    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch, a group of blocks at a time
     zip_decode_attention        the fused Triton kernel's launcher: split-K flash-decoding + a combine kernel
     _zip_decode_stage1, ...     the Triton kernels themselves
 
@@ -204,10 +204,12 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
 
 
 # -----------------------------------------------------------------------------
-# CPU fast path: the kernel's algorithm in torch. Per block (and per chunk of rows inside a big block) it unpacks
-# only that chunk's codes, scores them against the scale-folded query and updates one online softmax. Vectorised
-# over batch, heads and rows; the only Python loops are over blocks and chunks. Ragged row counts per sequence are
-# handled by gathering each sequence's rows and masking the tail.
+# CPU fast path: the kernel's algorithm in torch. Consecutive blocks of a segment are taken together, padded to the
+# longest of them, so that one gather, one unpack and two batched matmuls score a group of up to `chunk` rows (a block
+# longer than `chunk` is cut into chunks of rows); each block's scales still fold into q and p, so no dequantized copy
+# of the cache is made. Vectorised over batch, heads, blocks and rows; the only Python loop is over these groups, so
+# the many small blocks of key groups (ZipCacheConfig.k_group) cost one step, not one step each. Ragged row counts per
+# sequence are handled by gathering each sequence's rows and masking the padding.
 
 def _online_update(state, s, valid):
     """One online-softmax step (natural log). state = (m, l, acc); s [B, H_kv, G, n] scores; valid [B, n]."""
@@ -220,54 +222,72 @@ def _online_update(state, s, valid):
     return m_new, l * alpha + p.sum(-1), acc * alpha[..., None], p
 
 
+def _block_groups(max_len, chunk):
+    """[(k0, k1, t0, n)]: blocks k0..k1-1 taken together, rows [t0, t0 + n) of each, (k1 - k0)·n <= chunk rows a group
+    (a block longer than chunk alone, in chunks of rows); blocks empty in every sequence are skipped."""
+    out, k, nb = [], 0, len(max_len)
+    while k < nb:
+        if max_len[k] == 0:
+            k += 1
+        elif max_len[k] > chunk // 2:                                # a big block: its rows in chunks
+            out += [(k, k + 1, t0, min(chunk, max_len[k] - t0)) for t0 in range(0, max_len[k], chunk)]
+            k += 1
+        else:
+            k1, n = k + 1, max_len[k]
+            while k1 < nb and 0 < max_len[k1] <= chunk // 2 and (k1 + 1 - k) * max(n, max_len[k1]) <= chunk:
+                n = max(n, max_len[k1])
+                k1 += 1
+            out.append((k, k1, 0, n))
+            k = k1
+    return out
+
+
 def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False,
                                chunk=4096):
-    """Same contract as zip_decode_attention_ref, without a dequantized copy of the cache: per chunk of rows
-    (<= `chunk`), only its codes are unpacked; scales fold into q and p (module docstring)."""
+    """Same contract as zip_decode_attention_ref, without a dequantized copy of the cache: per group of rows
+    (<= `chunk`), only its codes are unpacked; scales fold into q and p (comment above)."""
     B, Hq, Hkv, G, D = _shapes(q, view)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     scale = D ** -0.5 if sm_scale is None else sm_scale
-    qf = q.to(dt).view(B, Hkv, G, D) * scale                         # [B, H_kv, G, D], softmax scale folded in
+    qf = q.to(dt).view(B, Hkv, G, 1, D) * scale                      # [B, H_kv, G, 1, D], softmax scale folded in
     m = torch.full((B, Hkv, G), float("-inf"), dtype=dt, device=dev)
     l = torch.zeros(B, Hkv, G, dtype=dt, device=dev)
     acc = torch.zeros(B, Hkv, G, D, dtype=dt, device=dev)
     nb = view.n_blocks
     for seg in view.segments if nb > 0 else ():
         rows = seg.rows[:, :nb + 1].long()                            # [B, nb+1]
-        cap = seg.k_codes.shape[2]
+        cap, W = seg.k_codes.shape[2], seg.k_codes.shape[-1]
         max_len = (rows[:, 1:] - rows[:, :-1]).amax(0).tolist()       # longest block k over the batch (host sync)
-        for k in range(nb):
-            if max_len[k] == 0:
-                continue                                              # empty in every sequence: params unused
-            a = seg.k_scale[:, k].to(dt)[:, :, None, :]               # [Bs, H_kv, 1, D] broadcasts over B and G
-            mu = seg.k_min[:, k].to(dt)[:, :, None, :]
-            c = view.v_chan[:, k].to(dt)[:, :, None, :]
-            qa = qf * a                                               # q ⊙ a_k            [B, H_kv, G, D]
-            qmu = (qf * mu).sum(-1, keepdim=True)                     # q · μ_k            [B, H_kv, G, 1]
-            for t0 in range(0, max_len[k], chunk):
-                n = min(chunk, max_len[k] - t0)
-                idx = rows[:, k, None] + t0 + torch.arange(n, device=dev)          # [B, n] rows of this chunk
-                valid = idx < rows[:, k + 1, None]
-                idx = idx.clamp(max=cap - 1)                                       # tail rows masked below
-                W = seg.k_codes.shape[-1]
-                gi = idx[:, None, :, None].expand(B, Hkv, n, W)
-                x = unpack(torch.gather(seg.k_codes, 2, gi), seg.bits).to(dt)      # [B, H_kv, n, D] codes
-                y = unpack(torch.gather(seg.v_codes, 2, gi), seg.bits).to(dt)
-                vi = idx[:, None, :].expand(B, seg.v_scale.shape[1], n)
-                sig = torch.gather(seg.v_scale, 2, vi).to(dt).masked_fill(~valid[:, None], 0)  # [B, Hv, n]
-                nu = torch.gather(seg.v_min, 2, vi).to(dt).masked_fill(~valid[:, None], 0)
-                s = qa @ x.transpose(-1, -2) + qmu                                 # [B, H_kv, G, n]
-                m, l, acc, p = _online_update((m, l, acc), s, valid)
-                ps = p * sig[:, :, None, :]                                        # p ⊙ σ
-                contrib = c * (ps @ y + (p * nu[:, :, None, :]).sum(-1, keepdim=True))    # [B, H_kv, G, D]
-                # a sequence with no rows here may have no (i.e. garbage) params for this block: add nothing
-                acc = acc + torch.where(valid.any(1)[:, None, None, None], contrib, 0.0)
+        for k0, k1, t0, n in _block_groups(max_len, chunk):
+            K = k1 - k0                                               # blocks in this group
+            per = lambda t: t[:, k0:k1].to(dt).transpose(1, 2)[:, :, None]           # [Bs, H_kv, 1, K, D]
+            a, mu, c = per(seg.k_scale), per(seg.k_min), per(view.v_chan)
+            qa = qf * a                                               # q ⊙ a_k            [B, H_kv, G, K, D]
+            qmu = (qf * mu).sum(-1)                                   # q · μ_k            [B, H_kv, G, K]
+            idx = rows[:, k0:k1, None] + t0 + torch.arange(n, device=dev)          # [B, K, n] rows of the group
+            valid = idx < rows[:, k0 + 1:k1 + 1, None]                             # padding and tails masked
+            idx = idx.clamp(max=cap - 1).flatten(1)                                # [B, K·n]
+            gi = idx[:, None, :, None].expand(B, Hkv, K * n, W)
+            x = unpack(torch.gather(seg.k_codes, 2, gi), seg.bits).to(dt).view(B, Hkv, K, n, D)   # codes
+            y = unpack(torch.gather(seg.v_codes, 2, gi), seg.bits).to(dt).view(B, Hkv, K, n, D)
+            vi = idx[:, None, :].expand(B, seg.v_scale.shape[1], K * n)
+            fl = valid.flatten(1)
+            sig = torch.gather(seg.v_scale, 2, vi).to(dt).masked_fill(~fl[:, None], 0)   # [B, Hv, K·n]
+            nu = torch.gather(seg.v_min, 2, vi).to(dt).masked_fill(~fl[:, None], 0)
+            s = torch.einsum("bhgkd,bhknd->bhgkn", qa, x) + qmu[..., None]       # [B, H_kv, G, K, n]
+            m, l, acc, p = _online_update((m, l, acc), s.flatten(3), fl)
+            p = p.view(B, Hkv, G, K, n)
+            ps = p * sig.view(B, -1, 1, K, n)                                      # p ⊙ σ
+            pv = torch.einsum("bhgkn,bhknd->bhgkd", ps, y) + (p * nu.view(B, -1, 1, K, n)).sum(-1, keepdim=True)
+            # a sequence with no rows in block k may have no (i.e. garbage) params there: that block adds nothing
+            has = valid.any(-1)[:, None, None, :, None]                            # [B, 1, 1, K, 1]
+            acc = acc + torch.where(has, c * pv, 0.0).sum(3)                       # [B, H_kv, G, D]
     if view.n_buf > 0:
         kb = view.k_buf[:, :, :view.n_buf].to(dt)                                  # [B, H_kv, n_buf, D]
         vb = view.v_buf[:, :, :view.n_buf].to(dt)
         valid = torch.ones(B, view.n_buf, dtype=torch.bool, device=dev)
-        m, l, acc, p = _online_update((m, l, acc), qf @ kb.transpose(-1, -2), valid)
+        m, l, acc, p = _online_update((m, l, acc), qf[:, :, :, 0] @ kb.transpose(-1, -2), valid)
         acc = acc + p @ vb
     out = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], 0.0).reshape(B, Hq, D)
     lse = (m + torch.log(l)).reshape(B, Hq)                                         # l = 0 -> -inf

@@ -130,22 +130,38 @@ TORCH_CASES = [
     (2, 8, 2, 128, ((5, 0, 70), (64, 1, 2)), ((3, 9, 0), (0, 65, 100)), 99, False, True),
     (2, 6, 2, 64, ((1, 63), (0, 64)), ((65, 0), (2, 3)), 0, True, False),
     (2, 8, 1, 64, ((0,), (0,)), ((0,), (0,)), 1, True, True),
+    # many small ragged blocks (key groups): the torch path scores several blocks per group, padded to the longest
+    (2, 6, 3, 64, ((3, 5, 0, 7, 2, 8, 1, 4, 6), (4, 0, 6, 1, 8, 3, 2, 5, 0)),
+     ((8, 1, 4, 0, 6, 2, 7, 3, 5), (0, 8, 2, 6, 1, 7, 3, 5, 4)), 5, False, True),
 ]
 
 
+@pytest.mark.parametrize("chunk", [16, 4096])
 @pytest.mark.parametrize("case", TORCH_CASES)
-def test_torch_path_matches_reference(case):
+def test_torch_path_matches_reference(case, chunk):
     B, Hq, Hkv, D, hi, lo, n_buf, pooled, row_scope = case
     view = make_view(B, Hkv, D, hi, lo, n_buf, pooled, row_scope)
     q = make_q(B, Hq, D, torch.float64)
     ref, ref_lse = kernels.zip_decode_attention_ref(q, view, return_lse=True)
-    # small chunks so blocks span several chunks (the online softmax across chunks is exercised)
-    out, lse = kernels.zip_decode_attention_torch(q, view, return_lse=True, chunk=16)
+    # chunk 16: big blocks span several chunks (the online softmax across chunks), small ones group by twos or
+    # threes; 4096: every segment's blocks in one group
+    out, lse = kernels.zip_decode_attention_torch(q, view, return_lse=True, chunk=chunk)
     # fp64 on both sides: only summation order differs
     assert torch.allclose(out, ref, rtol=0, atol=1e-10) and torch.allclose(lse, ref_lse, rtol=0, atol=1e-10)
     out16, lse16 = kernels.decode_attention(q.half(), view, kernel="torch", return_lse=True)
     assert out16.dtype == torch.float16 and lse16.dtype == torch.float32
     check_close(out16, lse16, ref, ref_lse, rel=1e-3, mx=2e-3, dl=1e-5)  # output rounding to fp16 only
+
+
+def test_block_groups_cover_every_row_once():
+    # blocks of 3, 0, 70, 5, 5, 9, 0, 2, 40 rows (the longest over the batch), groups of at most 16 rows
+    max_len = [3, 0, 70, 5, 5, 9, 0, 2, 40]
+    groups = kernels._block_groups(max_len, 16)
+    assert groups == [(0, 1, 0, 3), (2, 3, 0, 16), (2, 3, 16, 16), (2, 3, 32, 16), (2, 3, 48, 16), (2, 3, 64, 6),
+                      (3, 5, 0, 5), (5, 6, 0, 9), (7, 8, 0, 2), (8, 9, 0, 16), (8, 9, 16, 16), (8, 9, 32, 8)]
+    covered = [(k, t) for k0, k1, t0, n in groups for k in range(k0, k1) for t in range(t0, t0 + n)]
+    assert all((k1 - k0) * n <= 16 for k0, k1, _, n in groups) and len(covered) == len(set(covered))
+    assert {(k, t) for k, t in covered if t < max_len[k]} == {(k, t) for k, L in enumerate(max_len) for t in range(L)}
 
 
 def test_reference_matches_dense_attention_on_dequantized_cache():
