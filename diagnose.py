@@ -73,6 +73,12 @@ def parse_config(text):
     return cache, opts
 
 
+def _specs(configs):
+    """eval.py's cache specs: dense first, then every config {name: (cache, options)}."""
+    return [dict(group="x", label="dense", cache="dense", opts={})] + \
+        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+
+
 def needle_shares(model, tok, exs, specs):
     """Per ZipCache spec, per record: the share of the needle's tokens (the sentence holding the key) kept at
     high_bits, over layers and KV heads (one prefill per record with the 1-bit saliency mask on). Tokens still in
@@ -98,8 +104,7 @@ def passkey(model, tok, n, tokens, configs, shares=True, log=print):
     """n passkey records of `tokens` tokens through dense and every config -> {name: (hits, real ratio)}."""
     import eval as E
     exs = [E.passkey_example(tok, tokens, i, n) for i in range(n)]
-    specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
-        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+    specs = _specs(configs)
     res = E.run_passkey(model, tok, specs, exs, batch_size=16)
     log(f"passkey, {n} records of {tokens} tokens, key depths {exs[0]['depth']:.2f} .. {exs[-1]['depth']:.2f} "
         f"(x = answered)")
@@ -125,8 +130,7 @@ def perplexity(model, tok, windows, configs, prefill=2048, decode=129, log=print
     through dense and every config -> {name: (perplexity, real ratio)}."""
     import argparse as _a
     import eval as E
-    specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
-        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+    specs = _specs(configs)
     args = _a.Namespace(ppl_prefill=prefill, ppl_decode=decode, ppl_windows=windows)
     out, _ = E.run_ppl(model, tok, E.topics_tokens(tok), specs, args, lambda *a: None)
     width = max(len(s["label"]) for s in specs)
@@ -142,8 +146,7 @@ def lines(model, tok, counts, n, configs, log=print):
     -> {name: {line count: accuracy %}}."""
     import argparse as _a
     import eval as E
-    specs = [dict(group="x", label="dense", cache="dense", opts={})] + \
-        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+    specs = _specs(configs)
     args = _a.Namespace(lines=counts, n=n, split="test", seed=0, batch_size=20, chat=False)
     rows, _ = E.run_retrieval(model, tok, specs, args, lambda *a: None)
     width = max(len(s["label"]) for s in specs)
