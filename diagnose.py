@@ -128,10 +128,9 @@ def passkey(model, tok, n, tokens, configs, shares=True, log=print):
 def perplexity(model, tok, windows, configs, prefill=2048, decode=129, log=print):
     """eval.py's perplexity (pydoc_data.topics, 2,048 tokens prefilled, 128 teacher-forced) over `windows` windows,
     through dense and every config -> {name: (perplexity, real ratio)}."""
-    import argparse as _a
     import eval as E
     specs = _specs(configs)
-    args = _a.Namespace(ppl_prefill=prefill, ppl_decode=decode, ppl_windows=windows)
+    args = argparse.Namespace(ppl_prefill=prefill, ppl_decode=decode, ppl_windows=windows)
     out, _ = E.run_ppl(model, tok, E.topics_tokens(tok), specs, args, lambda *a: None)
     width = max(len(s["label"]) for s in specs)
     log(f"perplexity, {windows} windows x ({prefill} prefilled + {decode - 1} teacher-forced) of pydoc_data.topics")
@@ -144,10 +143,9 @@ def perplexity(model, tok, windows, configs, prefill=2048, decode=129, log=print
 def lines(model, tok, counts, n, configs, log=print):
     """eval.py's line retrieval (the toy model's task) at each line count, n records, through dense and every config
     -> {name: {line count: accuracy %}}."""
-    import argparse as _a
     import eval as E
     specs = _specs(configs)
-    args = _a.Namespace(lines=counts, n=n, split="test", seed=0, batch_size=20, chat=False)
+    args = argparse.Namespace(lines=counts, n=n, split="test", seed=0, batch_size=20, chat=False)
     rows, _ = E.run_retrieval(model, tok, specs, args, lambda *a: None)
     width = max(len(s["label"]) for s in specs)
     log(f"line retrieval, {n} test records per line count")
