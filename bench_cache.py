@@ -8,7 +8,8 @@ decode step at a long context, every ratio measured against the dense cache in t
 
 Protocol. Fresh random q, k, v (one outlier key channel, as real keys have) are handed to each cache's `attend` as a
 prefill, then `--steps` single-token decode steps follow. Repetitions are interleaved across caches (rep 1 of every
-cache, then rep 2, ...) so that drift of a shared machine hits all of them alike; times are medians. Prefill = the
+cache, then rep 2, ...) so that drift of a shared machine hits all of them alike; times are medians, and a
+ratio x is the median over repetitions of (this cache's time / the dense cache's time in the same repetition). Prefill = the
 whole `attend` call (dense: SDPA + storing fp16; ZipCache: SDPA + probe attention + split + quantize + pack; MiKV:
 the full attention matrix). Decode = one `attend` of a single token (ZipCache: the PyTorch path on CPU, the Triton
 kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything counted; paper = the paper's formula.
@@ -59,12 +60,14 @@ def run(D, args, device):
                 c.attend(0, *s)
                 sync(device)
                 dec[name].append(time.perf_counter() - t0)
-    med = {n: (statistics.median(pre[n]), statistics.median(dec[n])) for n in CACHES}
+    def x(t, n):  # median of the per-repetition ratios: dense ran just before, so drift between reps cancels
+        return statistics.median(a / b for a, b in zip(t[n], t["dense"]))
+
     rows = []
     for n in CACHES:
-        p, d = med[n]
-        rows.append(dict(cache=n, D=D, real=ratios[n]["real"], paper=ratios[n]["paper"], prefill_ms=p * 1e3,
-                         prefill_x=p / med["dense"][0], decode_ms=d * 1e3, decode_x=d / med["dense"][1]))
+        rows.append(dict(cache=n, D=D, real=ratios[n]["real"], paper=ratios[n]["paper"],
+                         prefill_ms=statistics.median(pre[n]) * 1e3, prefill_x=x(pre, n),
+                         decode_ms=statistics.median(dec[n]) * 1e3, decode_x=x(dec, n)))
     return rows
 
 

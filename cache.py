@@ -89,6 +89,18 @@ def _gather_tokens(x, idx):
 
 
 
+def _runs(m, n, device):
+    """tensor_split's n runs of m consecutive items, padded to the longest M = ceil(m / n): local [n, M] indices (a
+    run's own items, then copies of its first), valid [n, M] (which entries are its own), sizes [n]."""
+    sizes = torch.full((n,), m // n, device=device)
+    sizes[:m % n] += 1
+    start = sizes.cumsum(0) - sizes
+    r = torch.arange(-(-m // n), device=device)
+    valid = r < sizes[:, None]
+    local = torch.where(valid, start[:, None] + r, start[:, None]).clamp(max=max(m - 1, 0))
+    return local, valid, sizes
+
+
 class _Store:
     """Named tensors that share one growing axis `dim` ([B, H, CAP, ...] token rows; _Store1 grows axis 1). The first
     n entries along it are used:
@@ -500,49 +512,57 @@ class ZipCache(Cache):
         return self.cfg.high_bits if p == "hi" else self.cfg.low_bits
 
     def _append_block(self, st, k, v, hi, lo):
-        """Append one block, cut into sub-blocks of at most k_group rows per precision group when k_group > 0."""
-        G, m_hi, m_lo = self.cfg.k_group, hi.shape[-1], lo.shape[-1]
-        n_sub = math.ceil(max(m_hi, m_lo) / G) if G else 1
-        if n_sub <= 1:
-            return self._append_one_block(st, k, v, hi, lo)
-        # the j-th run of consecutive salient rows and the j-th run of regular rows form sub-block j
-        for h, l in zip(hi.tensor_split(n_sub, -1), lo.tensor_split(n_sub, -1)):
-            sel = torch.cat([h, l], -1)                                                  # [B, H, m_j]
-            idx = torch.arange(sel.shape[-1], device=k.device).expand(*sel.shape[:2], -1)
-            self._append_one_block(st, _gather_tokens(k, sel), _gather_tokens(v, sel),
-                                   idx[..., :h.shape[-1]], idx[..., h.shape[-1]:])
+        """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, m_p] and append it.
 
-    def _append_one_block(self, st, k, v, hi, lo):
-        """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, n_p] and append it."""
+        With k_group > 0 the block is cut into n_sub sub-blocks: the j-th run of consecutive salient rows and the
+        j-th run of regular rows (tensor_split: runs differ by at most one row) form sub-block j, with its own key
+        (min, scale) per precision group and its own CST normalizer. All sub-blocks are quantized in one batched
+        call: every run is padded to the longest with copies of its own first row, which changes no min, max or
+        |max|, so the numbers are those of quantizing each sub-block alone.
+        """
         c = self.cfg
         B, H, n, D = k.shape
         eps, pool = c.scale_eps, c.pool_batch_stats
+        Hv = H if c.v_token_scope == "head" else 1
+        m = {"hi": hi.shape[-1], "lo": lo.shape[-1]}
+        n_sub = max(1, math.ceil(max(m.values()) / c.k_group)) if c.k_group else 1
+        runs = {p: _runs(m[p], n_sub, k.device) for p in m}        # (local, valid [n_sub, M_p], sizes)
+        # block positions of every padded run, [B, H, n_sub, M_p]; an empty run borrows the other group's first row
+        # (its parameters are zeroed below), so every sub-block's rows are its own rows
+        pos = {p: idx[..., runs[p][0]] for p, idx in (("hi", hi), ("lo", lo))}
+        for p, other in (("hi", "lo"), ("lo", "hi")):
+            empty = runs[p][2] == 0
+            if pos[p].shape[-1] and empty.any():
+                pos[p][:, :, empty] = pos[other][:, :, empty, :1]
         kf, vf = k.float(), v.float()
-        # CST normalizer over all n tokens of the block, before the split: both groups share it
-        chan = quant.cst_normalizer(vf, eps, dim=(0, 2) if pool else 2)                 # [Bs, H, 1, D]
-        st.v_chan.append(min_cap=4, v_chan=chan.transpose(1, 2))                        # [Bs, 1, H, D]
+        both = torch.cat([pos["hi"], pos["lo"]], -1)                                     # [B, H, n_sub, M]
+        chan = quant.cst_normalizer(_gather_tokens(vf, both.flatten(2)).unflatten(2, both.shape[2:]), eps,
+                                    dim=(0, 3) if pool else 3)                           # [Bs, H, n_sub, 1, D]
+        st.v_chan.append(min_cap=4, v_chan=chan[:, :, :, 0].transpose(1, 2))             # [Bs, n_sub, H, D]
         Bs = chan.shape[0]
-        for p, idx in (("hi", hi), ("lo", lo)):
-            seg, bits, m = getattr(st, p), self._bits(p), idx.shape[-1]
-            Hv = H if c.v_token_scope == "head" else 1
-            if m == 0:  # empty group: no rows; a zero parameter slot keeps block indices aligned
-                ks = km = torch.zeros(Bs, 1, H, D, dtype=torch.float16, device=k.device)
+        for p in ("hi", "lo"):
+            seg, bits, (_, valid, sizes) = getattr(st, p), self._bits(p), runs[p]
+            if pos[p].shape[-1] == 0:  # empty group: no rows; zero parameter slots keep block indices aligned
+                ks = km = torch.zeros(Bs, n_sub, H, D, dtype=torch.float16, device=k.device)
                 kc = vc = torch.zeros(B, H, 0, D * bits // 8, dtype=torch.uint8, device=k.device)
                 vs = vm = torch.zeros(B, Hv, 0, dtype=torch.float16, device=k.device)
             else:
-                kg, vg = _gather_tokens(kf, idx), _gather_tokens(vf, idx)              # [B, H, m, D]
-                # keys: channelwise over this group's tokens of the block (and the batch, if pooled)
-                codes, ks, km = quant.quantize(kg, bits, dim=(0, 2) if pool else 2, scale_eps=eps, check=False)
-                kc = quant.pack(codes, bits)                                           # [B, H, m, W]
-                ks, km = ks.transpose(1, 2), km.transpose(1, 2)                        # [Bs, 1, H, D]
+                M = pos[p].shape[-1]
+                kg, vg = (_gather_tokens(x, pos[p].flatten(2)).unflatten(2, (n_sub, M)) for x in (kf, vf))
+                # keys: channelwise over each run of this group (and the batch, if pooled)    [B, H, n_sub, M, D]
+                kcodes, ks, km = quant.quantize(kg, bits, dim=(0, 3) if pool else 3, scale_eps=eps, check=False)
+                ks, km = (t[:, :, :, 0].transpose(1, 2).masked_fill(sizes[:, None, None] == 0, 0)
+                          for t in (ks, km))                                             # [Bs, n_sub, H, D]
                 # values: x / c, then one (min, scale) per (token, head) or per row over all heads
-                codes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps, chan=chan,
-                                                      check=False)                     # attend validated k, v
-                vc = quant.pack(codes, bits)
-                vs, vm = vs[..., 0], vm[..., 0]                                         # [B, Hv, m]
+                vcodes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps, chan=chan,
+                                                       check=False)                      # attend validated k, v
+                real = torch.arange(n_sub * M, device=k.device).view(n_sub, M)[valid]     # own rows, in order
+                kc, vc = (quant.pack(x.flatten(2, 3)[:, :, real], bits) for x in (kcodes, vcodes))  # [B, H, m, W]
+                vs, vm = (x.flatten(2, 4)[:, :, real] for x in (vs, vm))                  # [B, Hv, m]
+            rows = seg.codes.n + sizes.cumsum(0).to(torch.int32)                         # the row table, per block
             seg.codes.append(k_codes=kc, v_codes=vc, v_scale=vs, v_min=vm)
             seg.params.append(min_cap=4, k_scale=ks, k_min=km)
-            seg.rows.append(min_cap=5, rows=torch.full((B, 1), seg.codes.n, dtype=torch.int32, device=k.device))
+            seg.rows.append(min_cap=5, rows=rows.expand(B, -1).contiguous())
 
     def _split(self, scores):
         hi, lo = saliency.split(scores, self.cfg.salient_ratio)

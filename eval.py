@@ -791,7 +791,7 @@ def main_real(args, model, tok, device, log, write):
             exs = passkey_records(tok, L, args)
             if args.shard:
                 exs = [e for i, e in enumerate(exs) if i % args.shard[1] == args.shard[0]]
-            exs = [exs[i] for i in spread_order(len(exs))]
+            exs = [exs[i] for i in spread_order(len(exs))][args.skip_records:]   # the order a stopped run took
             todo[L] = dict(idx=idx, exs=exs, bs=max(1, args.batch_tokens // L), done=0, t=0.0,
                            acc={i: dict(hits=[], real=[], paper=[], prefill_ms=[], decode_tok_s=[]) for i in idx})
         while any(t["done"] < len(t["exs"]) for t in todo.values()):
@@ -883,6 +883,9 @@ def get_args(argv=None):
                    "the length the model was trained on (256 for ckpt/stdlib-byte)")
     p.add_argument("--shard", default=None, help="real model: K/M runs only the passkey records i with i %% M == K "
                    "(e.g. 0/2 and 1/2 on two cores, one thread each); --merge joins the shards' JSON files")
+    p.add_argument("--skip_records", type=int, default=0, help="real model: skip the first N passkey records of "
+                   "each length (after --shard), to continue a stopped run: a run stopped with N records at a length "
+                   "goes on with --lengths L --skip_records N, and --merge joins the two")
     p.add_argument("--merge", default=None, help="comma list of real-model JSON files (shards of one run) to join into "
                    "OUT_DIR/NAME.md/.json/_fig1.png; runs no model")
     p.add_argument("--seed", type=int, default=0)
@@ -898,6 +901,8 @@ def get_args(argv=None):
     a.lengths = int_list("--lengths", a.lengths or ("1024,2048" if a.quick else "1024,2048,4096,8000"), "1024,4096")
     a.ablate_at = int_list("--ablate_at", a.ablate_at or "1024", "1024")
     a.sweep_at = int_list("--sweep_at", a.sweep_at or ("1024" if a.quick else "1024,2048"), "1024,2048")
+    if a.skip_records < 0:
+        raise ValueError(f"--skip_records={a.skip_records} must be >= 0 (records already run at each length)")
     if a.batch_tokens < 1:
         raise ValueError(f"--batch_tokens={a.batch_tokens} must be at least 1")
     if a.shard is not None:
@@ -992,9 +997,9 @@ def merge_shards(paths):
     a.lines = sorted({n for run in runs for n in run["args"]["lines"] or ()})
     a.shard = None
     meta = dict(runs[0]["meta"], wall_s=max(run["meta"]["wall_s"] for run in runs),
-                done=all(run["meta"].get("done") for run in runs),
-                command=" and ".join(run["meta"]["command"] for run in runs) + " (in parallel, one thread each), "
-                "joined by python eval.py --merge",
+                done=all(run["meta"].get("done") for run in runs) or   # or a stopped shard was continued
+                all(len(recs) == a.n for r in rows for recs in r["records"].values()),
+                command=" and ".join(run["meta"]["command"] for run in runs) + ", joined by python eval.py --merge",
                 passkey_records={L: len(recs) for L, recs in rows[0]["records"].items()})
     for k in ("ppl_source", "ppl_ref"):
         meta.update({k: run["meta"][k] for run in runs if k in run["meta"]})

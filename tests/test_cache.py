@@ -274,6 +274,43 @@ def test_key_groups_cut_blocks_and_lower_key_error():
     assert err[16] < 0.6 * err[0], err
 
 
+@pytest.mark.parametrize("ratio", [0.6, 0.02])
+def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio):
+    # the sub-blocks of a block are quantized in one batched call (runs padded with copies of their own first row);
+    # what is stored must be what quantizing each sub-block on its own gives, written out here from quant.py:
+    # per run, key (min, scale) over its rows and its codes; the CST normalizer over the sub-block's rows (both
+    # groups); value codes per row. ratio 0.02: 4 salient rows over 13 sub-blocks, so most salient runs are empty
+    # (zero parameters, no rows)
+    q, k, v = qkv(1, 4, 2, 200, 16, seed=5)
+    c = C.make_cache("zipcache", mcfg(), salient_ratio=ratio, k_group=16, n_sink=0)
+    c.attend(0, q, k, v)
+    st = c.layers[0]
+    rows = C.saliency.probe_positions(200, "recent+random", 0.05, 0.05, torch.Generator().manual_seed(0))
+    hi, lo = C.saliency.split(C.saliency.probe_scores(q, k, rows), ratio)
+    n_sub = math.ceil(max(hi.shape[-1], lo.shape[-1]) / 16)
+    assert st.v_chan.n == n_sub
+    empty = 0
+    for j, (h, l) in enumerate(zip(hi.tensor_split(n_sub, -1), lo.tensor_split(n_sub, -1))):
+        chan = quant.cst_normalizer(C._gather_tokens(v, torch.cat([h, l], -1)))              # [1, H, 1, D]
+        assert torch.equal(st.v_chan["v_chan"][:, j], chan[:, :, 0])
+        for p, idx, bits in (("hi", h, 4), ("lo", l, 2)):
+            seg = getattr(st, p)
+            a, b = seg.rows["rows"][0, j].item(), seg.rows["rows"][0, j + 1].item()
+            assert b - a == idx.shape[-1]
+            if b == a:
+                assert not seg.params["k_scale"][:, j].any() and not seg.params["k_min"][:, j].any()
+                empty += 1
+                continue
+            codes, s, mn = quant.quantize(C._gather_tokens(k, idx), bits, dim=2)
+            assert torch.equal(seg.params["k_scale"][:, j], s[:, :, 0]) and torch.equal(seg.params["k_min"][:, j],
+                                                                                       mn[:, :, 0])
+            assert torch.equal(seg.codes["k_codes"][:, :, a:b], quant.pack(codes, bits))
+            vcodes, vs, vm, _ = quant.quantize_cst(C._gather_tokens(v, idx), bits, (1, -1), chan=chan)
+            assert torch.equal(seg.codes["v_codes"][:, :, a:b], quant.pack(vcodes, bits))
+            assert torch.equal(seg.codes["v_scale"][:, :, a:b], vs[..., 0])
+    assert (empty > 0) == (ratio < 0.1)
+
+
 def test_zipcache_blocks_and_rows():
     # after L + S steps: n_blocks = 1 + S // N, n_buf = S % N; each block splits floor(0.4 n) regular tokens
     c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5)

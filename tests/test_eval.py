@@ -300,5 +300,12 @@ def test_shards_merge_to_the_whole_run(tiny_byte_ckpt, tmp_path):
             assert a["real_at"][L] == pytest.approx(b["real_at"][L], rel=1e-9)
             assert sorted(map(tuple, a["records"][L])) == sorted(map(tuple, b["records"][L]))
     assert "passkey@500" in (tmp_path / "joined.md").read_text()
+    # a stopped shard continues with --skip_records: its records are the rest of the shard's order
+    tail, _ = E.main(base + ["--tasks", "passkey", "--shard", "1/2", "--skip_records", "1", "--name", "s1b"])
+    s1 = json.loads((tmp_path / "s1.json").read_text())["rows"]
+    for a, b in zip(tail, s1):
+        assert a["records"] == {L: b["records"][str(L)][1:] for L in (400, 500)}
+    with pytest.raises(ValueError, match="--skip_records=-1"):
+        E.get_args(["--skip_records", "-1"])
     with pytest.raises(ValueError, match="--shard=2/2"):
         E.get_args(["--shard", "2/2"])
