@@ -1,13 +1,14 @@
 """
 Training-step speed of our Llama block (model.py) against nanoGPT's GPT-2 block, side by side in one process.
 
-Both models get the same data (random bytes, vocab 256), batch 8 x 256, fp32, no compile, dropout 0, and a full
-step: forward + backward + AdamW. Our SwiGLU hidden size is chosen so that the non-embedding parameters match
+Both models get the same data (random bytes, vocab 256), batch 8 x 256, fp32, no compile (--compile: both are
+compiled), dropout 0, and a full step: forward + backward + AdamW. Our SwiGLU hidden size is chosen so that the non-embedding parameters match
 nanoGPT's within 0.5%. The two steps alternate, repeat by repeat, so a busy machine slows both alike; the table
 reports the median of each and their ratio (ours / nanoGPT; above 1 is faster).
 
     python bench_train.py                      # the three shapes, at 1 and 2 threads
-    python bench_train.py --repeats=9 --threads=1,2
+    python bench_train.py --repeats=21 --threads=1,2
+    python bench_train.py --compile            # both models through torch.compile (inductor)
     python bench_train.py --smollm             # prefill ms and decode tok/s, random weights of SmolLM2-135M's shape
 """
 import argparse
@@ -108,16 +109,20 @@ def make_step(model, B, T, vocab, fused_adamw=False):
     return step
 
 
-def bench_training(threads, repeats, B=8, T=256, vocab=256, shapes=SHAPES, fused_adamw=False):
+def bench_training(threads, repeats, B=8, T=256, vocab=256, shapes=SHAPES, fused_adamw=False, compile=False):
     rows = []
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         for name, dim, n_layers, n_heads, n_kv in shapes:
             torch.manual_seed(0)
             ours, ref, hidden, n_ours, n_ref = matched_models(dim, n_layers, n_heads, n_kv, vocab, T)
-            steps = {k: make_step(m.train(), B, T, vocab, fused_adamw) for k, m in (("ours", ours), ("ref", ref))}
+            # --compile: torch.compile (inductor, C++ kernels on the CPU) for both, which fuses the elementwise ops
+            models = {k: torch.compile(m.train()) if compile else m.train() for k, m in (("ours", ours), ("ref", ref))}
+            steps = {k: make_step(m, B, T, vocab, fused_adamw) for k, m in models.items()}
             for s in steps.values():
-                s()                                                   # warm-up: allocator, AdamW state
+                s()                                                   # warm-up: allocator, AdamW state (compile)
+                if compile:
+                    s()
             times = {k: [] for k in steps}
             for r in range(repeats):                                  # alternate, and swap who goes first
                 for k in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
@@ -166,8 +171,9 @@ def bench_inference(model, prompt_len=256, new_tokens=32, repeats=3):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per model (alternating)")
+    p.add_argument("--repeats", type=int, default=11, help="timed steps per model (alternating)")
     p.add_argument("--fused_adamw", action="store_true", help="AdamW(fused=True) for both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (needs a C++ compiler on CPU)")
     p.add_argument("--smollm", action="store_true", help="time prefill/decode at SmolLM2-135M's shape instead")
     a = p.parse_args()
     threads = [int(t) for t in a.threads.split(",")]
@@ -179,7 +185,7 @@ def main():
             ms, tps = bench_inference(m, repeats=a.repeats)
             print(f"{n} thr  SmolLM2-135M shape (random weights)  prefill 256 tokens {ms:.0f} ms  decode {tps:.1f} tok/s")
         return
-    bench_training(threads, a.repeats, fused_adamw=a.fused_adamw)
+    bench_training(threads, a.repeats, fused_adamw=a.fused_adamw, compile=a.compile)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Real bytes: codes are packed uint8, parameters fp16, and nbytes() counts every s
 per integer counter. Storage grows by doubling; the spare capacity is never read.
 """
 import math
+from collections import namedtuple
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -89,6 +90,9 @@ def _gather_tokens(x, idx):
 
 
 
+_Runs = namedtuple("_Runs", "local valid sizes")
+
+
 def _runs(m, n, device):
     """tensor_split's n runs of m consecutive items, padded to the longest M = ceil(m / n): local [n, M] indices (a
     run's own items, then copies of its first), valid [n, M] (which entries are its own), sizes [n]."""
@@ -98,7 +102,7 @@ def _runs(m, n, device):
     r = torch.arange(-(-m // n), device=device)
     valid = r < sizes[:, None]
     local = torch.where(valid, start[:, None] + r, start[:, None]).clamp(max=max(m - 1, 0))
-    return local, valid, sizes
+    return _Runs(local, valid, sizes)
 
 
 class _Store:
@@ -526,12 +530,12 @@ class ZipCache(Cache):
         Hv = H if c.v_token_scope == "head" else 1
         m = {"hi": hi.shape[-1], "lo": lo.shape[-1]}
         n_sub = max(1, math.ceil(max(m.values()) / c.k_group)) if c.k_group else 1
-        runs = {p: _runs(m[p], n_sub, k.device) for p in m}        # (local, valid [n_sub, M_p], sizes)
+        runs = {p: _runs(m[p], n_sub, k.device) for p in m}        # local, valid [n_sub, M_p], sizes [n_sub]
         # block positions of every padded run, [B, H, n_sub, M_p]; an empty run borrows the other group's first row
         # (its parameters are zeroed below), so every sub-block's rows are its own rows
-        pos = {p: idx[..., runs[p][0]] for p, idx in (("hi", hi), ("lo", lo))}
+        pos = {p: idx[..., runs[p].local] for p, idx in (("hi", hi), ("lo", lo))}
         for p, other in (("hi", "lo"), ("lo", "hi")):
-            empty = runs[p][2] == 0
+            empty = runs[p].sizes == 0
             if pos[p].shape[-1] and empty.any():
                 pos[p][:, :, empty] = pos[other][:, :, empty, :1]
         kf, vf = k.float(), v.float()
@@ -541,7 +545,7 @@ class ZipCache(Cache):
         st.v_chan.append(min_cap=4, v_chan=chan[:, :, :, 0].transpose(1, 2))             # [Bs, n_sub, H, D]
         Bs = chan.shape[0]
         for p in ("hi", "lo"):
-            seg, bits, (_, valid, sizes) = getattr(st, p), self._bits(p), runs[p]
+            seg, bits, valid, sizes = getattr(st, p), self._bits(p), runs[p].valid, runs[p].sizes
             if pos[p].shape[-1] == 0:  # empty group: no rows; zero parameter slots keep block indices aligned
                 ks = km = torch.zeros(Bs, n_sub, H, D, dtype=torch.float16, device=k.device)
                 kc = vc = torch.zeros(B, H, 0, D * bits // 8, dtype=torch.uint8, device=k.device)

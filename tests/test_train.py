@@ -205,3 +205,18 @@ def test_cli_error_is_one_line():
                        cwd=REPO, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == "error: unknown flag --dimm; did you mean --dim?\n"
+
+
+def test_bench_train_matches_parameters_and_times_both_models():
+    # bench_train.py: the SwiGLU hidden size matches nanoGPT's non-embedding parameters within 0.5% for every shape
+    # of the table, and one (tiny) timed run returns a ratio for each thread count and shape
+    import bench_train as BT
+    for _, dim, n_layers, n_heads, n_kv in BT.SHAPES:
+        _, _, hidden, n_ours, n_ref = BT.matched_models(dim, n_layers, n_heads, n_kv)
+        assert abs(n_ours / n_ref - 1) < 0.005 and hidden % 8 == 0
+    threads = torch.get_num_threads()
+    try:
+        rows = BT.bench_training([1], 2, B=2, T=16, shapes=[("tiny", 64, 1, 2, 1)])
+    finally:
+        torch.set_num_threads(threads)                 # bench_training sets it; the rest of the session keeps its own
+    assert len(rows) == 1 and rows[0][0] == 1 and rows[0][-1] > 0
