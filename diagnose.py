@@ -64,6 +64,9 @@ def parse_config(text):
         key, sep, value = kv.partition("=")
         if not sep:
             raise ValueError(f"{kv!r} in {text!r} is not option=value")
+        if value.lower() in ("true", "false"):      # switches: default+k_pre_rope=true
+            opts[key] = value.lower() == "true"
+            continue
         for conv in (int, float, str):
             try:
                 opts[key] = conv(value)

@@ -35,6 +35,8 @@ def test_passkey_mode_on_the_real_model(smollm2):
 def test_parse_config():
     assert D.parse_config("default+k_group=32+salient_ratio=0.4+v_token_scope=head") == \
         ("zipcache", dict(k_group=32, salient_ratio=0.4, v_token_scope="head"))
+    assert D.parse_config("default+keep_saliency_mask=true+n_sink=0") == \
+        ("zipcache", dict(keep_saliency_mask=True, n_sink=0))
     assert D.parse_config("paper+n_sink=4") == ("zipcache", dict(paper=True, n_sink=4))
     assert D.parse_config("kivi+bits=2+residual=32") == ("kivi", dict(bits=2, residual=32))
     for bad in ("nope", "default+k_group"):
