@@ -8,8 +8,8 @@ decode step at a long context, every ratio measured against the dense cache in t
 
 Protocol. Fresh random q, k, v (one outlier key channel, as real keys have) are handed to each cache's `attend` as a
 prefill, then `--steps` single-token decode steps follow. Repetitions are interleaved across caches (rep 1 of every
-cache, then rep 2, ...) so that drift of a shared machine hits all of them alike; times are medians, and a
-ratio x is the median over repetitions of (this cache's time / the dense cache's time in the same repetition). Prefill = the
+cache, then rep 2, ...) so that drift of a shared machine hits all of them alike; times are medians, and a ratio x
+is the median over repetitions of (this cache's time / the dense cache's time in the same repetition). Prefill = the
 whole `attend` call (dense: SDPA + storing fp16; ZipCache: SDPA + probe attention + split + quantize + pack; MiKV:
 the full attention matrix). Decode = one `attend` of a single token (ZipCache: the PyTorch path on CPU, the Triton
 kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything counted; paper = the paper's formula.

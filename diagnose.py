@@ -64,7 +64,7 @@ def parse_config(text):
         key, sep, value = kv.partition("=")
         if not sep:
             raise ValueError(f"{kv!r} in {text!r} is not option=value")
-        if value.lower() in ("true", "false"):      # switches: default+k_pre_rope=true
+        if value.lower() in ("true", "false"):      # switches: default+keep_saliency_mask=true
             opts[key] = value.lower() == "true"
             continue
         for conv in (int, float, str):

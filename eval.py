@@ -996,7 +996,10 @@ def merge_shards(paths):
     a.lengths = sorted({int(L) for run in runs for L in run["args"]["lengths"]})
     a.lines = sorted({n for run in runs for n in run["args"]["lines"] or ()})
     a.shard = None
-    meta = dict(runs[0]["meta"], wall_s=max(run["meta"]["wall_s"] for run in runs),
+    # wall time: the shards ran side by side, and the runs that continued them (--skip_records) after them
+    walls = [[run["meta"]["wall_s"] for run in runs if bool(run["args"].get("skip_records")) == cont]
+             for cont in (False, True)]
+    meta = dict(runs[0]["meta"], wall_s=sum(max(w) for w in walls if w),
                 done=all(run["meta"].get("done") for run in runs) or   # or a stopped shard was continued
                 all(len(recs) == a.n for r in rows for recs in r["records"].values()),
                 command=" and ".join(run["meta"]["command"] for run in runs) + ", joined by python eval.py --merge",
