@@ -3,8 +3,8 @@ Training-step speed of our Llama block (model.py) against nanoGPT's GPT-2 block,
 
 Both models get the same data (random bytes, vocab 256), batch 8 x 256, fp32, no compile (--compile: both are
 compiled), dropout 0, and a full step: forward + backward + AdamW. Our SwiGLU hidden size is chosen so that the
-non-embedding parameters match nanoGPT's within 0.5%. The two steps alternate, repeat by repeat, so a busy machine slows both alike; the table
-reports the median of each and their ratio (ours / nanoGPT; above 1 is faster).
+non-embedding parameters match nanoGPT's within 0.5%. The two steps alternate, repeat by repeat, so a busy machine
+slows both alike; the table reports the median of each and their ratio (ours / nanoGPT; above 1 is faster).
 
     python bench_train.py                      # the three shapes, at 1 and 2 threads
     python bench_train.py --repeats=21 --threads=1,2
