@@ -98,12 +98,12 @@ def quantize_nested(x, bits, dim, sub_dim, scale_eps=SCALE_EPS, valid=None):
     broadcastable to mn) leaves sub-groups out of the base and sets their stat to 0 (empty runs of a block).
     """
     L = 2 ** STAT_BITS - 1
-    xf = x.float()
-    mn, mx = xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True)          # per sub-group, fp32
-    if mn.shape[sub_dim] == 1:
+    if x.shape[sub_dim] == 1:
         s16, m16 = quant_params(x, bits, dim, scale_eps)
         base = torch.stack([m16, torch.zeros_like(m16), s16, torch.zeros_like(s16)], -2)
         return encode(x, s16, m16, bits), torch.zeros_like(m16, dtype=torch.uint8), base
+    xf = x.float()
+    mn, mx = xf.amin(dim=dim, keepdim=True), xf.amax(dim=dim, keepdim=True)          # per sub-group, fp32
 
     def level(v, round_code):  # (base, step, code) of v over the sub-groups: base = fp16(min), L steps to the max
         ok = torch.ones_like(v, dtype=torch.bool) if valid is None else valid.expand_as(v)
