@@ -192,7 +192,7 @@ def num_splits_for(B, Hkv, view_or_L):
 # one row of the table
 
 def measure(B, Hq, Hkv, D, ctx, salient, n_buf=0, prompt=None, paths=("sdpa", "dense", "deq", "fused"),
-            block_n=None, num_warps=None):
+            block_n=None, num_warps=None, block=100):
     block_n, num_warps = block_n or args.block_n, num_warps or args.num_warps  # block_n None = launcher's default
     L = ctx + n_buf
     r = dict(B=B, ctx=ctx, Hq=Hq, Hkv=Hkv, salient=salient)
@@ -212,13 +212,14 @@ def measure(B, Hq, Hkv, D, ctx, salient, n_buf=0, prompt=None, paths=("sdpa", "d
             r["dense"] = timeit([lambda v=v: kernels.zip_decode_attention(q, v, num_splits=S, **kw) for v in views])
             r["dense_bytes"] = bytes_dense(B, Hq, Hkv, L, D, S)
         del caches
-    view0 = synthetic_view(B, Hkv, D, ctx, salient, n_buf, prompt)
+    view0 = synthetic_view(B, Hkv, D, ctx, salient, n_buf, prompt, block)
     S = num_splits_for(B, Hkv, view0)
     mixed = bytes_fused(view0, Hq, S)
     r.update(S=S, fused_bytes=mixed, byte_ratio=fp16_bytes / mixed, n_blocks=view0.n_blocks)
     R = n_instances(mixed)
     if fits(R * mixed):
-        views = [view0] + [synthetic_view(B, Hkv, D, ctx, salient, n_buf, prompt, seed=i) for i in range(1, R)]
+        views = [view0] + [synthetic_view(B, Hkv, D, ctx, salient, n_buf, prompt, block, seed=i)
+                           for i in range(1, R)]
         if "fused" in paths:
             r["fused"] = timeit([lambda v=v: kernels.zip_decode_attention(q, v, num_splits=S, **kw) for v in views])
         if "deq" in paths and fits(R * mixed + 4 * fp16_bytes):       # + the fp16 copy and its temporaries
@@ -345,6 +346,13 @@ def main():
         for bn, nw in ((32, 4), (64, 4), (64, 8), (128, 8)):
             r = measure(B, Hq, Hkv, D, ctx, args.salient, paths=("fused",), block_n=bn, num_warps=nw)
             print(f"  block_n={bn:>3} num_warps={nw}: {r['fused']:8.1f} µs", flush=True)
+        # the cache's default key groups: each run of 16 rows of a precision group is a block for the kernel (its
+        # own key scale and min), so at 50% salient a block holds 32 tokens and a 64-row tile is mostly masked
+        print("key groups of 16 rows (the cache's default; 50% salient = 32-token blocks), by block_n:")
+        for bn in (16, 32, 64):
+            r = measure(B, Hq, Hkv, D, ctx, 0.5, prompt=32, block=32, paths=("fused", "deq"), block_n=bn)
+            print(f"  block_n={bn:>3}: fused {r['fused']:8.1f} µs, deq+sdpa {r.get('deq', float('nan')):8.1f} µs, "
+                  f"{r['n_blocks']} blocks, bytes {r['byte_ratio']:.2f}x", flush=True)
 
     # the kernel's targets (README "The decode kernel"), judged on this run
     if DEV == "cuda":

@@ -507,7 +507,8 @@ class ZipCache(Cache):
         return (f"zipcache {c.high_bits}/{c.low_bits}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
                 f"{c.probe_strategy}{f' ({share})' if share else ''}, block {c.recompress_every}"
                 f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}"
-                f"{f', key groups {c.k_group}' if c.k_group else ''}{f', {c.n_sink} fp16 sinks' if c.n_sink else ''}"
+                f"{f', key groups {c.k_group}' if c.k_group else ''}{' (4-bit nested stats)' if self.nested else ''}"
+                f"{f', {c.n_sink} fp16 sinks' if c.n_sink else ''}"
                 f"{f', {c.n_recent} fp16 recent' if c.n_recent else ''}")
 
     # storage of one layer ------------------------------------------------------------------------

@@ -282,7 +282,7 @@ def main(argv=None):
     text = "\n\n".join(topics[k] for k in sorted(topics))             # ~465 KB of English, every Python has it
     ids = tok.encode(text)
     start = len(ids) // 5                                          # past the first topics, into plain prose
-    if start + args.tokens > min(len(ids), model.config.max_seq_len):
+    if args.tokens > model.config.max_seq_len or start + args.tokens > len(ids):   # positions start at 0
         p.error(f"--tokens={args.tokens} is longer than the text or the model's context; lower it")
     if any(c != "zipcache" for c, _ in configs.values()):
         p.error("--configs: the attention-error split runs ZipCache configs only; baselines need --passkey")

@@ -108,6 +108,8 @@ def get_args(argv=None, defaults=None):
     g.add_argument("--paper", action="store_true", help="zipcache: the paper's algorithm (no key groups, no sinks, "
                    "60%% salient); the default adds both, see README")
     g.add_argument("--k_group", type=int, help="zipcache: rows per key (min, scale) in a precision group (0 = paper)")
+    g.add_argument("--k_stat_bits", type=int, choices=[4, 16],
+                   help="zipcache: key group statistics as nested 4-bit codes (default) or fp16 pairs")
     g.add_argument("--n_sink", type=int, help="zipcache: first tokens kept in fp16 (0 = paper)")
     g.add_argument("--keep_ratio", type=float, help="h2o: fraction of tokens kept (half heavy hitters, half recent)")
     g.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
@@ -118,7 +120,8 @@ def get_args(argv=None, defaults=None):
 
 # the cache flags: each is named as the option make_cache takes (a ZipCacheConfig field, or a baseline's argument)
 CACHE_FLAGS = ("bits", "group", "high_bits", "low_bits", "salient_ratio", "probe_ratio", "probe_strategy",
-               "recompress_every", "requantize", "official", "paper", "k_group", "n_sink", "keep_ratio")
+               "recompress_every", "requantize", "official", "paper", "k_group", "k_stat_bits", "n_sink",
+               "keep_ratio")
 
 
 def cache_options(args):

@@ -186,3 +186,35 @@ def test_fake_quant_ste_gradient_and_value():
 def test_fake_quant_keeps_dtype():
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     assert quant.fake_quant(x, 4, dim=-1).dtype == torch.bfloat16
+
+
+def test_nested_one_sub_group_is_plain_quantize():
+    # one sub-group along sub_dim: the nested statistics are the plain fp16 pair (base = (mn, 0, scale, 0), codes 0)
+    x = torch.randn(2, 3, 1, 40, 16, generator=torch.Generator().manual_seed(0)) * 3
+    codes, stat, base = quant.quantize_nested(x, 2, dim=3, sub_dim=2)
+    c0, s0, m0 = quant.quantize(x, 2, dim=3)
+    assert torch.equal(codes, c0) and not stat.any()
+    s, m = quant.dequantize_nested(stat, base)
+    assert torch.equal(s, s0) and torch.equal(m, m0)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_nested_stats_cover_every_sub_group(bits):
+    # 12 sub-groups of 16 rows with very different ranges: the nested min is rounded down and the scale up, so no
+    # value is clipped, and the step is never finer than the sub-group's own (the price of 4-bit statistics)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 12, 16, 8, generator=g) * torch.rand(1, 12, 1, 8, generator=g) * 5 \
+        + torch.randn(1, 12, 1, 8, generator=g) * 3                                         # [B, n_sub, rows, D]
+    codes, stat, base = quant.quantize_nested(x, bits, dim=2, sub_dim=1)
+    assert stat.shape == (1, 12, 1, 8) and base.shape == (1, 1, 1, 4, 8)
+    s, m = quant.dequantize_nested(stat, base)                                              # fp16 [1, 12, 1, 8]
+    L = 2 ** bits - 1
+    _, s_own, m_own = quant.quantize(x, bits, dim=2)
+    lo, hi = x.amin(2, keepdim=True), x.amax(2, keepdim=True)
+    fp16 = 2 ** -10 * (m.float().abs() + L * s.float() + hi.abs())   # the nested values are rounded to fp16
+    assert (m.float() <= lo + fp16).all() and (m.float() + L * s.float() >= hi - fp16).all()
+    assert (s.float() >= s_own.float() * (1 - 2 ** -10)).all()
+    # the codes are plain asymmetric quantization with the nested (scale, min): error at most half a step
+    err = (codes.float() * s.float() + m.float() - x).abs()
+    assert (err <= 0.5 * s.float() + fp16).all()
+    assert not torch.equal(s, s_own)   # the nested values really are a coarser grid than the own fp16 pairs
