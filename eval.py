@@ -953,14 +953,15 @@ def resolve_defaults(a, real):
 
 
 def write_real(base, rows, meta, args, log_lines):
-    """The real run's files: NAME.json (everything, the log too), NAME.md (report_real), NAME_fig1.png."""
+    """The real run's files: NAME.json (everything, the log too), NAME.md (report_real), NAME_fig1.png. Returns a
+    line naming what was written (the plot is skipped without matplotlib, and says so)."""
     os.makedirs(os.path.dirname(base), exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump(dict(meta=dict(meta, log=log_lines), args=vars(args), rows=rows), f, indent=1)
     with open(base + ".md", "w") as f:
         f.write(report_real(rows, args, meta, log_lines))
-    if any(r["passkey"] for r in rows):
-        plot_real(rows, args.sweep_at, base + "_fig1.png")
+    plotted = plot_real(rows, args.sweep_at, base + "_fig1.png") if any(r["passkey"] for r in rows) else "no plot"
+    return f"wrote {base}.md, {base}.json; {plotted}"
 
 
 PER_LENGTH_MEANS = ("real_at", "paper_at", "prefill_ms", "decode_tok_s")
@@ -1016,8 +1017,7 @@ def main(argv=None):
     if args.merge:
         rows, meta, a, log_lines = merge_shards(args.merge.split(","))
         base = os.path.join(args.out_dir, args.name or "real/eval")
-        write_real(base, rows, meta, a, log_lines)
-        print(f"wrote {base}.md, {base}.json, {base}_fig1.png from {args.merge}")
+        print(write_real(base, rows, meta, a, log_lines), f"(from {args.merge})")
         return rows, meta
     t_start = time.perf_counter()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -1048,12 +1048,11 @@ def main(argv=None):
 
         def write(rows, extra):
             meta.update(extra, wall_s=time.perf_counter() - t_start)
-            write_real(base, rows, meta, args, log_lines)
+            return write_real(base, rows, meta, args, log_lines)
 
         rows, extra = main_real(args, model, tok, device, log, write)
         meta["done"] = True
-        write(rows, extra)
-        print(f"wrote {base}.md, {base}.json, {base}_fig1.png ({meta['wall_s']:.0f} s)")
+        print(write(rows, extra), f"({meta['wall_s']:.0f} s)")
         return rows, meta
 
     specs = [s for s in configurations(args.quick) if s["group"] in args.groups]
