@@ -254,7 +254,9 @@ def test_eval_real_mode_end_to_end(tiny_byte_ckpt, tmp_path):
         ablation = r["group"] in ("probe", "score", "granularity")
         assert set(r["passkey"]) == ({400, 600} if r["group"] == "main" else {400})
         assert set(r["lines"]) == (set() if ablation else {3})
-        assert (r.get("ppl", 0) > 1) == (r["group"] == "main")
+        # --quick scores perplexity for the main group's reference rows only
+        assert (r.get("ppl", 0) > 1) == (r["group"] == "main" and r["label"] in E.QUICK_PPL)
+    assert set(E.QUICK_PPL) <= {r["label"] for r in rows}      # every quick perplexity row exists
     dense = rows[0]
     assert dense["cache"] == "dense" and abs(dense["real_at"][600] - 1) < 0.05
     zip_ = next(r for r in rows if r["label"] == "ZipCache default")
