@@ -581,7 +581,8 @@ class ZipCache(Cache):
                 vcodes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps,
                                                        chan=chan[:, :, None], check=False)  # attend validated k, v
                 real = torch.arange(n_sub * M, device=k.device).view(n_sub, M)[valid]     # own rows, in order
-                kc, vc = (quant.pack(x.flatten(2, 3)[:, :, real], bits) for x in (kcodes, vcodes))  # [B, H, m, W]
+                # packed first, then the own rows picked: the same bytes, and the pick moves 8/bits times fewer
+                kc, vc = (quant.pack(x.flatten(2, 3), bits)[:, :, real] for x in (kcodes, vcodes))  # [B, H, m, W]
                 vs, vm = (x.flatten(2, 4)[:, :, real] for x in (vs, vm))                  # [B, Hv, m]
             rows = seg.codes.n + sizes.cumsum(0).to(torch.int32)                         # the row table, per block
             seg.codes.append(k_codes=kc, v_codes=vc, v_scale=vs, v_min=vm)

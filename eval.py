@@ -3,7 +3,7 @@ Passkey retrieval, line retrieval and perplexity under every KV cache: the ZipCa
 comparison and its Table 1 (granularity), Table 2 (probes) and Table A (saliency metric) ablations, on a real model
 (SmolLM2-135M-Instruct by default) or on the toy models trained here.
 
-    OMP_NUM_THREADS=1 python eval.py --quick     # the real model, a small run (~10 min on one core): results/quick/real/
+    python eval.py --quick                       # the real model, a small run (~6 min on 2 cores): results/quick/real/
     OMP_NUM_THREADS=1 python eval.py             # the real model, README run: results/real/eval.{md,json}, eval_fig1.png
     python eval.py --checkpoint ckpt/retrieval/ckpt.pt          # the toy line-retrieval model: results/eval.*
     python eval.py --checkpoint ~/Meta-Llama-3-8B-Instruct --chat --device cuda --lines 100,200 --n 100

@@ -664,3 +664,4 @@ def test_bench_cache_runs_and_compares_to_dense():
     assert set(by) == set(bench_cache.CACHES)
     assert by["dense"]["prefill_x"] == by["dense"]["decode_x"] == 1.0
     assert by["zipcache"]["real"] > 2 and all(r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows)
+    assert 0 < by["zipcache"]["probe_ms"] < by["zipcache"]["prefill_ms"]     # a part of ZipCache's own prefill
