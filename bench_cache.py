@@ -11,8 +11,8 @@ prefill, then `--steps` single-token decode steps follow. Repetitions are interl
 cache, then rep 2, ...) so that drift of a shared machine hits all of them alike; times are medians, and a ratio x
 is the median over repetitions of (this cache's time / the dense cache's time in the same repetition). Prefill = the
 whole `attend` call (dense: SDPA + storing fp16; ZipCache: SDPA + probe attention + split + quantize + pack; MiKV:
-the full attention matrix; a line after the table gives the probe attention's share alone). Decode = one `attend` of a single token (ZipCache: the PyTorch path on CPU, the Triton
-kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything counted; paper = the paper's formula.
+the full attention matrix); a line after the table times ZipCache's probe attention alone. Decode = one `attend` of
+a single token (ZipCache: the PyTorch path on CPU, the Triton kernel on CUDA). Ratios: real = dense fp16 bytes / nbytes() with everything counted; paper = the paper's formula.
 
 --latent: the whole model at the project's default CLLA shape (train.py `small`: dim 512, 8 layers, 16 heads x 32;
 d_c 128, d_r 16), untrained weights, batch 1: MHA with a DenseCache against MLA, CLLA and CLLA-quant (int4 per
