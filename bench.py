@@ -7,9 +7,9 @@ Decode-attention benchmark on one GPU (README): one query token per sequence aga
 
 Paths, on the same number of tokens (a Llama-3-8B layer by default: 32 query heads, 8 KV heads, head_dim 128):
     sdpa       F.scaled_dot_product_attention on an fp16 cache (the query group as G rows per KV head)
-    dense      our kernel on kernels.dense_view(k, v): flash-decoding with the same structure, fp16 cache
+    dense      our kernel on decode_kernel.dense_view(k, v): flash-decoding with the same structure, fp16 cache
     deq+sdpa   dequantize the ZipCache layout to fp16, then sdpa (what the official ZipCache code does every step)
-    fused      kernels.zip_decode_attention on the ZipCache layout (60% of tokens at 4 bits, 40% at 2 bits)
+    fused      decode_kernel.zip_decode_attention on the ZipCache layout (60% of tokens at 4 bits, 40% at 2 bits)
 Timing: CUDA-graph replay (triton.testing.do_bench_cudagraph), median; every measurement cycles through enough
 cache instances (>= 3, > 200 MB in all) that the 50 MB L2 never serves a repeat. GB/s = bytes the path must read
 or write (codes, parameters, tables, buffer, q, out, split partials) / time, also as a fraction of a measured
@@ -28,7 +28,7 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
 import torch
 import torch.nn.functional as F
 
-import kernels
+import decode_kernel
 
 args = None   # the parsed command line (main); the cache helpers below are importable without it (tests use them)
 DEV = "cuda"
@@ -75,7 +75,7 @@ def synthetic_view(B, Hkv, D, ctx, salient=0.6, n_buf=0, prompt=None, block=100,
         cap = max(1, sum(counts))
         W = D * bits // 8
         rows = torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32).expand(B, -1).contiguous()
-        return kernels.ZipSegment(
+        return decode_kernel.ZipSegment(
             bits,
             torch.randint(0, 256, (B, Hkv, cap, W), generator=g, device=device, dtype=torch.uint8),
             torch.randint(0, 256, (B, Hkv, cap, W), generator=g, device=device, dtype=torch.uint8),
@@ -83,7 +83,7 @@ def synthetic_view(B, Hkv, D, ctx, salient=0.6, n_buf=0, prompt=None, block=100,
             u((B, nb, Hkv, D), 0.05, 0.5) * (2 ** (4 - bits)),              # key scale: coarser at 2 bits
             u((B, nb, Hkv, D), -2.0, 0.0), rows)
 
-    return kernels.ZipLayerView(
+    return decode_kernel.ZipLayerView(
         hi=segment(4, n_hi), lo=segment(2, n_lo), v_chan=u((B, nb, Hkv, D), 0.5, 2.0),
         k_buf=torch.randn(B, Hkv, max(n_buf, 1), D, generator=g, device=device).half(),
         v_buf=torch.randn(B, Hkv, max(n_buf, 1), D, generator=g, device=device).half(),
@@ -92,13 +92,13 @@ def synthetic_view(B, Hkv, D, ctx, salient=0.6, n_buf=0, prompt=None, block=100,
 
 def dequant_plan(view):
     """The block of every row, per segment (computed once, outside the timed region: no syncs under a graph)."""
-    return [kernels.row_blocks(seg.rows[0], view.n_blocks) for seg in view.segments]
+    return [decode_kernel.row_blocks(seg.rows[0], view.n_blocks) for seg in view.segments]
 
 
 def dequantize_view(view, plan):
-    """The ZipCache layout -> fp16 K, V [B, H_kv, L, D] (hi | lo | buffer) with kernels.dequantize_segment, in fp16,
+    """The ZipCache layout -> fp16 K, V [B, H_kv, L, D] (hi | lo | buffer) with decode_kernel.dequantize_segment, in fp16,
     vectorised over everything (the 'dequantize, then SDPA' baseline)."""
-    parts = [kernels.dequantize_segment(seg, view.v_chan, blk, torch.float16)
+    parts = [decode_kernel.dequantize_segment(seg, view.v_chan, blk, torch.float16)
              for seg, blk in zip(view.segments, plan) if len(blk)]
     parts.append((view.k_buf[:, :, :view.n_buf], view.v_buf[:, :, :view.n_buf]))
     return torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2)
@@ -181,11 +181,11 @@ def fits(nbytes):
 
 
 def num_splits_for(B, Hkv, view_or_L):
-    n_sm = kernels._n_sm(torch.device(DEV))
+    n_sm = decode_kernel._n_sm(torch.device(DEV))
     if isinstance(view_or_L, int):
-        return kernels.pick_num_splits(B, Hkv, view_or_L, n_sm)
+        return decode_kernel.pick_num_splits(B, Hkv, view_or_L, n_sm)
     v = view_or_L
-    return kernels.pick_num_splits(B, Hkv, v.hi.k_codes.shape[2] + v.lo.k_codes.shape[2] + v.n_buf, n_sm)
+    return decode_kernel.pick_num_splits(B, Hkv, v.hi.k_codes.shape[2] + v.lo.k_codes.shape[2] + v.n_buf, n_sm)
 
 
 # -----------------------------------------------------------------------------
@@ -208,8 +208,8 @@ def measure(B, Hq, Hkv, D, ctx, salient, n_buf=0, prompt=None, paths=("sdpa", "d
             r["sdpa_bytes"] = fp16_bytes
         if "dense" in paths:
             S = num_splits_for(B, Hkv, L)
-            views = [kernels.dense_view(k, v) for k, v in caches]
-            r["dense"] = timeit([lambda v=v: kernels.zip_decode_attention(q, v, num_splits=S, **kw) for v in views])
+            views = [decode_kernel.dense_view(k, v) for k, v in caches]
+            r["dense"] = timeit([lambda v=v: decode_kernel.zip_decode_attention(q, v, num_splits=S, **kw) for v in views])
             r["dense_bytes"] = bytes_dense(B, Hq, Hkv, L, D, S)
         del caches
     view0 = synthetic_view(B, Hkv, D, ctx, salient, n_buf, prompt, block)
@@ -221,7 +221,7 @@ def measure(B, Hq, Hkv, D, ctx, salient, n_buf=0, prompt=None, paths=("sdpa", "d
         views = [view0] + [synthetic_view(B, Hkv, D, ctx, salient, n_buf, prompt, block, seed=i)
                            for i in range(1, R)]
         if "fused" in paths:
-            r["fused"] = timeit([lambda v=v: kernels.zip_decode_attention(q, v, num_splits=S, **kw) for v in views])
+            r["fused"] = timeit([lambda v=v: decode_kernel.zip_decode_attention(q, v, num_splits=S, **kw) for v in views])
         if "deq" in paths and fits(R * mixed + 4 * fp16_bytes):       # + the fp16 copy and its temporaries
             plans = [dequant_plan(v) for v in views]
             r["deq"] = timeit([lambda v=v, pl=pl: sdpa_decode(q, *dequantize_view(v, pl))
@@ -262,8 +262,8 @@ def check_correctness(Hq, Hkv, D):
     B, ctx = (2, 300) if args.interpret else (4, 8192)
     view = synthetic_view(B, Hkv, D, ctx, args.salient, n_buf=17, prompt=ctx // 2)
     q = torch.randn(B, Hq, D, device=DEV).half()
-    ref, ref_lse = kernels.zip_decode_attention_ref(q.float(), view, return_lse=True)
-    out, lse = kernels.zip_decode_attention(q, view, num_splits=3, return_lse=True, block_n=args.block_n,
+    ref, ref_lse = decode_kernel.zip_decode_attention_ref(q.float(), view, return_lse=True)
+    out, lse = decode_kernel.zip_decode_attention(q, view, num_splits=3, return_lse=True, block_n=args.block_n,
                                             num_warps=args.num_warps)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     dl = (lse - ref_lse).abs().max().item()
@@ -274,7 +274,7 @@ def check_correctness(Hq, Hkv, D):
 def compile_stats():
     """Registers / spills of the stage-1 kernel as compiled on this device (triton-internal, best effort)."""
     try:
-        caches = kernels._zip_decode_stage1.device_caches
+        caches = decode_kernel._zip_decode_stage1.device_caches
         out = []
         for dev_cache in caches.values():
             for k in dev_cache[0].values():
@@ -291,7 +291,7 @@ def main():
     args = parse_args()
     if not args.interpret and not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (none found); run `python bench.py --interpret` for a CPU smoke test")
-    if not kernels.HAS_TRITON:
+    if not decode_kernel.HAS_TRITON:
         sys.exit("bench.py needs triton: pip install triton")
     DEV = "cpu" if args.interpret else "cuda"
     Hq, Hkv = map(int, args.heads.split(","))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-import kernels
+import decode_kernel
 import quant
 import saliency
 
@@ -450,7 +450,7 @@ class ZipCache(Cache):
 
     Prefill: SDPA output; normalized saliency from probe rows (saliency.py); per (seq, KV head) the top r tokens go
     to the 4-bit segment, the rest to the 2-bit one; keys channelwise per segment, values CST (quant.py).
-    Decode: new tokens wait in an fp16 buffer; attention is one kernels.decode_attention call over
+    Decode: new tokens wait in an fp16 buffer; attention is one decode_kernel.decode_attention call over
     [hi blocks | lo blocks | buffer]; every recompress_every steps the buffer becomes a new block with its own
     statistics and its own split (scored by the attention it received from the block's decode queries).
     Tokens are stored grouped by precision, not by position: decode attention is order-invariant and keys carry RoPE,
@@ -655,13 +655,13 @@ class ZipCache(Cache):
 
     # decode ---------------------------------------------------------------------------------------
     def layer_view(self, layer):
-        """The layout kernels.decode_attention consumes: full-capacity tensors + valid counts."""
+        """The layout decode_kernel.decode_attention consumes: full-capacity tensors + valid counts."""
         self._ragged_only_per_sequence("layer_view(layer)")
         return self._view(self.layers[layer], self.split_tables[layer])
 
     def _view(self, st, tables=None):
         if not self.quantized:
-            return kernels.dense_view(st.buf["k"], st.buf["v"])
+            return decode_kernel.dense_view(st.buf["k"], st.buf["v"])
 
         # the kernel reads one fp16 key (scale, min) and CST normalizer per sub-block. Nested key statistics and the
         # per-block normalizer are expanded to that here, for this layer and this step only (a transient workspace,
@@ -674,10 +674,10 @@ class ZipCache(Cache):
                 k_scale, k_min = quant.dequantize_nested(seg.params["k_stat"], seg.base["k_base"][:, parent])
             else:
                 k_scale, k_min = seg.params.full["k_scale"], seg.params.full["k_min"]
-            return kernels.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
+            return decode_kernel.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
                                       k_scale, k_min, seg.rows.full["rows"])             # [Bs, n_sub_total, H, D]
 
-        return kernels.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan["v_chan"][:, parent],
+        return decode_kernel.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan["v_chan"][:, parent],
                                     k_buf=st.buf.full["k"], v_buf=st.buf.full["v"], n_buf=st.buf.n,
                                     n_blocks=st.parent.n, tables=tables)
 
@@ -692,7 +692,7 @@ class ZipCache(Cache):
         # the Triton kernel takes fp16/bf16 queries (its dots run on fp16 tensor-core operands); an fp32 model (CPU)
         # hands it q rounded to fp16, the precision the keys are stored at anyway
         qk = q1.half() if c.kernel == "triton" and q1.dtype == torch.float32 else q1
-        out, lse = kernels.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
+        out, lse = decode_kernel.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
         out = out.to(q1.dtype)
         if self.quantized:
             flush = st.buf.n - getattr(st, "n_sink", 0) == c.recompress_every
@@ -729,8 +729,8 @@ class ZipCache(Cache):
         """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""
         view = self._view(st)
         seg = getattr(view, p)
-        blk = kernels.row_blocks(seg.rows[0], view.n_blocks)        # row counts are equal for every sequence
-        return kernels.dequantize_segment(seg, view.v_chan, blk, torch.float32)
+        blk = decode_kernel.row_blocks(seg.rows[0], view.n_blocks)        # row counts are equal for every sequence
+        return decode_kernel.dequantize_segment(seg, view.v_chan, blk, torch.float32)
 
     def _requantize(self, st, k, v, hi, lo):
         """Official behaviour: dequantize the cache, append the new block's raw fp16 tokens k, v [B, H, N, D] to each
@@ -942,7 +942,7 @@ class LatentCache:
     @staticmethod
     def _scores(q, x, s, m):
         """q [B, n_grp, H, g], a slot (x, s, m) of _codes -> q . x_hat [B, H, L] with the scales folded in, as
-        kernels.py does for ZipCache keys: q_g . (s x + m) = s (q_g . x) + m sum(q_g), summed over the groups."""
+        decode_kernel.py does for ZipCache keys: q_g . (s x + m) = s (q_g . x) + m sum(q_g), summed over the groups."""
         dot = q @ x.mT                                                                   # [B, n_grp, H, L]
         if s is not None:
             dot = torch.addcmul(q.sum(-1, keepdim=True) * m, dot, s)                    # s, m: [B, n_grp, 1, L]

@@ -168,7 +168,7 @@ def prefill(model, idx, cache):
 
 
 def decode_step(model, token, cache):
-    """One new token per sequence, token [B], attending over the cache (ZipCache: the fused kernel, kernels.py)
+    """One new token per sequence, token [B], attending over the cache (ZipCache: the fused kernel, decode_kernel.py)
     -> next-token logits [B, V]."""
     logits, _ = model(token[:, None], cache=cache)                                      # [B, 1, V]
     return logits[:, -1]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cache as C
-import kernels
+import decode_kernel
 import quant
 from model import ModelConfig, Transformer
 

@@ -133,7 +133,7 @@ def decode_attention(q, view, kernel="auto", **kw):
                                "or use --kernel torch")
         if not q.is_cuda and not INTERPRET:
             raise RuntimeError("kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing "
-                               "kernels.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
+                               "decode_kernel.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
         return zip_decode_attention(q, view, **kw)
     raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
 

@@ -1,4 +1,4 @@
-"""kernels.py: the Triton decode kernel (interpreter on CPU) and the torch fast path against the dequantize-everything
+"""decode_kernel.py: the Triton decode kernel (interpreter on CPU) and the torch fast path against the dequantize-everything
 reference, over a case list, invariants and poisoned capacity (README "The decode kernel")"""
 import math
 import os
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import decode_kernel
 import quant
-from kernels import ZipLayerView, ZipSegment
+from decode_kernel import ZipLayerView, ZipSegment
 
 NAN16 = float("nan")
 
@@ -142,13 +142,13 @@ def test_torch_path_matches_reference(case, chunk):
     B, Hq, Hkv, D, hi, lo, n_buf, pooled, row_scope = case
     view = make_view(B, Hkv, D, hi, lo, n_buf, pooled, row_scope)
     q = make_q(B, Hq, D, torch.float64)
-    ref, ref_lse = kernels.zip_decode_attention_ref(q, view, return_lse=True)
+    ref, ref_lse = decode_kernel.zip_decode_attention_ref(q, view, return_lse=True)
     # chunk 16: big blocks span several chunks (the online softmax across chunks), small ones group by twos or
     # threes; 4096: every segment's blocks in one group
-    out, lse = kernels.zip_decode_attention_torch(q, view, return_lse=True, chunk=chunk)
+    out, lse = decode_kernel.zip_decode_attention_torch(q, view, return_lse=True, chunk=chunk)
     # fp64 on both sides: only summation order differs
     assert torch.allclose(out, ref, rtol=0, atol=1e-10) and torch.allclose(lse, ref_lse, rtol=0, atol=1e-10)
-    out16, lse16 = kernels.decode_attention(q.half(), view, kernel="torch", return_lse=True)
+    out16, lse16 = decode_kernel.decode_attention(q.half(), view, kernel="torch", return_lse=True)
     assert out16.dtype == torch.float16 and lse16.dtype == torch.float32
     check_close(out16, lse16, ref, ref_lse, rel=1e-3, mx=2e-3, dl=1e-5)  # output rounding to fp16 only
 
@@ -156,7 +156,7 @@ def test_torch_path_matches_reference(case, chunk):
 def test_block_groups_cover_every_row_once():
     # blocks of 3, 0, 70, 5, 5, 9, 0, 2, 40 rows (the longest over the batch), groups of at most 16 rows
     max_len = [3, 0, 70, 5, 5, 9, 0, 2, 40]
-    groups = kernels._block_groups(max_len, 16)
+    groups = decode_kernel._block_groups(max_len, 16)
     assert groups == [(0, 1, 0, 3), (2, 3, 0, 16), (2, 3, 16, 16), (2, 3, 32, 16), (2, 3, 48, 16), (2, 3, 64, 6),
                       (3, 5, 0, 5), (5, 6, 0, 9), (7, 8, 0, 2), (8, 9, 0, 16), (8, 9, 16, 16), (8, 9, 32, 8)]
     covered = [(k, t) for k0, k1, t0, n in groups for k in range(k0, k1) for t in range(t0, t0 + n)]
@@ -184,14 +184,14 @@ def test_reference_matches_dense_attention_on_dequantized_cache():
     Vs.append(view.v_buf[0, :, :7].float())
     K, V = torch.cat(Ks, 1)[None], torch.cat(Vs, 1)[None]
     want = F.scaled_dot_product_attention(q[:, :, None], K, V, enable_gqa=True)[:, :, 0]
-    got = kernels.zip_decode_attention_ref(q, view)
+    got = decode_kernel.zip_decode_attention_ref(q, view)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_empty_cache_gives_zero_and_minus_inf():
     view = make_view(1, 2, 64, ((0,),), ((0,),), n_buf=0)
     q = make_q(1, 4, 64)
-    for fn in (kernels.zip_decode_attention_ref, kernels.zip_decode_attention_torch):
+    for fn in (decode_kernel.zip_decode_attention_ref, decode_kernel.zip_decode_attention_torch):
         out, lse = fn(q, view, return_lse=True)
         assert (out == 0).all() and (lse == float("-inf")).all()
 
@@ -201,7 +201,7 @@ def test_dense_view_torch_equals_sdpa():
     k, v = torch.randn(2, 2, 37, 64, generator=gen).half(), torch.randn(2, 2, 37, 64, generator=gen).half()
     q = torch.randn(2, 8, 64, generator=gen).half()
     want = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), enable_gqa=True)[:, :, 0]
-    got = kernels.decode_attention(q, kernels.dense_view(k, v), kernel="torch")
+    got = decode_kernel.decode_attention(q, decode_kernel.dense_view(k, v), kernel="torch")
     assert (got.float() - want).abs().max().item() < 2e-3  # fp16 output rounding
 
 
@@ -209,21 +209,21 @@ def test_dispatch_errors():
     view = make_view(1, 2, 64)
     q = make_q(1, 4, 64)
     with pytest.raises(ValueError, match="unknown kernel"):
-        kernels.decode_attention(q, view, kernel="cuda")
+        decode_kernel.decode_attention(q, view, kernel="cuda")
     with pytest.raises(ValueError, match="multiple of H_kv"):
-        kernels.decode_attention(make_q(1, 3, 64), view, kernel="torch")
+        decode_kernel.decode_attention(make_q(1, 3, 64), view, kernel="torch")
     with pytest.raises(ValueError, match=r"\[B, H_q, D\]"):
-        kernels.decode_attention(q[:, :, None], view, kernel="torch")
+        decode_kernel.decode_attention(q[:, :, None], view, kernel="torch")
     # "auto" on CPU is the torch path
-    assert torch.equal(kernels.decode_attention(q, view), kernels.decode_attention(q, view, kernel="torch"))
+    assert torch.equal(decode_kernel.decode_attention(q, view), decode_kernel.decode_attention(q, view, kernel="torch"))
 
 
 def test_pick_num_splits():
-    assert kernels.pick_num_splits(64, 8, 32768, 132) == 1          # B·H_kv fills the GPU
-    assert kernels.pick_num_splits(1, 8, 32768, 132) == 64          # long context, few heads: many splits
-    assert kernels.pick_num_splits(1, 8, 600, 132) == 1             # >= 512 tokens per split
+    assert decode_kernel.pick_num_splits(64, 8, 32768, 132) == 1          # B·H_kv fills the GPU
+    assert decode_kernel.pick_num_splits(1, 8, 32768, 132) == 64          # long context, few heads: many splits
+    assert decode_kernel.pick_num_splits(1, 8, 600, 132) == 1             # >= 512 tokens per split
     for args in [(8, 8, 32768, 132), (2, 2, 5000, 132), (3, 5, 10 ** 6, 1)]:
-        s = kernels.pick_num_splits(*args)
+        s = decode_kernel.pick_num_splits(*args)
         assert 1 <= s <= 64 and s & (s - 1) == 0
 
 
@@ -236,12 +236,12 @@ def nan_outputs(monkeypatch):
     NaN and fails the finiteness checks (the interpreter has no out-of-bounds detection)."""
     def nan_alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(kernels, "_alloc", nan_alloc)
+    monkeypatch.setattr(decode_kernel, "_alloc", nan_alloc)
 
 
 def run_case(view, q, S, block_n=None):
-    ref, ref_lse = kernels.zip_decode_attention_ref(q.float(), view, return_lse=True)   # fp32 oracle
-    out, lse = kernels.decode_attention(q, view, kernel="triton", num_splits=S, block_n=block_n, return_lse=True)
+    ref, ref_lse = decode_kernel.zip_decode_attention_ref(q.float(), view, return_lse=True)   # fp32 oracle
+    out, lse = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=S, block_n=block_n, return_lse=True)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     return out, lse, ref, ref_lse
 
@@ -279,7 +279,7 @@ def test_empty_cache_kernel(nan_outputs):
     view = make_view(2, 2, 64, ((0,), (0,)), ((0,), (0,)), n_buf=0)
     q = make_q(2, 4, 64)
     for S in (1, 3):
-        out, lse = kernels.decode_attention(q, view, kernel="triton", num_splits=S, return_lse=True)
+        out, lse = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=S, return_lse=True)
         assert (out == 0).all() and (lse == float("-inf")).all()
 
 
@@ -292,7 +292,7 @@ INV_VIEW = dict(B=2, Hkv=2, D=64, hi=((70, 3), (64, 0)), lo=((0, 66), (65, 2)), 
 def test_splits_agree(nan_outputs):
     view = make_view(**INV_VIEW, seed=5)
     q = make_q(2, 8, 64, seed=6)
-    outs = [kernels.decode_attention(q, view, kernel="triton", num_splits=S, return_lse=True) for S in (1, 2, 5)]
+    outs = [decode_kernel.decode_attention(q, view, kernel="triton", num_splits=S, return_lse=True) for S in (1, 2, 5)]
     for out, lse in outs[1:]:
         assert rel_err(out, outs[0][0]) <= 1e-3 and (lse - outs[0][1]).abs().max() <= 1e-3
 
@@ -300,7 +300,7 @@ def test_splits_agree(nan_outputs):
 def test_row_permutation_inside_a_block():
     view = make_view(**INV_VIEW, seed=7)
     q = make_q(2, 8, 64, seed=8)
-    base = kernels.decode_attention(q, view, kernel="triton", num_splits=2)
+    base = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=2)
     gen = torch.Generator().manual_seed(9)
     for seg in view.segments:
         for b in range(2):
@@ -309,7 +309,7 @@ def test_row_permutation_inside_a_block():
                 perm = r0 + torch.randperm(r1 - r0, generator=gen)
                 for t in (seg.k_codes, seg.v_codes, seg.v_scale, seg.v_min):
                     t[b, :, r0:r1] = t[b, :, perm].clone()
-    out = kernels.decode_attention(q, view, kernel="triton", num_splits=2)
+    out = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=2)
     assert rel_err(out, base) <= 1e-3
 
 
@@ -335,12 +335,12 @@ def test_moving_a_token_from_lo_to_the_buffer_changes_nothing():
     view = make_view(**INV_VIEW, seed=10)
     dyadic_params(view)
     q = make_q(2, 8, 64, seed=11)
-    before, lse0 = kernels.decode_attention(q, view, kernel="triton", num_splits=2, return_lse=True)
+    before, lse0 = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=2, return_lse=True)
     lo, k, n = view.lo, view.n_blocks - 1, view.n_buf
     for b in range(2):
         r = int(lo.rows[b, k + 1]) - 1                      # last row of the last lo block
-        seg_b, chan_b = kernels._sequence(lo, view.v_chan, b)
-        K, V = kernels.dequantize_segment(seg_b, chan_b, kernels.row_blocks(seg_b.rows[0], view.n_blocks),
+        seg_b, chan_b = decode_kernel._sequence(lo, view.v_chan, b)
+        K, V = decode_kernel.dequantize_segment(seg_b, chan_b, decode_kernel.row_blocks(seg_b.rows[0], view.n_blocks),
                                           torch.float32)
         kh, vh = K[0, :, r], V[0, :, r]                      # [H_kv, D]
         assert torch.equal(kh.half().float(), kh) and torch.equal(vh.half().float(), vh)   # fp16-exact
@@ -349,7 +349,7 @@ def test_moving_a_token_from_lo_to_the_buffer_changes_nothing():
         lo.k_codes[b, :, r] = 255                            # the moved row is now unused capacity: poison it
         lo.v_scale[b, :, r] = float("nan")
     view.n_buf += 1
-    after, lse1 = kernels.decode_attention(q, view, kernel="triton", num_splits=2, return_lse=True)
+    after, lse1 = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=2, return_lse=True)
     assert rel_err(after, before) <= 1e-3 and (lse1 - lse0).abs().max() <= 1e-3
 
 
@@ -358,7 +358,7 @@ def test_broadcast_params_bitwise():
     # exactly the result of the same numbers materialized per sequence / head.
     view = make_view(**INV_VIEW, pooled=True, row_scope=True, seed=12)
     q = make_q(2, 8, 64, seed=13)
-    out, lse = kernels.decode_attention(q, view, kernel="triton", num_splits=3, return_lse=True)
+    out, lse = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=3, return_lse=True)
     B, Hkv = 2, 2
     for seg in view.segments:
         seg.k_scale = seg.k_scale.expand(B, -1, -1, -1).contiguous()
@@ -366,7 +366,7 @@ def test_broadcast_params_bitwise():
         seg.v_scale = seg.v_scale.expand(-1, Hkv, -1).contiguous()
         seg.v_min = seg.v_min.expand(-1, Hkv, -1).contiguous()
     view.v_chan = view.v_chan.expand(B, -1, -1, -1).contiguous()
-    out2, lse2 = kernels.decode_attention(q, view, kernel="triton", num_splits=3, return_lse=True)
+    out2, lse2 = decode_kernel.decode_attention(q, view, kernel="triton", num_splits=3, return_lse=True)
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
 
 
@@ -378,7 +378,7 @@ def test_dense_view_kernel_equals_sdpa(S, nan_outputs):
     want = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), enable_gqa=True)[:, :, 0]
     want_lse = torch.logsumexp(torch.einsum("bhd,bhld->bhl", q.float(), k.float().repeat_interleave(4, 1))
                                / math.sqrt(128), -1)
-    out, lse = kernels.decode_attention(q, kernels.dense_view(k, v), kernel="triton", num_splits=S,
+    out, lse = decode_kernel.decode_attention(q, decode_kernel.dense_view(k, v), kernel="triton", num_splits=S,
                                         return_lse=True)
     check_close(out, lse, want, want_lse)
 
@@ -389,23 +389,23 @@ def test_dense_view_kernel_equals_sdpa(S, nan_outputs):
 def test_kernel_input_errors(monkeypatch):
     view = make_view(1, 2, 64)
     with pytest.raises(ValueError, match="fp16 or bf16"):
-        kernels.decode_attention(make_q(1, 4, 64, torch.float32), view, kernel="triton")
+        decode_kernel.decode_attention(make_q(1, 4, 64, torch.float32), view, kernel="triton")
     k = torch.zeros(1, 2, 5, 96, dtype=torch.float16)
     with pytest.raises(ValueError, match="head_dim in"):
-        kernels.decode_attention(make_q(1, 4, 96), kernels.dense_view(k, k), kernel="triton")
+        decode_kernel.decode_attention(make_q(1, 4, 96), decode_kernel.dense_view(k, k), kernel="triton")
     # unsupported head_dim with "auto" (and with "torch") still works: the torch path has no such limit
-    out = kernels.decode_attention(make_q(1, 4, 96), kernels.dense_view(k, k), kernel="auto")
+    out = decode_kernel.decode_attention(make_q(1, 4, 96), decode_kernel.dense_view(k, k), kernel="auto")
     assert out.shape == (1, 4, 96) and (out == 0).all()
     with pytest.raises(ValueError, match="must be torch.float16"):
         bad = make_view(1, 2, 64)
         bad.k_buf = bad.k_buf.float()
-        kernels.decode_attention(make_q(1, 4, 64), bad, kernel="triton")
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+        decode_kernel.decode_attention(make_q(1, 4, 64), bad, kernel="triton")
+    monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="--kernel torch"):
-        kernels.decode_attention(make_q(1, 4, 64), view, kernel="triton")
-    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+        decode_kernel.decode_attention(make_q(1, 4, 64), view, kernel="triton")
+    monkeypatch.setattr(decode_kernel, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="pip install triton"):
-        kernels.decode_attention(make_q(1, 4, 64), view, kernel="triton")
+        decode_kernel.decode_attention(make_q(1, 4, 64), view, kernel="triton")
 
 
 # -----------------------------------------------------------------------------
@@ -421,8 +421,8 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import kernels
-fn = kernels._zip_decode_stage1
+import decode_kernel
+fn = decode_kernel._zip_decode_stage1
 const = {"D4", "BLOCK_G", "BLOCK_N", "HI_BITS", "LO_BITS", "SPLIT"}
 ptr = {"HKC": "*u8", "HVC": "*u8", "LKC": "*u8", "LVC": "*u8", "HROWS": "*i32", "LROWS": "*i32", "TAB": "*i32",
        "O": "*fp32", "LSE": "*fp32"}
@@ -465,7 +465,7 @@ for D, G, BN, split, out in ((64, 16, 64, True, "*fp32"), (128, 16, 64, True, "*
     r = build(fn, sig1, {"D4": D // 4, "BLOCK_G": G, "BLOCK_N": BN, "HI_BITS": 4, "LO_BITS": 2, "SPLIT": split},
               attrs)
     res.append(dict(r, D=D, BLOCK_G=G, SPLIT=split))
-cfn = kernels._zip_decode_combine
+cfn = decode_kernel._zip_decode_combine
 csig = {n: "*fp32" if n in ("OP", "LP", "LSE") else "*fp16" if n == "OUT" else "constexpr" if n in ("D", "BLOCK_S")
         else "i32" for n in cfn.arg_names}
 cattrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(cfn.arg_names) if csig[n].startswith("*")}
@@ -508,8 +508,8 @@ def test_gpu_long_context_matches_reference_and_dequantize_then_sdpa():
     B, Hq, Hkv, D = 8, 32, 8, 128
     view = bench.synthetic_view(B, Hkv, D, 32768, 0.6, n_buf=99, prompt=4096, device="cuda")
     q = torch.randn(B, Hq, D, device="cuda").half()
-    out, lse = kernels.decode_attention(q, view, kernel="auto", return_lse=True)     # auto = Triton on CUDA
-    ref, ref_lse = kernels.zip_decode_attention_ref(q.float(), view, return_lse=True)
+    out, lse = decode_kernel.decode_attention(q, view, kernel="auto", return_lse=True)     # auto = Triton on CUDA
+    ref, ref_lse = decode_kernel.zip_decode_attention_ref(q.float(), view, return_lse=True)
     check_close(out, lse, ref, ref_lse)
     k, v = bench.dequantize_view(view, bench.dequant_plan(view))                     # fp16 K̂, V̂
     sd = bench.sdpa_decode(q, k, v)
