@@ -12,8 +12,10 @@ if not torch.cuda.is_available():
 
 import sys
 
-# tests import the flat top-level files (model.py, cache.py, ...) directly
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# tests import the flat top-level files (model.py, cache.py, ...) directly, and the scripts in experiments/ (eval.py,
+# bench.py, ...), which import each other as siblings
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
 
 # one thread: on 2-core CI boxes two threads contend with the interpreter and run 5-10x slower (measured)
 torch.set_num_threads(1)

@@ -279,3 +279,12 @@ def test_no_traceback_from_the_command_line():
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("script", ["eval.py", "bench_train.py"])
+def test_experiment_scripts_run_from_anywhere(script, tmp_path):
+    # experiments/*.py find the flat core one folder up (their sys.path header) and each other as siblings, whatever
+    # the working directory: eval.py imports retrieval.py beside it and data.py, weights.py, ... above it
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and r.stdout.startswith("usage: " + script), r.stderr

@@ -57,7 +57,7 @@ def test_perplexity_mode_on_the_real_model(smollm2):
 def test_lines_mode_on_the_shipped_retrieval_model():
     import os
     import weights
-    path = os.path.join(os.path.dirname(D.__file__), "ckpt", "retrieval", "ckpt.pt")
+    path = os.path.join(os.path.dirname(os.path.dirname(D.__file__)), "ckpt", "retrieval", "ckpt.pt")
     model, tok = weights.load_model_and_tokenizer(path, None, "cpu", torch.float32)
     out = D.lines(model, tok, [20], 5, {"paper": D.parse_config("paper")}, log=lambda *a: None)
     assert out["dense"] == {20: 100.0} and 0 <= out["paper"][20] <= 100

