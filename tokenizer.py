@@ -21,6 +21,7 @@ chat template, rendered with jinja2 as transformers does (render_chat).
 """
 import base64
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -200,13 +201,11 @@ def llama3_tokenizer(path):
 
 
 def find_tokenizer_model(d):
-    """A model directory -> its tokenizer.model (Meta layout, or HF layout with Meta's file under original/)."""
+    """A model directory -> its tokenizer.model (Meta layout, or HF layout with Meta's file under original/), or None."""
     for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
         if os.path.isfile(os.path.join(d, cand)):
             return os.path.join(d, cand)
-    hint = " (it has only tokenizer.json; download original/tokenizer.model too)" if os.path.isfile(
-        os.path.join(d, "tokenizer.json")) else ""
-    raise ValueError(f"no tokenizer.model in {d} or {d}/original{hint}; pass --tokenizer=PATH to a Llama-3 tokenizer.model")
+    return None
 
 
 def load_tokenizer(spec_or_path=None):
@@ -237,10 +236,13 @@ def load_tokenizer(spec_or_path=None):
         raise ValueError(f"unknown tokenizer spec {s!r}; expected kind bytes, gpt2, words, llama3, gguf or hf")
     s = os.fspath(s)
     if os.path.isdir(s):
-        if not any(os.path.isfile(os.path.join(s, c)) for c in ("tokenizer.model", os.path.join("original", "tokenizer.model"))) \
-                and os.path.isfile(os.path.join(s, "tokenizer.json")):
+        model_file = find_tokenizer_model(s)
+        if model_file:
+            return llama3_tokenizer(model_file)
+        if os.path.isfile(os.path.join(s, "tokenizer.json")):
             return hf_tokenizer(os.path.join(s, "tokenizer.json"))
-        return llama3_tokenizer(find_tokenizer_model(s))
+        raise ValueError(f"no tokenizer.model in {s} or {s}/original; pass --tokenizer=PATH to a Llama-3 "
+                         f"tokenizer.model")
     if s.endswith(".gguf") and os.path.isfile(s):
         return gguf_tokenizer(s)
     if s.endswith(".json") and os.path.isfile(s):
@@ -366,9 +368,28 @@ class BPETokenizer(Tokenizer):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+# GGUF metadata (the model's loader, weights.py, reads the same file through these)
+
+@functools.lru_cache(maxsize=2)
+def gguf_reader(path):
+    """Open a GGUF file; a truncated or corrupt one is one clear line, not a numpy traceback. Cached: parsing the
+    metadata of a 49k-token vocabulary takes seconds, and the model and its tokenizer read the same file."""
+    from gguf import GGUFReader
+    try:
+        return GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"cannot read GGUF {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''});"
+                         f" the file is truncated or corrupt: download it again") from None
+
+
+def gguf_field(reader, key, default=None):
+    """One metadata value as a Python object (str, int, float, bool or list), or default if absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
 def gguf_tokenizer(path):
     """tokenizer.ggml.* metadata of a GGUF -> BPETokenizer (only byte-level BPE, tokenizer.ggml.model == 'gpt2')."""
-    from weights import gguf_field, gguf_reader
     r = gguf_reader(path)
     kind = gguf_field(r, "tokenizer.ggml.model")
     if kind != "gpt2":

@@ -15,7 +15,6 @@ GGUF is llama.cpp's single-file format (metadata + possibly quantized tensors). 
 in plain floating point and the only lossy step is the one the file already made. The KV cache is what this project
 compresses; the weights are not.
 """
-import functools
 import glob
 import json
 import math
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from model import ModelConfig, Transformer, rope_frequencies
+from tokenizer import find_tokenizer_model, gguf_field, gguf_reader, load_tokenizer
 
 # GGUF tensor name (after "blk.N.") -> our parameter name (after "layers.N."); see model.Block
 GGUF_BLOCK_NAMES = {
@@ -57,7 +57,6 @@ def load_model_and_tokenizer(path=None, tokenizer=None, device="cpu", dtype=None
     """(model, tokenizer) from a checkpoint (default: the shipped SmolLM2) and the tokenizer it records, or
     `tokenizer` (a spec or path) in its place. A tokenizer that does not fit the model's vocabulary is an error.
     load_model's meta stays on the model as model.meta (its "format" says which layout was read)."""
-    from tokenizer import load_tokenizer
     path = path or default_checkpoint()
     model, meta = load_model(path, device=device, dtype=dtype)
     model.meta = meta
@@ -172,11 +171,10 @@ def _read_ckpt(path):
     return config, sd, meta
 
 
-def _find_tokenizer(path):
-    for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        if os.path.exists(os.path.join(path, cand)):
-            return {"kind": "llama3", "path": os.path.join(path, cand)}
-    return None
+def _tokenizer_spec(path):
+    """The spec of a model directory's Llama-3 tokenizer.model, or None (load_tokenizer then looks for tokenizer.json)."""
+    model_file = find_tokenizer_model(path)
+    return {"kind": "llama3", "path": model_file} if model_file else None
 
 
 def _hf_unpermute(w, n_heads):
@@ -254,7 +252,7 @@ def _read_hf(path):
             sd[f"layers.{i}.{names[mod]}.{leaf}"] = v
         elif not k.endswith("rotary_emb.inv_freq"):
             raise ValueError(f"{path}: unexpected tensor {k} (not a Llama weight)")
-    return config, sd, {"format": "hf", "tokenizer": _find_tokenizer(path)}
+    return config, sd, {"format": "hf", "tokenizer": _tokenizer_spec(path)}
 
 
 # Meta shards split each matrix across model-parallel ranks: column-parallel layers along dim 0, row-parallel ones
@@ -287,7 +285,7 @@ def _read_meta(path):
     params["tie_embeddings"] = "output.weight" not in sd
     params["attn"] = "gqa"          # covers MHA and MQA too; the head counts say which
     config = ModelConfig.from_dict(params)
-    return config, sd, {"format": "meta", "tokenizer": _find_tokenizer(path)}
+    return config, sd, {"format": "meta", "tokenizer": _tokenizer_spec(path)}
 
 
 # -----------------------------------------------------------------------------
@@ -338,24 +336,6 @@ def export_slim(ckpt, path):
 
 # -----------------------------------------------------------------------------
 # GGUF
-
-@functools.lru_cache(maxsize=2)
-def gguf_reader(path):
-    """Open a GGUF file; a truncated or corrupt one is one clear line, not a numpy traceback. Cached: parsing the
-    metadata of a 49k-token vocabulary takes seconds, and the model and its tokenizer read the same file."""
-    from gguf import GGUFReader
-    try:
-        return GGUFReader(path)
-    except Exception as e:
-        raise ValueError(f"cannot read GGUF {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''});"
-                         f" the file is truncated or corrupt: download it again") from None
-
-
-def gguf_field(reader, key, default=None):
-    """One metadata value as a Python object (str, int, float, bool or list), or default if absent."""
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
 
 def gguf_config(reader, path, tensors):
     """llama.* metadata -> ModelConfig."""
