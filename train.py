@@ -315,7 +315,7 @@ def _data(cfg, tok, ddp, master, log):
 
 
 def _resume(ckpt, raw, opt, scaler, gen, cfg, rank, world, log):
-    """Weights, optimizer, loss scaler and both RNG streams from a checkpoint -> (step, best val loss)."""
+    """Weights, optimizer, loss scaler and both RNG streams from a checkpoint -> (step, val loss of these weights)."""
     raw.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
@@ -328,7 +328,9 @@ def _resume(ckpt, raw, opt, scaler, gen, cfg, rank, world, log):
     else:  # a different number of processes cannot replay the same batches; carry on with fresh streams
         log(f"note: checkpoint has {len(rng['sampler'])} sampler states for {world} processes; reseeding")
         gen.manual_seed(cfg.seed + rank + 1_000_003 * step)
-    return step, ckpt.get("best_val_loss", float("inf"))
+    # the bar a later save must clear is the loss of the weights on disk (older checkpoints kept the run's best in
+    # best_val_loss even when the file held later, worse weights)
+    return step, ckpt.get("val_loss", ckpt.get("best_val_loss", float("inf")))
 
 
 def train_step(model, raw, opt, scaler, ctx, meta, cfg, gen, device, ddp, lr):
@@ -373,8 +375,10 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
     scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16 and device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # the training-batch sampler (CPU; its state is saved)
     step, best_val = 0, float("inf")
+    saved = None  # (step, val loss) of what ckpt_path holds, so every message can say exactly that
     if ckpt is not None:
         step, best_val = _resume(ckpt, raw, opt, scaler, gen, cfg, rank, world, log)
+        saved = (step, best_val)
         log(f"resuming {ckpt_path} at step {step}")
     del ckpt
     log(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {asdict(mconf)}")
@@ -404,6 +408,15 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
             out[split] = mean.item()
         raw.train()
         return out
+
+    def on_disk():
+        if saved is None:
+            return f"no checkpoint was written to {ckpt_path}"
+        return f"{ckpt_path} holds step {saved[0]} (val loss {saved[1]:.4f})"
+
+    def diverged(what, lr):
+        return ValueError(f"{what} at step {step} (lr {lr:.2e}): the run diverged and stopped; {on_disk()}. Lower "
+                          f"--learning_rate or raise --warmup_iters")
 
     def checkpoint(losses):
         states = [gen.get_state()]
@@ -445,9 +458,7 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
                 loss_acc /= world
             lossf = loss_acc.item() / steps_since  # .item() syncs the GPU: only here, once per log interval
             if not math.isfinite(lossf):
-                raise ValueError(f"training loss is {lossf} at step {step} (lr {lr:.2e}): the run diverged and "
-                                 f"stopped; {ckpt_path} keeps the last good weights, if any. Lower --learning_rate "
-                                 f"or raise --warmup_iters")
+                raise diverged(f"training loss is {lossf}", lr)
             now = time.perf_counter()
             dt = (now - t_last) / steps_since
             tps = tokens_per_iter / dt
@@ -464,27 +475,37 @@ def _train(cfg, holder, ckpt_path, device, ddp, rank, world, master, log):
         if cfg.eval_iters > 0 and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
             losses = evals[step] = evaluate()
             if not all(math.isfinite(x) for x in losses.values()):
-                raise ValueError(f"evaluation loss is {losses} at step {step} (lr {lr:.2e}): the run diverged and "
-                                 f"stopped; {ckpt_path} keeps the last good weights, if any. Lower --learning_rate "
-                                 f"or raise --warmup_iters")
-            best_val = min(best_val, losses["val"])
+                raise diverged(f"evaluation loss is {losses}", lr)
             log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            checkpoint(losses)
-            log(f"saved {ckpt_path} (step {step})")
+            # keep the best: weights that evaluate worse than those on disk never replace them (a run that blows up
+            # with finite losses would otherwise overwrite the only good checkpoint). Every rank takes the same
+            # branch: the losses were all-reduced.
+            if losses["val"] <= best_val:
+                best_val = losses["val"]
+                checkpoint(losses)
+                saved = (step, best_val)
+                log(f"saved {ckpt_path} (step {step}, val loss {best_val:.4f})")
+            else:
+                log(f"kept {ckpt_path} (step {saved[0]}, val loss {saved[1]:.4f}): step {step}'s val loss "
+                    f"{losses['val']:.4f} is worse")
             t_last = time.perf_counter()  # evaluation and saving are not training time
             if logf:
-                logf.write(json.dumps({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+                logf.write(json.dumps({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                                       "saved": saved[0] == step}) + "\n")
 
     elapsed = time.perf_counter() - t_start
     if logf:
         logf.close()
+    if saved is not None and saved[0] != step:
+        log(f"done at step {step}; {on_disk()}, the best evaluated (the last weights were worse and are not saved)")
     if cfg.export_to and master:
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--export_to: no checkpoint at {ckpt_path} to export (set --eval_iters > 0)")
         size = weights.export_slim(torch.load(ckpt_path, map_location="cpu", weights_only=True), cfg.export_to)
-        log(f"exported {cfg.export_to} ({size / 2**20:.1f} MB, fp16, no optimizer state)")
-    return {"step": step, "losses": history, "evals": evals, "best_val_loss": best_val, "elapsed_s": elapsed,
-            "trained_steps": step - first_step, "tokens_per_iter": tokens_per_iter}
+        log(f"exported {cfg.export_to} from {on_disk()} ({size / 2**20:.1f} MB, fp16, no optimizer state)")
+    return {"step": step, "losses": history, "evals": evals, "best_val_loss": best_val,
+            "saved_step": saved and saved[0], "elapsed_s": elapsed, "trained_steps": step - first_step,
+            "tokens_per_iter": tokens_per_iter}
 
 
 if __name__ == "__main__":

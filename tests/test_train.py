@@ -220,3 +220,32 @@ def test_bench_train_matches_parameters_and_times_both_models():
     finally:
         torch.set_num_threads(threads)                 # bench_training sets it; the rest of the session keeps its own
     assert len(rows) == 1 and rows[0][0] == 1 and rows[0][-1] > 0
+
+
+@pytest.mark.parametrize("lr", [3e1, 3e3, 3e-3])
+def test_diverging_resume_keeps_the_best(tmp_path, corpus, lr):
+    """Resume a finished run at an absurd learning rate: 30 blows the loss up to ~1e3 with finite values, 3e3 to NaN.
+    The checkpoint is never replaced by worse weights (byte-identical), a better one may replace it (3e-3 keeps
+    learning), and the last message names exactly the step and val loss that ckpt.pt holds."""
+    train.main(tiny(tmp_path, corpus, "--max_iters=10", "--eval_interval=5"), log=quiet)
+    ck = tmp_path / "out" / "ckpt.pt"
+    before, old = ck.read_bytes(), torch.load(ck, weights_only=True)
+    logs = []
+    argv = ["--resume", f"--out_dir={tmp_path / 'out'}", "--max_iters=20", f"--learning_rate={lr}"]
+    try:
+        train.main(argv, log=lambda *a, **k: logs.append(" ".join(map(str, a))))
+    except ValueError as e:
+        assert "diverged" in str(e) and "\n" not in str(e)
+        logs.append(str(e))
+    now = torch.load(ck, weights_only=True)
+    assert now["val_loss"] <= old["val_loss"] and now["best_val_loss"] == now["val_loss"]
+    if now["step"] == old["step"]:
+        assert ck.read_bytes() == before
+    last = next(m for m in reversed(logs) if f"{ck}" in m)
+    assert f"step {now['step']}" in last and f"val loss {now['val_loss']:.4f}" in last, last
+    if lr == 3e3:
+        assert now["step"] == 10 and "the run diverged" in last
+    elif lr == 3e1:
+        assert now["step"] == 10 and last.startswith("done at step 20") and logs[-2].startswith("kept")
+    else:
+        assert now["step"] == 20 and last.startswith("saved")
