@@ -1,0 +1,40 @@
+"""experiments/stats.py against hand-computed cases."""
+import math
+
+import pytest
+
+import stats
+
+
+def test_wilson_hand_computed():
+    # 28/30: p = 0.9333, z = 1.96; centre = (p + z^2/60) / (1 + z^2/30), half = z/(1 + z^2/30) sqrt(p q/30 + z^2/3600)
+    lo, hi = stats.wilson(28, 30)
+    assert lo == pytest.approx(0.7868, abs=1e-4) and hi == pytest.approx(0.9815, abs=1e-4)
+    assert stats.wilson(0, 10)[0] == 0.0 and stats.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert stats.wilson(10, 10)[1] == pytest.approx(1.0) and stats.wilson(10, 10)[0] == pytest.approx(0.7225, abs=1e-4)
+    assert stats.wilson(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    with pytest.raises(ValueError, match="at least one"):
+        stats.wilson(0, 0)
+
+
+def test_mcnemar_hand_computed():
+    # 5 discordant records, all won by a: p = 2 * (1/2)^5 = 0.0625
+    a = [True] * 5 + [True] * 10 + [False] * 3
+    b = [False] * 5 + [True] * 10 + [False] * 3
+    assert stats.mcnemar(a, b) == (5, 0, pytest.approx(0.0625))
+    # 7 won, 1 lost: p = 2 * (C(8,0) + C(8,1)) / 2^8 = 18/256
+    a = [True] * 7 + [False] + [True] * 4
+    b = [False] * 7 + [True] + [True] * 4
+    assert stats.mcnemar(a, b) == (7, 1, pytest.approx(18 / 256))
+    assert stats.mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    assert stats.mcnemar([True, False], [False, True])[2] == 1.0            # an even split: p capped at 1
+    with pytest.raises(ValueError, match="same records"):
+        stats.mcnemar([True], [True, False])
+
+
+def test_bootstrap_covers_the_mean():
+    xs = [10.0, 11.0, 12.0, 13.0, 30.0]
+    lo, hi = stats.bootstrap_mean(xs, reps=2000)
+    assert lo < sum(xs) / len(xs) < hi and lo >= min(xs) and hi <= max(xs)
+    assert stats.bootstrap_mean([5.0] * 4) == (5.0, 5.0)
+    assert stats.fmt_rate(28, 30) == "93.3% [78.7, 98.2]"
