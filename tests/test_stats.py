@@ -38,3 +38,25 @@ def test_bootstrap_covers_the_mean():
     assert lo < sum(xs) / len(xs) < hi and lo >= min(xs) and hi <= max(xs)
     assert stats.bootstrap_mean([5.0] * 4) == (5.0, 5.0)
     assert stats.fmt_rate(28, 30) == "93.3% [78.7, 98.2]"
+
+
+def test_paired_report_pairs_the_same_records(tmp_path):
+    import json
+    import paired
+    rec = lambda cs: {"1024": [[(i + 0.5) / len(cs), c] for i, c in enumerate(cs)]}
+    run = {"meta": {"command": "test"}, "rows": [
+        {"label": "dense fp16", "records": rec([True] * 6), "real_at": {"1024": 1.0}},
+        {"label": "ZipCache default", "records": rec([True, True, False, True, False, True]), "real_at": {"1024": 4.6}},
+        {"label": "KIVI-2", "records": rec([False, True, True, True, False, False]), "real_at": {"1024": 4.7}}]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    text = paired.main([str(path), "--out", str(tmp_path / "p.md")])
+    assert "| ZipCache default (4.60x) | 4/6 = 66.7% [30.0, 90.3] |" in text
+    assert "| ZipCache default vs dense fp16 | 1024 | 6 | 0 | 2 | 0.5 |" in text
+    assert "| ZipCache default vs KIVI-2 | 1024 | 6 | 2 | 1 | 1 |" in text
+    assert (tmp_path / "p.md").read_text() == text
+    run["rows"][2]["records"]["1024"][0][0] = 0.9                 # another record: pairing must refuse
+    path.write_text(json.dumps(run))
+    import pytest
+    with pytest.raises(ValueError, match="not paired"):
+        paired.main([str(path)])

@@ -1,0 +1,97 @@
+"""
+Passkey accuracy with its evidence: every cell with its 95% Wilson interval, and the paired exact McNemar test of
+ZipCache's default against dense and against KIVI-2 (the baseline at its real ratio), on the same records.
+
+    python experiments/paired.py results/real/run3.json                 # prints the tables (markdown)
+    python experiments/paired.py results/real/run3.json --out results/real/paired.md
+
+It reads an eval.py JSON (each row's `records`: per length, [depth, correct] per record in run order). The same
+records go to every cache in one eval.py run (one prefill serves them all), so rows pair record by record; the
+script checks that the depths agree before pairing.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
+
+import stats
+
+PAIRS = (("ZipCache default", "dense fp16"), ("ZipCache default", "KIVI-2"))
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable eval.py JSON ({e}); give a results/.../*.json that eval.py wrote")
+    rows = [r for r in run.get("rows", []) if r.get("records")]
+    if not rows:
+        raise ValueError(f"{path}: no row has per-record passkey results; run eval.py with --tasks passkey")
+    return run, rows
+
+
+def records(row, length):
+    """[(depth, correct)] of one row at one length, or [] when the row did not run it."""
+    return [tuple(r) for r in row["records"].get(str(length), [])]
+
+
+def paired(a, b, where):
+    """Correctness lists of two rows on the same records (depths must agree record by record)."""
+    n = min(len(a), len(b))               # a stopped run: the records both finished, in the same run order
+    if [d for d, _ in a[:n]] != [d for d, _ in b[:n]]:
+        raise ValueError(f"{where}: the two rows hold different records (depths differ); they are not paired")
+    return [c for _, c in a[:n]], [c for _, c in b[:n]]
+
+
+def report(run, rows, path):
+    lengths = sorted({int(k) for r in rows for k in r["records"]})
+    by_label = {r["label"]: r for r in rows}
+    out = [f"# Passkey with 95% Wilson intervals and paired McNemar tests\n",
+           f"Source: `{path}` ({run.get('meta', {}).get('command', 'eval.py')}). Each cell: correct/records = rate "
+           f"[95% Wilson interval]; the real ratio at the longest length after the cache name.\n",
+           "| cache | " + " | ".join(f"passkey@{L}" for L in lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+    for r in rows:
+        cells = []
+        for L in lengths:
+            rec = records(r, L)
+            k = sum(c for _, c in rec)
+            cells.append(f"{k}/{len(rec)} = {stats.fmt_rate(k, len(rec))}" if rec else "-")
+        ratio = r.get("real_at", {}).get(str(lengths[-1]))
+        out.append(f"| {r['label']}" + (f" ({ratio:.2f}x)" if ratio else "") + " | " + " | ".join(cells) + " |")
+    out += ["", "Paired exact McNemar test, same records: won = the first answers and the second does not.", "",
+            "| pair | length | records | won | lost | p |", "|---|---|---|---|---|---|"]
+    for x, y in PAIRS:
+        if x not in by_label or y not in by_label:
+            continue
+        for L in lengths:
+            a, b = paired(records(by_label[x], L), records(by_label[y], L), f"{x} vs {y} at {L}")
+            if a:
+                won, lost, p = stats.mcnemar(a, b)
+                out.append(f"| {x} vs {y} | {L} | {len(a)} | {won} | {lost} | {p:.3g} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("json", help="an eval.py results JSON")
+    p.add_argument("--out", default=None, help="also write the markdown here (atomically)")
+    args = p.parse_args(argv)
+    run, rows = load(args.json)
+    text = report(run, rows, args.json)
+    print(text, end="")
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:      # whole or not at all: a stopped write leaves the old file
+            f.write(text)
+        os.replace(args.out + ".tmp", args.out)
+    return text
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"paired.py: error: {e}")
