@@ -11,14 +11,15 @@ per method, built on cache.py's storage and `Cache` base):
 make_cache (cache.py) builds them by name: `make_cache("kivi", config, bits=2)`.
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import quant
 import saliency
-from cache import Cache, DenseCache, _Store, _State, _check_bits, _check_pack_dim, _check_ratio, \
-    _causal_tail_mask, _gather_tokens, _state_bytes
+from cache import Cache, DenseCache, DenseState, LayerState, Store, _check_bits, _check_pack_dim, _check_ratio, \
+    _causal_tail_mask, _gather_tokens, _stores_nbytes
 
 
 def _attention(q, K, V, mask=None):
@@ -35,6 +36,21 @@ def _attention(q, K, V, mask=None):
 
 # -----------------------------------------------------------------------------
 # KIVI
+
+@dataclass(kw_only=True)
+class KIVIState(LayerState):
+    """kq: k_codes [B, H, CAP, D*bits/8] (quantized keys, whole groups of G tokens); kp: k_scale, k_min
+    [B, H, CAP/G, D] fp16; kf: k [B, H, CAP, D] fp16 (keys waiting for a full residual); vq: v_codes, v_scale, v_min
+    (per token, groups of G channels); vf: v [B, H, CAP, D] fp16 (the sliding window of the newest values)."""
+    kq: Store = field(default_factory=Store)
+    kp: Store = field(default_factory=Store)
+    kf: Store = field(default_factory=Store)
+    vq: Store = field(default_factory=Store)
+    vf: Store = field(default_factory=Store)
+
+    def nbytes(self, allocated=False):
+        return _stores_nbytes((self.kq, self.kp, self.kf, self.vq, self.vf), allocated) + 8
+
 
 class KIVICache(Cache):
     """KIVI: keys quantized per channel in groups of G tokens, values per token in groups of G channels.
@@ -77,7 +93,7 @@ class KIVICache(Cache):
     def _prefill(self, layer, q, k, v):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         L = k.shape[2]
-        st = _State(kq=_Store(), kp=_Store(), kf=_Store(), vq=_Store(), vf=_Store())
+        st = KIVIState()
         nk, nv = (L - L % self.R, max(0, L - self.R)) if self.quantized else (0, 0)
         self._quant_keys(st, k[:, :, :nk])
         self._quant_values(st, v[:, :, :nv])
@@ -127,6 +143,16 @@ class KIVICache(Cache):
 # -----------------------------------------------------------------------------
 # H2O
 
+@dataclass(kw_only=True)
+class H2OState(LayerState):
+    """slots: k, v [B, H, hh + rec + 1, D] fp16, score [B, H, hh + rec + 1] fp32 (accumulated attention), posn
+    [B, H, hh + rec + 1] int32 (the position held, -1 = free)."""
+    slots: Store = field(default_factory=Store)
+
+    def nbytes(self, allocated=False):
+        return self.slots.nbytes(allocated) + 8
+
+
 class H2OCache(Cache):
     """Heavy-hitter oracle: keep the rec newest tokens plus the hh with the largest accumulated attention, evict the
     rest for good. hh = floor(heavy_ratio * L), rec = floor(recent_ratio * L), fixed at the prefill; slots
@@ -163,7 +189,7 @@ class H2OCache(Cache):
         else:
             top = scores[..., :L - rec].topk(hh, dim=-1).indices.sort(-1).values
             keep = torch.cat([top, torch.arange(L - rec, L, device=k.device).expand(B, H, rec)], -1)
-        st = _State(slots=_Store())
+        st = H2OState()
         st.slots.append(min_cap=hh + rec + 1, k=_gather_tokens(k, keep).half(), v=_gather_tokens(v, keep).half(),
                         score=torch.gather(scores, 2, keep), posn=keep.to(torch.int32))
         st.slots.full["posn"][:, :, st.slots.n:] = -1                                       # free slots
@@ -226,6 +252,18 @@ class H2OCache(Cache):
 # -----------------------------------------------------------------------------
 # MiKV
 
+@dataclass(kw_only=True)
+class MiKVState(LayerState):
+    """hi, lo: k_codes, v_codes [B, H, CAP, D*bits/8], k_scale, k_min, v_scale, v_min [B, H, CAP] fp16 (per token);
+    buf: k, v [B, H, CAP, D] fp16 and acc [B, H, CAP] fp32 (decode tokens not yet quantized)."""
+    hi: Store = field(default_factory=Store)
+    lo: Store = field(default_factory=Store)
+    buf: Store = field(default_factory=Store)
+
+    def nbytes(self, allocated=False):
+        return _stores_nbytes((self.hi, self.lo, self.buf), allocated) + 8
+
+
 class MiKVCache(Cache):
     """MiKV: accumulated attention from the full prefill matrix picks the salient tokens (plus the recent ones);
     K and V are quantized per token at high_bits (salient) / low_bits. Decode is eager: every step dequantizes the whole
@@ -252,20 +290,22 @@ class MiKVCache(Cache):
     def info(self):
         return f"mikv {self.bits['hi']}/{self.bits['lo']}-bit, {self.r:.0%} salient, recent {self.recent_ratio:.0%}"
 
+    def _groups(self, st):
+        return (st.hi, self.bits["hi"]), (st.lo, self.bits["lo"])
+
     def _append(self, st, k, v, hi, lo):
-        for p, idx in (("hi", hi), ("lo", lo)):
-            bits, m = self.bits[p], idx.shape[-1]
-            if m == 0:
+        for (store, bits), idx in zip(self._groups(st), (hi, lo)):
+            if idx.shape[-1] == 0:
                 continue
             kc, ks, km = quant.quantize(_gather_tokens(k, idx), bits, dim=-1)          # per token: s [B, H, m, 1]
             vc, vs, vm = quant.quantize(_gather_tokens(v, idx), bits, dim=-1)
-            getattr(st, p).append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),
+            store.append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),
                                   k_scale=ks[..., 0], k_min=km[..., 0], v_scale=vs[..., 0], v_min=vm[..., 0])
 
     def _prefill(self, layer, q, k, v):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         B, H, L, D = k.shape
-        st = _State(hi=_Store(), lo=_Store(), buf=_Store())
+        st = MiKVState()
         if not self.quantized:
             st.buf.append(min_cap=L + self.N, k=k.half(), v=v.half())
             return st, out
@@ -281,12 +321,11 @@ class MiKVCache(Cache):
         """(K̂, V̂) fp32 [B, H_kv, n, D]: hi | lo | fp16 buffer."""
         st = self.layers[layer]
         K, V = [], []
-        for p in ("hi", "lo"):
-            s = getattr(st, p)
+        for s, bits in self._groups(st):
             if s.n:
-                K.append(quant.dequantize(quant.unpack(s["k_codes"], self.bits[p]), s["k_scale"][..., None],
+                K.append(quant.dequantize(quant.unpack(s["k_codes"], bits), s["k_scale"][..., None],
                                           s["k_min"][..., None]))
-                V.append(quant.dequantize(quant.unpack(s["v_codes"], self.bits[p]), s["v_scale"][..., None],
+                V.append(quant.dequantize(quant.unpack(s["v_codes"], bits), s["v_scale"][..., None],
                                           s["v_min"][..., None]))
         K.append(st.buf["k"].float())
         V.append(st.buf["v"].float())
@@ -311,11 +350,10 @@ class MiKVCache(Cache):
 
     def _paper_terms(self, st):
         qel = bits = par = 0
-        for p in ("hi", "lo"):
-            s = getattr(st, p)
+        for s, b in self._groups(st):
             if s.n:
                 e = 2 * s["k_codes"].shape[0] * s["k_codes"].shape[1] * s.n * self.shape[2]
-                qel, bits, par = qel + e, bits + e * self.bits[p], par + 4 * s["k_scale"].numel()
+                qel, bits, par = qel + e, bits + e * b, par + 4 * s["k_scale"].numel()
         return qel, bits, par
 
 
@@ -344,7 +382,7 @@ class CLACache(DenseCache):
             raise ValueError(f"cla: layer {layer} attended before its producer layer {self._producer(layer)} wrote "
                              f"this chunk; run the layers in order")
         # the consumer's state shares the producer's store (nbytes counts it once)
-        return _State(kv=prod.kv), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return DenseState(kv=prod.kv), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     def _decode(self, layer, st, q, k, v):
         if layer == self._producer(layer):
@@ -355,7 +393,7 @@ class CLACache(DenseCache):
 
     def nbytes(self, allocated=False):
         # producers: their store and counters; consumers: only their `seen` counter (8 B)
-        return sum(_state_bytes(s, allocated) if i == self._producer(i) else 8
+        return sum(s.nbytes(allocated) if i == self._producer(i) else 8
                    for i, s in enumerate(self.layers) if s is not None)
 
     def info(self):
@@ -386,6 +424,16 @@ def fake_quantize(x, bits, gran, group=32):
     raise ValueError(f"granularity {gran!r} is unknown; use one of {GRANULARITIES}")
 
 
+@dataclass(kw_only=True)
+class SimQuantState(DenseState):
+    """A DenseState (the dequantized prompt) + n_el quantized elements and n_par fp16 parameters, for the ratio."""
+    n_el: int = 0
+    n_par: int = 0
+
+    def nbytes(self, allocated=False):
+        return super().nbytes(allocated) + 16
+
+
 class SimQuantCache(DenseCache):
     """*Simulated* quantization for the granularity ablation (paper Table 1): the prompt's K and V are quantized at
     `bits` with the given granularities and kept dequantized in fp16; decode tokens stay fp16. It isolates the
@@ -403,9 +451,8 @@ class SimQuantCache(DenseCache):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         kh, pk = fake_quantize(k, self.bits, self.k_gran)
         vh, pv = fake_quantize(v, self.bits, self.v_gran)
-        st, _ = super()._prefill(layer, q, kh.to(k.dtype), vh.to(v.dtype))
-        st.n_el, st.n_par = 2 * k.numel(), pk + pv
-        return st, out
+        dense, _ = super()._prefill(layer, q, kh.to(k.dtype), vh.to(v.dtype))
+        return SimQuantState(kv=dense.kv, n_el=2 * k.numel(), n_par=pk + pv), out
 
     def ratios(self):
         st = [s for s in self.layers if s is not None]

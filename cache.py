@@ -12,7 +12,7 @@ exactly causal SDPA's output on the unquantized q, k, v, and then compresses wha
 steps (T = 1), answered from what was kept.
 
 This file, in reading order:
-    storage         _Store (named tensors that grow along one axis), _State (one layer's stores and counters)
+    storage         Store (named tensors that grow along one axis), the typed per-layer states
     Cache           the interface above: validation, prefill/decode dispatch, bytes and ratios
     DenseCache      fp16 K/V, the reference
     ZipCache        mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode (ZipCacheConfig)
@@ -24,7 +24,7 @@ per integer counter. Storage grows by doubling; the spare capacity is never read
 """
 import math
 from collections import namedtuple
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -105,88 +105,75 @@ def _runs(m, n, device):
     return _Runs(local, valid, sizes)
 
 
-class _Store:
-    """Named tensors that share one growing axis `dim` ([B, H, CAP, ...] token rows; _Store1 grows axis 1). The first
-    n entries along it are used:
+class Store:
+    """Named tensors that share one growing axis: 2 for token rows [B, H, CAP, ...], 1 for per-block parameters,
+    row tables and a latent's rows [B, CAP, ...]. The first n entries along it are used:
 
         store["k"]        the used part, n entries: what every reader of the cache sees
         store.full["k"]   the whole buffer, CAP >= n entries: only the decode kernel reads it (with n beside it),
                           so that a growing cache hands it the same storage every step; entries past n are garbage
 
     When full, the capacity doubles and the used part is copied. Used bytes scale with n."""
+    __slots__ = ("axis", "__dict__")   # the axis is layout, not state: a slot, outside what a walk of vars() sees
 
-    dim = 2
-
-    def __init__(self):
-        self.n, self.full = 0, {}
+    def __init__(self, axis=2):
+        self.axis, self.n, self.full = axis, 0, {}
 
     def __getitem__(self, name):
-        return self.full[name].narrow(self.dim, 0, self.n)
+        return self.full[name].narrow(self.axis, 0, self.n)
 
     def append(self, min_cap=1, **chunks):
         """Write equal-length chunks after the used part, growing every tensor of the store together."""
-        m = next(iter(chunks.values())).shape[self.dim]
+        m = next(iter(chunks.values())).shape[self.axis]
         need = self.n + m
         for name, c in chunks.items():
             t = self.full.get(name)
-            if t is None or t.shape[self.dim] < need:
-                cap = max(need, min_cap) if t is None else max(need, 2 * t.shape[self.dim])
+            if t is None or t.shape[self.axis] < need:
+                cap = max(need, min_cap) if t is None else max(need, 2 * t.shape[self.axis])
                 shape = list(c.shape)
-                shape[self.dim] = cap
+                shape[self.axis] = cap
                 new = torch.zeros(shape, dtype=c.dtype, device=c.device)
                 if t is not None:
-                    new.narrow(self.dim, 0, self.n).copy_(t.narrow(self.dim, 0, self.n))
+                    new.narrow(self.axis, 0, self.n).copy_(t.narrow(self.axis, 0, self.n))
                 self.full[name] = t = new
-            t.narrow(self.dim, self.n, m).copy_(c)
+            t.narrow(self.axis, self.n, m).copy_(c)
         self.n = need
 
     def drop_front(self, m):
         """Forget the m oldest entries (a sliding window), shifting the rest to the front."""
         for t in self.full.values():
-            t.narrow(self.dim, 0, self.n - m).copy_(t.narrow(self.dim, m, self.n - m).clone())
+            t.narrow(self.axis, 0, self.n - m).copy_(t.narrow(self.axis, m, self.n - m).clone())
         self.n -= m
 
     def nbytes(self, allocated=False):
+        """Bytes of the used part (allocated=True: the capacity) of every tensor, + 8 B for the counter n."""
         total = 0
         for t in self.full.values():
-            per = t.numel() // max(1, t.shape[self.dim]) * t.element_size()
-            total += per * (t.shape[self.dim] if allocated else self.n)
-        return total + 8  # + the counter n
+            per = t.numel() // max(1, t.shape[self.axis]) * t.element_size()
+            total += per * (t.shape[self.axis] if allocated else self.n)
+        return total + 8
 
 
-class _Store1(_Store):
-    dim = 1  # [B, CAP, ...]: per-block parameters, the row table, a latent's rows
+def _stores_nbytes(stores, allocated):
+    return sum(s.nbytes(allocated) for s in stores if s is not None)
 
 
-def _state_bytes(obj, allocated):
-    """Bytes of a layer's state: every store (used part, or capacity), every tensor, 8 B per int counter."""
-    if isinstance(obj, _Store):
-        return obj.nbytes(allocated)
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, bool) or obj is None:
-        return 0
-    if isinstance(obj, int):
-        return 8
-    if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(x, allocated) for x in obj)
-    if isinstance(obj, dict):
-        return sum(_state_bytes(x, allocated) for x in obj.values())
-    return sum(_state_bytes(x, allocated) for x in vars(obj).values())
+@dataclass(kw_only=True)
+class LayerState:
+    """What every cache keeps per layer: seen = tokens processed by the layer (the RoPE position of its next token).
+    A state holds tensors, stores and integer counters only, never configuration; nbytes() counts each of them."""
+    seen: int = 0
+
+    def nbytes(self, allocated=False):
+        return 8                                                    # the counter seen
 
 
-class _Segment:
-    """A bag of stores (nbytes walks it): tensors, stores and int counters only, never configuration."""
+@dataclass(kw_only=True)
+class DenseState(LayerState):
+    kv: Store = field(default_factory=Store)                        # k, v [B, H_kv, CAP, D]
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-class _State(_Segment):
-    """Per-layer state; `seen` = tokens processed by this layer (the RoPE position of its next token)."""
-
-    def __init__(self, **kw):
-        super().__init__(seen=0, **kw)
+    def nbytes(self, allocated=False):
+        return self.kv.nbytes(allocated) + 8
 
 
 # -----------------------------------------------------------------------------
@@ -281,7 +268,7 @@ class Cache:
     # bytes and ratios
     def nbytes(self, allocated=False):
         """Bytes of every stored tensor (used part; allocated=True: capacity) plus 8 B per integer counter."""
-        return sum(_state_bytes(s, allocated) for s in self.layers if s is not None)
+        return sum(s.nbytes(allocated) for s in self.layers if s is not None)
 
     def dense_nbytes(self):
         """What an fp16 cache would hold for the same tokens: 4 * B * H_kv * D bytes per token (K and V)."""
@@ -328,7 +315,7 @@ class DenseCache(Cache):
         super().__init__(config)
 
     def _prefill(self, layer, q, k, v):
-        st = _State(kv=_Store())
+        st = DenseState()
         st.kv.append(min_cap=64, k=k.to(self.dtype), v=v.to(self.dtype))
         if self.pad is not None:  # causal and no padded key
             mask = _pad_mask(self.pad, q.shape[2], k.shape[2], q.device)                # [B, 1, T, T]
@@ -445,6 +432,53 @@ class ZipCacheConfig:
                        v_token_scope="row", k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, lo_order="score")
 
 
+@dataclass
+class ZipGroup:
+    """One precision group's stores (all blocks of a layer). Bs = 1 with pooled statistics, else B; Hv = H with
+    per-head value parameters (v_token_scope="head"), else 1.
+
+        codes   k_codes, v_codes [B, H, CAP, D*bits/8] uint8 (packed), v_scale, v_min [B, Hv, CAP] fp16: per row
+        params  k_scale, k_min [Bs, CAP_sub, H, D] fp16, or nested: k_stat [Bs, CAP_sub, H, D] uint8: per sub-block
+        base    k_base [Bs, CAP_blocks, H, 4, D] fp16: per block, nested statistics only (else None)
+        rows    rows [B, CAP_sub + 1] int32: the row table, sub-block j holds rows [rows[j], rows[j + 1])
+    """
+    codes: Store
+    params: Store
+    rows: Store
+    base: Store | None = None
+
+    def nbytes(self, allocated=False):
+        return _stores_nbytes((self.codes, self.params, self.rows, self.base), allocated)
+
+
+@dataclass(kw_only=True)
+class ZipState(LayerState):
+    """One layer of a ZipCache.
+
+        buf       k, v [B, H, CAP, D] fp16: sinks | recent prompt tail | decode tokens not yet compressed, and
+                  acc [B, H, CAP] fp32: the attention each received from the block's decode queries
+        v_chan    v_chan [Bs, CAP_blocks, H, D] fp16: the CST value normalizer of each block
+        parent    parent [1, CAP_sub] int32: the block of each sub-block
+        hi, lo    the two precision groups (None at 16 bits: everything stays in buf)
+        mask      m [B, H, CAP/8] uint8: the salient bit of every position (keep_saliency_mask, else None)
+        n_sink    fp16 sink rows at the front of buf; n_tail: recent prompt rows after them until the first flush.
+                  Counters only when their option is on (None otherwise; nbytes counts 8 B each)
+    """
+    buf: Store
+    v_chan: Store
+    parent: Store
+    hi: ZipGroup | None = None
+    lo: ZipGroup | None = None
+    mask: Store | None = None
+    n_sink: int | None = None
+    n_tail: int | None = None
+
+    def nbytes(self, allocated=False):
+        groups = sum(g.nbytes(allocated) for g in (self.hi, self.lo) if g is not None)
+        counters = 8 * sum(n is not None for n in (self.seen, self.n_sink, self.n_tail))
+        return _stores_nbytes((self.buf, self.v_chan, self.parent, self.mask), allocated) + groups + counters
+
+
 class ZipCache(Cache):
     """Mixed-precision KV cache (ZipCache, He et al. 2024).
 
@@ -512,21 +546,22 @@ class ZipCache(Cache):
                 f"{f', {c.n_recent} fp16 recent' if c.n_recent else ''}")
 
     # storage of one layer ------------------------------------------------------------------------
-    def _new_state(self, B, H, D, device):
-        st = _State(buf=_Store(), v_chan=_Store1(), parent=_Store1())
+    def _new_state(self, B, device):
+        st = ZipState(buf=Store(), v_chan=Store(axis=1), parent=Store(axis=1))
         if self.quantized:
-            for p in ("hi", "lo"):  # codes/value params per row, key params per sub-block (nested: their base
-                seg = _Segment(codes=_Store(), params=_Store1(), rows=_Store1())   # per block), the row table
-                if self.nested:
-                    seg.base = _Store1()
-                seg.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
-                setattr(st, p, seg)
+            st.hi, st.lo = self._new_group(B, device), self._new_group(B, device)
             if self.cfg.keep_saliency_mask:
-                st.mask = _Store()
+                st.mask = Store()
         return st
 
-    def _bits(self, p):
-        return self.cfg.high_bits if p == "hi" else self.cfg.low_bits
+    def _new_group(self, B, device):
+        g = ZipGroup(codes=Store(), params=Store(axis=1), rows=Store(axis=1), base=Store(axis=1) if self.nested else None)
+        g.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
+        return g
+
+    def _groups(self, st):
+        """(precision group, its bits): salient first, as the kernel reads them."""
+        return (st.hi, self.cfg.high_bits), (st.lo, self.cfg.low_bits)
 
     def _append_block(self, st, k, v, hi, lo):
         """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, m_p] and append it.
@@ -557,8 +592,8 @@ class ZipCache(Cache):
         st.parent.append(min_cap=4, parent=torch.full((1, n_sub), st.v_chan.n - 1, dtype=torch.int32,
                                                       device=k.device))                  # block of each sub-block
         Bs = chan.shape[0]
-        for p in ("hi", "lo"):
-            seg, bits, valid, sizes = getattr(st, p), self._bits(p), runs[p].valid, runs[p].sizes
+        for p, (seg, bits) in zip(("hi", "lo"), self._groups(st)):
+            valid, sizes = runs[p].valid, runs[p].sizes
             if pos[p].shape[-1] == 0:  # empty group: no rows; zero parameter slots keep block indices aligned
                 kp = {name: torch.zeros(Bs, n_sub, H, D, dtype=dt, device=k.device) for name, dt in self._k_params}
                 kb = torch.zeros(Bs, 1, H, 4, D, dtype=torch.float16, device=k.device)
@@ -616,7 +651,7 @@ class ZipCache(Cache):
         self._ragged_only_per_sequence("salient_mask(layer)")
         st = self.layers[layer]
         m = st.mask["m"]
-        n_pos = st.seen - st.buf.n + getattr(st, "n_sink", 0)
+        n_pos = st.seen - st.buf.n + (st.n_sink or 0)
         return ((m[..., None] >> torch.arange(8, device=m.device, dtype=torch.uint8)) & 1).flatten(2)[..., :n_pos] > 0
 
     # prefill --------------------------------------------------------------------------------------
@@ -624,10 +659,10 @@ class ZipCache(Cache):
         if self.subs is not None:  # ragged: sequence b's unpadded slice to its own cache; padded rows output 0
             outs = [F.pad(sub.attend(layer, q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:]), (0, 0, p, 0))
                     for b, (sub, p) in enumerate(zip(self.subs, self.pad.tolist()))]            # [1, H, T, D] each
-            return _State(), torch.cat(outs)                                                     # [B, H, T, D]
+            return LayerState(), torch.cat(outs)                                                     # [B, H, T, D]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
         B, H, L, D = k.shape
-        st = self._new_state(B, H, D, k.device)
+        st = self._new_state(B, k.device)
         self.split_tables[layer] = {}
         if not self.quantized:  # 16 bits: everything stays in the fp16 buffer
             st.buf.append(min_cap=L + self.cfg.recompress_every, k=k.half(), v=v.half())
@@ -668,16 +703,17 @@ class ZipCache(Cache):
         # not cache bytes; a kernel that decoded the 4-bit codes itself would not need it)
         parent = st.parent["parent"][0].long()                                           # [n_sub_total]
 
-        def segment(p):
-            seg, t = getattr(st, p), getattr(st, p).codes.full
+        def segment(seg, bits):
+            t = seg.codes.full
             if self.nested:
                 k_scale, k_min = quant.dequantize_nested(seg.params["k_stat"], seg.base["k_base"][:, parent])
             else:
                 k_scale, k_min = seg.params.full["k_scale"], seg.params.full["k_min"]
-            return decode_kernel.ZipSegment(self._bits(p), t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
-                                      k_scale, k_min, seg.rows.full["rows"])             # [Bs, n_sub_total, H, D]
+            return decode_kernel.ZipSegment(bits, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
+                                            k_scale, k_min, seg.rows.full["rows"])       # [Bs, n_sub_total, H, D]
 
-        return decode_kernel.ZipLayerView(hi=segment("hi"), lo=segment("lo"), v_chan=st.v_chan["v_chan"][:, parent],
+        hi, lo = (segment(*g) for g in self._groups(st))
+        return decode_kernel.ZipLayerView(hi=hi, lo=lo, v_chan=st.v_chan["v_chan"][:, parent],
                                     k_buf=st.buf.full["k"], v_buf=st.buf.full["v"], n_buf=st.buf.n,
                                     n_blocks=st.parent.n, tables=tables)
 
@@ -695,7 +731,7 @@ class ZipCache(Cache):
         out, lse = decode_kernel.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
         out = out.to(q1.dtype)
         if self.quantized:
-            flush = st.buf.n - getattr(st, "n_sink", 0) == c.recompress_every
+            flush = st.buf.n - (st.n_sink or 0) == c.recompress_every
             if c.decode_score == "normalized" or flush:
                 p = saliency.decode_probabilities(q1, st.buf["k"], lse)                    # [B, H_kv, n_buf]
                 if c.decode_score == "normalized":
@@ -707,9 +743,9 @@ class ZipCache(Cache):
 
     def _flush(self, st, p_last):
         """Compress the full buffer into a new block with its own statistics and split."""
-        c, N, S = self.cfg, self.cfg.recompress_every, getattr(st, "n_sink", 0)   # buffer rows [S, S + N) compress
+        c, N, S = self.cfg, self.cfg.recompress_every, st.n_sink or 0   # buffer rows [S, S + N) compress
         if c.decode_score == "normalized":
-            score = saliency.normalize_block(st.buf["acc"][..., S:], getattr(st, "n_tail", 0))
+            score = saliency.normalize_block(st.buf["acc"][..., S:], st.n_tail or 0)
         else:
             score = p_last[..., S:]                                              # official: the last query's attention
         hi, lo = self._split(score)
@@ -722,7 +758,7 @@ class ZipCache(Cache):
         else:
             self._append_block(st, k, v, hi, lo)
         st.buf.n = S
-        if hasattr(st, "n_tail"):
+        if st.n_tail is not None:
             st.n_tail = 0
 
     def _dequantize(self, st, p):
@@ -741,7 +777,7 @@ class ZipCache(Cache):
         V = torch.cat([Vh, _gather_tokens(vf, hi), Vl, _gather_tokens(vf, lo)], 2)
         B, H, n, D = K.shape
         nh = Kh.shape[2] + hi.shape[-1]
-        new = self._new_state(B, H, D, K.device)
+        new = self._new_state(B, K.device)
         idx = torch.arange(n, device=K.device).expand(B, H, -1)
         self._append_block(new, K, V, idx[..., :nh], idx[..., nh:])
         st.hi, st.lo, st.v_chan, st.parent = new.hi, new.lo, new.v_chan, new.parent
@@ -777,11 +813,10 @@ class ZipCache(Cache):
             return 0, 0, 0
         qel = bits = par = 0
         H, D = st.v_chan["v_chan"].shape[2:]
-        for p in ("hi", "lo"):
-            seg = getattr(st, p)
+        for seg, b in self._groups(st):
             B, _, n, _ = seg.codes["k_codes"].shape
             e = 2 * B * H * n * D
-            qel, bits = qel + e, bits + e * self._bits(p)
+            qel, bits = qel + e, bits + e * b
             par += 2 * seg.codes["v_scale"].numel()
             # key (scale, min): an fp16 pair per sub-block, or nested: 8 bits a pair (half an fp16 parameter) + the base
             par += (seg.params["k_stat"].numel() // 2 + seg.base["k_base"].numel() if self.nested
@@ -836,7 +871,7 @@ class LatentCache:
         self.reset()
 
     def reset(self):
-        self.slots = {key: _Store1() for keys in self.slot_of for key in keys}
+        self.slots = {key: Store(axis=1) for keys in self.slot_of for key in keys}
         self.batch = None
         # decode scratch: a slot's codes unpacked to the compute dtype, shared by the layers of a group within one
         # step and dropped by the last layer that reads it, so nothing outlives the forward (not cache storage)

@@ -73,10 +73,10 @@ def poison(c):
     for st in c.layers:
         stores = [st.buf, st.v_chan, st.parent] + [getattr(getattr(st, p), s) for p in ("hi", "lo")
                                                      for s in ("codes", "params", "base", "rows")
-                                                     if hasattr(getattr(st, p), s)]
+                                                     if getattr(getattr(st, p), s) is not None]
         for s in stores:
             for t in s.full.values():
-                spare = t.narrow(s.dim, s.n, t.shape[s.dim] - s.n)
+                spare = t.narrow(s.axis, s.n, t.shape[s.axis] - s.n)
                 spare.fill_(255 if t.dtype == torch.uint8 else (-1 if not t.is_floating_point() else float("nan")))
 
 
