@@ -23,7 +23,6 @@ Real bytes: codes are packed uint8, parameters fp16, and nbytes() counts every s
 per integer counter. Storage grows by doubling; the spare capacity is never read.
 """
 import math
-from collections import namedtuple
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -88,21 +87,6 @@ def _gather_tokens(x, idx):
     bh = torch.arange(B * H, device=x.device)[:, None]
     return x.flatten(0, 1)[bh, idx.flatten(0, 1)].view(B, H, idx.shape[-1], x.shape[-1])  # row copies, not gather
 
-
-
-_Runs = namedtuple("_Runs", "local valid sizes")
-
-
-def _runs(m, n, device):
-    """tensor_split's n runs of m consecutive items, padded to the longest M = ceil(m / n): local [n, M] indices (a
-    run's own items, then copies of its first), valid [n, M] (which entries are its own), sizes [n]."""
-    sizes = torch.full((n,), m // n, device=device)
-    sizes[:m % n] += 1
-    start = sizes.cumsum(0) - sizes
-    r = torch.arange(-(-m // n), device=device)
-    valid = r < sizes[:, None]
-    local = torch.where(valid, start[:, None] + r, start[:, None]).clamp(max=max(m - 1, 0))
-    return _Runs(local, valid, sizes)
 
 
 class Store:
@@ -497,8 +481,6 @@ class ZipCache(Cache):
         self.cfg = zcfg or ZipCacheConfig()
         self.quantized = self.cfg.high_bits < 16
         self.nested = self.cfg.k_group > 0 and self.cfg.k_stat_bits < 16   # key stats as quant.quantize_nested
-        self._k_params = (("k_stat", torch.uint8),) if self.nested else (("k_scale", torch.float16),
-                                                                          ("k_min", torch.float16))
         _check_pack_dim(config.head_dim, (self.cfg.high_bits, self.cfg.low_bits))
         self.special = None
         super().__init__(config)
@@ -564,67 +546,37 @@ class ZipCache(Cache):
         return (st.hi, self.cfg.high_bits), (st.lo, self.cfg.low_bits)
 
     def _append_block(self, st, k, v, hi, lo):
-        """Quantize one block k, v [B, H, n, D] split into hi/lo indices [B, H, m_p] and append it.
+        """Quantize one block k, v [B, H, n, D], split into salient/regular indices hi, lo [B, H, m_p], and append
+        it: keys channelwise per precision group, values CST under one normalizer per block, codes packed.
 
-        With k_group > 0 the block is cut into n_sub sub-blocks: the j-th run of consecutive salient rows and the
-        j-th run of regular rows (tensor_split: runs differ by at most one row) form sub-block j, with its own key
-        (min, scale) per precision group, stored as 4-bit codes under one fp16 (base, step) per block and group
-        (quant.quantize_nested). The CST normalizer stays one per block. All sub-blocks are quantized in one batched
-        call: every run is padded to the longest with copies of its own first row, which changes no min or max, so
-        the numbers are those of quantizing each sub-block alone under the block's base.
+        With k_group > 0 each group is cut into n_sub runs of consecutive rows (quant.quantize_runs); the j-th run of
+        each group forms sub-block j, with its own key (min, scale) per channel, stored as 4-bit codes under one fp16
+        (base, step) per block and group when nested (quant.quantize_nested). k_group = 0: one run, the paper.
         """
         c = self.cfg
-        B, H, n, D = k.shape
+        B = k.shape[0]
         eps, pool = c.scale_eps, c.pool_batch_stats
-        Hv = H if c.v_token_scope == "head" else 1
-        m = {"hi": hi.shape[-1], "lo": lo.shape[-1]}
-        n_sub = max(1, math.ceil(max(m.values()) / c.k_group)) if c.k_group else 1
-        runs = {p: _runs(m[p], n_sub, k.device) for p in m}        # local, valid [n_sub, M_p], sizes [n_sub]
-        # block positions of every padded run, [B, H, n_sub, M_p]. A group of 0 < m < n_sub rows has empty runs
-        # m..n_sub-1; each borrows the other group's first row there (its stat is 0 and it is left out of the base)
-        pos = {p: idx[..., runs[p].local] for p, idx in (("hi", hi), ("lo", lo))}
-        for p, other in (("hi", "lo"), ("lo", "hi")):
-            if 0 < m[p] < n_sub:
-                pos[p][:, :, m[p]:] = pos[other][:, :, m[p]:, :1]
+        m = max(hi.shape[-1], lo.shape[-1])
+        n_sub = max(1, math.ceil(m / c.k_group)) if c.k_group else 1
         kf, vf = k.float(), v.float()
         chan = quant.cst_normalizer(vf, eps, dim=(0, 2) if pool else 2)                  # [Bs, H, 1, D] per block
         st.v_chan.append(min_cap=4, v_chan=chan.transpose(1, 2))                         # [Bs, 1, H, D]
         st.parent.append(min_cap=4, parent=torch.full((1, n_sub), st.v_chan.n - 1, dtype=torch.int32,
                                                       device=k.device))                  # block of each sub-block
-        Bs = chan.shape[0]
-        for p, (seg, bits) in zip(("hi", "lo"), self._groups(st)):
-            valid, sizes = runs[p].valid, runs[p].sizes
-            if pos[p].shape[-1] == 0:  # empty group: no rows; zero parameter slots keep block indices aligned
-                kp = {name: torch.zeros(Bs, n_sub, H, D, dtype=dt, device=k.device) for name, dt in self._k_params}
-                kb = torch.zeros(Bs, 1, H, 4, D, dtype=torch.float16, device=k.device)
-                kc = vc = torch.zeros(B, H, 0, D * bits // 8, dtype=torch.uint8, device=k.device)
-                vs = vm = torch.zeros(B, Hv, 0, dtype=torch.float16, device=k.device)
-            else:
-                M = pos[p].shape[-1]
-                kg, vg = (_gather_tokens(x, pos[p].flatten(2)).unflatten(2, (n_sub, M)) for x in (kf, vf))
-                # keys: channelwise over each run of this group (and the batch, if pooled)    [B, H, n_sub, M, D]
-                kdim, per_sub = (0, 3) if pool else 3, lambda t: t[:, :, :, 0].transpose(1, 2)  # -> [Bs, n_sub, H, D]
-                if self.nested:  # the runs' (scale, min) as 4-bit codes under one fp16 (base, step) per block
-                    kcodes, stat, kb = quant.quantize_nested(kg, bits, kdim, sub_dim=2, scale_eps=eps,
-                                                             valid=(sizes > 0)[:, None, None])
-                    kp, kb = dict(k_stat=per_sub(stat)), per_sub(kb)                     # kb [Bs, 1, H, 4, D]
-                else:            # fp16 (scale, min) per run; an empty run's are 0
-                    kcodes, ks, km = quant.quantize(kg, bits, dim=kdim, scale_eps=eps, check=False)
-                    kp = {n: per_sub(t).masked_fill(sizes[:, None, None] == 0, 0)
-                          for n, t in (("k_scale", ks), ("k_min", km))}
-                # values: x / c, then one (min, scale) per (token, head) or per row over all heads
-                vcodes, vs, vm, _ = quant.quantize_cst(vg, bits, (-1,) if Hv == H else (1, -1), eps,
-                                                       chan=chan[:, :, None], check=False)  # attend validated k, v
-                real = torch.arange(n_sub * M, device=k.device).view(n_sub, M)[valid]     # own rows, in order
-                # packed first, then the own rows picked: the same bytes, and the pick moves 8/bits times fewer
-                kc, vc = (quant.pack(x.flatten(2, 3), bits)[:, :, real] for x in (kcodes, vcodes))  # [B, H, m, W]
-                vs, vm = (x.flatten(2, 4)[:, :, real] for x in (vs, vm))                  # [B, Hv, m]
-            rows = seg.codes.n + sizes.cumsum(0).to(torch.int32)                         # the row table, per block
-            seg.codes.append(k_codes=kc, v_codes=vc, v_scale=vs, v_min=vm)
-            seg.params.append(min_cap=4, **kp)
+        v_dims = (-1,) if c.v_token_scope == "head" else (1, -1)    # a value (min, scale) per (token, head) or row
+        for (g, bits), idx in zip(self._groups(st), (hi, lo)):
+            kc, k_stats = quant.quantize_runs(_gather_tokens(kf, idx), bits, n_sub, pool, eps, self.nested)
+            vc, vs, vm, _ = quant.quantize_cst(_gather_tokens(vf, idx), bits, v_dims, eps, chan=chan, check=False)
+            k_stats = [s.transpose(1, 2) for s in k_stats]          # [Bs, n_sub, H, D] (a nested base [Bs, 1, H, 4, D])
+            rows = g.codes.n + quant.run_sizes(idx.shape[-1], n_sub, k.device).cumsum(0).to(torch.int32)
+            g.codes.append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),   # [B, H, m, D*bits/8]
+                           v_scale=vs[..., 0], v_min=vm[..., 0])                         # [B, Hv, m]
             if self.nested:
-                seg.base.append(min_cap=4, k_base=kb)
-            seg.rows.append(min_cap=5, rows=rows.expand(B, -1).contiguous())
+                g.params.append(min_cap=4, k_stat=k_stats[0])
+                g.base.append(min_cap=4, k_base=k_stats[1])
+            else:
+                g.params.append(min_cap=4, k_scale=k_stats[0], k_min=k_stats[1])
+            g.rows.append(min_cap=5, rows=rows.expand(B, -1).contiguous())              # the row table, [B, n_sub]
 
     def _split(self, scores):
         hi, lo = saliency.split(scores, self.cfg.salient_ratio)

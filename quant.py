@@ -3,6 +3,7 @@ Quantization primitives shared by every cache (pure tensor functions, no state).
 
     quantize / dequantize   asymmetric uniform min/scale quantizer, statistics over any dims  
     quantize_nested         the same with many small groups' statistics stored in 4 bits each (k-quant style)
+    quantize_runs           channelwise over runs of consecutive rows: ZipCache's keys (one run = the paper's)
     pack / unpack           2/4/8-bit codes <-> uint8 bytes, planar along the last dim        
     fake_quant              dequantize(quantize(x)) with a straight-through gradient           (CLLA's QAT)
     granularities           groupwise, tokenwise, channelwise and channel-separable tokenwise 
@@ -10,6 +11,8 @@ Quantization primitives shared by every cache (pure tensor functions, no state).
 Layout convention for the granularity helpers: x is [..., T, D], tokens on dim -2, channels on dim -1, which is
 how K and V arrive ([B, H_kv, T, D]).
 """
+from collections import namedtuple
+
 import torch
 
 SCALE_EPS = 2 ** -14  # smallest normal fp16: keeps constant groups finite (0 = the official code, NaN there)
@@ -132,6 +135,61 @@ def dequantize_nested(stat, base):
     m0, dm, s0, ds = base.unbind(-2)
     L = 2 ** STAT_BITS - 1
     return _nested_value(s0, ds, stat >> STAT_BITS), _nested_value(m0, dm, stat & L)
+
+
+# -----------------------------------------------------------------------------
+# keys in runs: one precision group's rows of a block cut into n runs of consecutive rows (tensor_split's: they differ
+# by at most one row), each with its own channelwise (scale, mn). n = 1 is the paper's key quantizer, one pair per
+# channel over the group; n > 1 is ZipCache's key groups (beyond the paper, ZipCacheConfig.k_group).
+
+Runs = namedtuple("Runs", "local valid sizes")
+
+
+def run_sizes(m, n, device=None):
+    """Rows in each of tensor_split's n runs over m rows, [n]."""
+    sizes = torch.full((n,), m // n, device=device)
+    sizes[:m % n] += 1
+    return sizes
+
+
+def runs(m, n, device=None):
+    """tensor_split's n runs of m consecutive rows, padded to the longest M = ceil(m / n): local [n, M] indices (a
+    run's own rows, then copies of its first; an empty run points at the last row), valid [n, M] (which entries are
+    its own), sizes [n]."""
+    sizes = run_sizes(m, n, device)
+    start = sizes.cumsum(0) - sizes
+    r = torch.arange(-(-m // n), device=device)
+    valid = r < sizes[:, None]
+    local = torch.where(valid, start[:, None] + r, start[:, None]).clamp(max=max(m - 1, 0))
+    return Runs(local, valid, sizes)
+
+
+def quantize_runs(x, bits, n, pool=False, scale_eps=SCALE_EPS, nested=False):
+    """Channelwise quantization of x [B, H, m, D] in n runs of consecutive rows: one (scale, mn) per channel and run,
+    over the batch too if pool (Bs = 1, else B). All runs are quantized in one batched call: each is padded to the
+    longest with copies of its own first row, which changes no min or max, so the numbers are those of each run
+    alone. An empty run (m < n) has all-zero statistics, and m = 0 gives all-zero ones for every run.
+
+    -> (codes uint8 [B, H, m, D], stats), stats = (scale, mn) fp16 [Bs, H, n, D], or with nested=True the nested
+    form of quantize_nested: (stat uint8 [Bs, H, n, D], base fp16 [Bs, H, 1, 4, D]). The caller checks x is finite.
+    """
+    B, H, m, D = x.shape
+    if m == 0:
+        Bs = 1 if pool else B
+        z = torch.zeros(Bs, H, n, D, dtype=torch.float16, device=x.device)
+        stats = (z.to(torch.uint8), z.new_zeros(Bs, H, 1, 4, D)) if nested else (z, z.clone())
+        return torch.zeros(B, H, 0, D, dtype=torch.uint8, device=x.device), stats
+    r = runs(m, n, x.device)
+    xr = x[:, :, r.local]                                                              # [B, H, n, M, D]
+    dim = (0, 3) if pool else 3
+    if nested:
+        codes, stat, base = quantize_nested(xr, bits, dim, sub_dim=2, scale_eps=scale_eps,
+                                            valid=(r.sizes > 0)[:, None, None])
+        stats = stat[:, :, :, 0], base[:, :, :, 0]                                     # [Bs, H, n, D], [Bs, H, 1, 4, D]
+    else:
+        codes, scale, mn = quantize(xr, bits, dim, scale_eps, check=False)
+        stats = tuple(s[:, :, :, 0].masked_fill((r.sizes == 0)[:, None], 0) for s in (scale, mn))  # [Bs, H, n, D]
+    return codes[:, :, r.valid], stats                                                 # own rows, in order
 
 
 # -----------------------------------------------------------------------------
