@@ -7,6 +7,8 @@ per method, built on cache.py's storage and `Cache` base):
     MiKVCache    mixed 4/2-bit per token, saliency from accumulated attention of the full matrix (MiKV)
     CLACache     fp16 K/V stored once per group of layers, for attn="cla" models (cross-layer attention)
     SimQuantCache simulated quantization at one granularity (the paper's Table 1 ablation, eval.py)
+    OfficialZipCache  ZipCache as the official code runs it (--official): whole-cache re-quantization, last-query
+                 decode scores, score-ordered regular rows
 
 make_cache (cache.py) builds them by name: `make_cache("kivi", config, bits=2)`.
 """
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 import quant
 import saliency
-from cache import Cache, DenseCache, DenseState, LayerState, Store, _check_bits, _check_pack_dim, _check_ratio, \
+from cache import Cache, DenseCache, DenseState, LayerState, Store, ZipCache, _check_bits, _check_pack_dim, _check_ratio, \
     _causal_tail_mask, _gather_tokens, _stores_nbytes
 
 
@@ -458,3 +460,53 @@ class SimQuantCache(DenseCache):
         st = [s for s in self.layers if s is not None]
         el, par = sum(s.n_el for s in st), sum(s.n_par for s in st)
         return dict(real=float("nan"), paper=16 * el / (self.bits * el + 16 * par))
+
+
+# -----------------------------------------------------------------------------
+# ZipCache as the official code runs it
+
+class OfficialZipCache(ZipCache):
+    """ZipCache with the official code's behaviour where it changes numbers, each switched by its config field
+    (ZipCacheConfig.official() sets all three; OFFICIAL_SWITCHES lists ours):
+
+        requantize=True             a flush merges the new block with the dequantized cache and re-quantizes each
+                                    precision group whole, as one block (ours: every block keeps its own statistics)
+        decode_score="last_query"   a flushed block is split by the attention of its last decode query alone (ours:
+                                    the normalized attention of all its decode queries; the buffer has no acc column)
+        lo_order="score"            the regular rows of a block in ascending score order, as the official top-k
+                                    returns them (ours: by position); it changes numbers only with v_token_scope="row"
+                                    and H_kv > 1, where a value row spans all KV heads
+    """
+    official_code = True
+
+    def _split(self, scores):
+        hi, lo = super()._split(scores)
+        if self.cfg.lo_order == "score":
+            lo = lo.gather(-1, scores.gather(-1, lo).sort(dim=-1, stable=True).indices)
+        return hi, lo
+
+    def _score_rows(self, B, H, n, device):
+        return super()._score_rows(B, H, n, device) if self.cfg.decode_score == "normalized" else {}
+
+    def _decode_scores(self, st, q1, lse, full):
+        if self.cfg.decode_score == "normalized":
+            return super()._decode_scores(st, q1, lse, full)
+        if full:   # the last query's attention over the rows past the sinks
+            return saliency.decode_probabilities(q1, st.buf["k"], lse)[..., st.n_sink or 0:]
+        return None
+
+    def _append_block(self, st, k, v, hi, lo):
+        """requantize: after the prompt's block, dequantize the cache, append the new block's raw fp16 tokens k, v
+        [B, H, N, D] to each precision group (hi/lo indices into the block), and quantize each merged group once."""
+        if not self.cfg.requantize or st.parent.n == 0:
+            return super()._append_block(st, k, v, hi, lo)
+        (Kh, Vh), (Kl, Vl) = self._dequantized(st)
+        kf, vf = k.float(), v.float()
+        K = torch.cat([Kh, _gather_tokens(kf, hi), Kl, _gather_tokens(kf, lo)], 2)      # [B, H, n_all, D]
+        V = torch.cat([Vh, _gather_tokens(vf, hi), Vl, _gather_tokens(vf, lo)], 2)
+        B, H, n, D = K.shape
+        nh = Kh.shape[2] + hi.shape[-1]
+        new = self._new_state(B, K.device)
+        idx = torch.arange(n, device=K.device).expand(B, H, -1)
+        super()._append_block(new, K, V, idx[..., :nh], idx[..., nh:])
+        st.hi, st.lo, st.v_chan, st.parent = new.hi, new.lo, new.v_chan, new.parent

@@ -332,6 +332,10 @@ class DenseCache(Cache):
 # -----------------------------------------------------------------------------
 # ZipCache
 
+# ZipCacheConfig fields where the official code's behaviour differs from ours, with ours: OfficialZipCache's switches
+OFFICIAL_SWITCHES = dict(requantize=False, decode_score="normalized", lo_order="position")
+
+
 @dataclass
 class ZipCacheConfig:
     high_bits: int = 4                 # salient tokens
@@ -403,6 +407,10 @@ class ZipCacheConfig:
             raise ValueError(f"k_stat_bits={self.k_stat_bits} must be 4 (nested key statistics) or 16 (fp16)")
         if self.k_group < 0:
             raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
+
+    def official_switches(self):
+        """The fields set to the official code's behaviour where ZipCache differs (OfficialZipCache implements them)."""
+        return [f"{n}={getattr(self, n)!r}" for n, ours in OFFICIAL_SWITCHES.items() if getattr(self, n) != ours]
 
     def paper(self):
         """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
@@ -477,8 +485,14 @@ class ZipCache(Cache):
     name = "zipcache"
     ragged = True
 
+    official_code = False  # the config's official-code switches are OfficialZipCache's (baselines.py), not this class's
+
     def __init__(self, config, zcfg=None):
         self.cfg = zcfg or ZipCacheConfig()
+        switches = self.cfg.official_switches()
+        if switches and not self.official_code:
+            raise ValueError(f"{', '.join(switches)}: the official code's behaviour is baselines.OfficialZipCache's, "
+                             f"not ZipCache's; build that class (make_cache does for --official and these options)")
         self.quantized = self.cfg.high_bits < 16
         self.nested = self.cfg.k_group > 0 and self.cfg.k_stat_bits < 16   # key stats as quant.quantize_nested
         _check_pack_dim(config.head_dim, (self.cfg.high_bits, self.cfg.low_bits))
@@ -500,7 +514,7 @@ class ZipCache(Cache):
         calls, not one): simple and exact, not the fast path."""
         super().set_padding(pad)
         if self.pad is not None:
-            self.subs = [ZipCache(self.config, self.cfg) for _ in self.pad]
+            self.subs = [type(self)(self.config, self.cfg) for _ in self.pad]
             for sub in self.subs:
                 sub.special, sub.validate = self.special, False      # this cache's attend validated k, v
 
@@ -579,10 +593,8 @@ class ZipCache(Cache):
             g.rows.append(min_cap=5, rows=rows.expand(B, -1).contiguous())              # the row table, [B, n_sub]
 
     def _split(self, scores):
-        hi, lo = saliency.split(scores, self.cfg.salient_ratio)
-        if self.cfg.lo_order == "score":  # official: the regular rows in ascending score order
-            lo = lo.gather(-1, scores.gather(-1, lo).sort(dim=-1, stable=True).indices)
-        return hi, lo
+        """scores [B, H_kv, n] -> (hi [B, H_kv, m_hi], lo [B, H_kv, m_lo]) indices: the top r are salient."""
+        return saliency.split(scores, self.cfg.salient_ratio)
 
     def _record_mask(self, st, start, n, hi):
         """Set the 1-bit salient mask for positions [start, start+n) (bit i of byte j = position 8j + i)."""
@@ -634,10 +646,8 @@ class ZipCache(Cache):
         if c.keep_saliency_mask:
             self._record_mask(st, S, L - R - S, hi)
         keep = torch.cat([torch.arange(S), torch.arange(L - R, L)]).to(k.device)        # sinks | recent tail
-        buf = dict(k=k[:, :, keep].half(), v=v[:, :, keep].half())                      # [B, H_kv, S + R, D]
-        if c.decode_score == "normalized":
-            buf["acc"] = k.new_zeros(B, H, S + R, dtype=torch.float32)
-        st.buf.append(min_cap=S + max(R, c.recompress_every), **buf)
+        st.buf.append(min_cap=S + max(R, c.recompress_every), k=k[:, :, keep].half(), v=v[:, :, keep].half(),
+                      **self._score_rows(B, H, S + R, k.device))                          # [B, H_kv, S + R, D]
         return st, out
 
     # decode ---------------------------------------------------------------------------------------
@@ -683,62 +693,49 @@ class ZipCache(Cache):
         out, lse = decode_kernel.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
         out = out.to(q1.dtype)
         if self.quantized:
-            flush = st.buf.n - (st.n_sink or 0) == c.recompress_every
-            if c.decode_score == "normalized" or flush:
-                p = saliency.decode_probabilities(q1, st.buf["k"], lse)                    # [B, H_kv, n_buf]
-                if c.decode_score == "normalized":
-                    st.buf["acc"].add_(p)
-            if flush:
-                self._flush(st, p)
+            full = st.buf.n - (st.n_sink or 0) == c.recompress_every    # the flush rule: N rows past the sinks
+            score = self._decode_scores(st, q1, lse, full)
+            if full:
+                self._flush(st, score)
                 self.split_tables[layer] = {}
         return out[:, :, None]                                                           # [B, H, 1, D]
 
-    def _flush(self, st, p_last):
-        """Compress the full buffer into a new block with its own statistics and split."""
-        c, N, S = self.cfg, self.cfg.recompress_every, st.n_sink or 0   # buffer rows [S, S + N) compress
-        if c.decode_score == "normalized":
-            score = saliency.normalize_block(st.buf["acc"][..., S:], st.n_tail or 0)
-        else:
-            score = p_last[..., S:]                                              # official: the last query's attention
+    def _score_rows(self, B, H, n, device):
+        """The buffer's score column for n rows: acc [B, H, n], the attention each row receives from decode queries."""
+        return {"acc": torch.zeros(B, H, n, dtype=torch.float32, device=device)}
+
+    def _decode_scores(self, st, q1, lse, full):
+        """Saliency of the buffered rows: this step's attention (q1 [B, H, D], lse [B, H]) is accumulated; when the
+        buffer is full, -> the normalized scores [B, H_kv, N] of its rows past the sinks (each row's accumulated
+        attention over the number of decode queries that saw it, saliency.normalize_block)."""
+        st.buf["acc"].add_(saliency.decode_probabilities(q1, st.buf["k"], lse))          # [B, H_kv, n_buf]
+        if full:
+            return saliency.normalize_block(st.buf["acc"][..., st.n_sink or 0:], st.n_tail or 0)
+        return None
+
+    def _flush(self, st, score):
+        """The full buffer's rows past the sinks become a new block with its own statistics and split, by score."""
+        N, S = self.cfg.recompress_every, st.n_sink or 0                # buffer rows [S, S + N) are compressed
         hi, lo = self._split(score)
-        start = st.seen + 1 - N  # position of the block's first token (seen is updated after this step)
-        k, v = st.buf["k"][:, :, S:], st.buf["v"][:, :, S:]                     # [B, H_kv, N, D] fp16
-        if c.keep_saliency_mask:
-            self._record_mask(st, start, N, hi)
-        if c.requantize:
-            self._requantize(st, k, v, hi, lo)
-        else:
-            self._append_block(st, k, v, hi, lo)
+        k, v = st.buf["k"][:, :, S:], st.buf["v"][:, :, S:]                             # [B, H_kv, N, D] fp16
+        if self.cfg.keep_saliency_mask:
+            self._record_mask(st, st.seen + 1 - N, N, hi)   # the block's first position (seen counts this step later)
+        self._append_block(st, k, v, hi, lo)
         st.buf.n = S
         if st.n_tail is not None:
             st.n_tail = 0
 
-    def _dequantize(self, st, p):
-        """One segment -> K̂, V̂ fp32 [B, H, n, D] in storage order, each block with its own parameters."""
+    def _dequantized(self, st):
+        """[(K̂, V̂) of hi, (K̂, V̂) of lo], fp32 [B, H, n_p, D] in storage order, each block with its own parameters."""
         view = self._view(st)
-        seg = getattr(view, p)
-        blk = decode_kernel.row_blocks(seg.rows[0], view.n_blocks)        # row counts are equal for every sequence
-        return decode_kernel.dequantize_segment(seg, view.v_chan, blk, torch.float32)
-
-    def _requantize(self, st, k, v, hi, lo):
-        """Official behaviour: dequantize the cache, append the new block's raw fp16 tokens k, v [B, H, N, D] to each
-        precision group (hi/lo indices into the block), and quantize each merged group once, as one block."""
-        (Kh, Vh), (Kl, Vl) = self._dequantize(st, "hi"), self._dequantize(st, "lo")
-        kf, vf = k.float(), v.float()
-        K = torch.cat([Kh, _gather_tokens(kf, hi), Kl, _gather_tokens(kf, lo)], 2)      # [B, H, n_all, D]
-        V = torch.cat([Vh, _gather_tokens(vf, hi), Vl, _gather_tokens(vf, lo)], 2)
-        B, H, n, D = K.shape
-        nh = Kh.shape[2] + hi.shape[-1]
-        new = self._new_state(B, K.device)
-        idx = torch.arange(n, device=K.device).expand(B, H, -1)
-        self._append_block(new, K, V, idx[..., :nh], idx[..., nh:])
-        st.hi, st.lo, st.v_chan, st.parent = new.hi, new.lo, new.v_chan, new.parent
+        return [decode_kernel.dequantize_segment(seg, view.v_chan, decode_kernel.row_blocks(seg.rows[0], view.n_blocks),
+                                                 torch.float32) for seg in view.segments]   # rows equal per sequence
 
     def kv(self, layer):
         """(K̂, V̂) fp32 [B, H_kv, n, D] as decode attention reads them: hi | lo | fp16 buffer (tests, analysis)."""
         self._ragged_only_per_sequence("kv(layer)")
         st = self.layers[layer]
-        parts = [self._dequantize(st, p) for p in ("hi", "lo")] if self.quantized else []
+        parts = self._dequantized(st) if self.quantized else []
         parts.append((st.buf["k"].float(), st.buf["v"].float()))
         return torch.cat([a for a, _ in parts], 2), torch.cat([b for _, b in parts], 2)
 
@@ -1032,7 +1029,11 @@ def _zipcache(config, official=False, paper=False, bits=None, probe_ratio=None, 
         both = opts.get("probe_strategy", "recent+random") == "recent+random"
         opts["probe_recent"] = opts["probe_random"] = probe_ratio / 2 if both else probe_ratio
     base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
-    return ZipCache(config, replace(base, **opts))
+    zcfg = replace(base, **opts)
+    if official or zcfg.official_switches():
+        import baselines
+        return baselines.OfficialZipCache(config, zcfg)
+    return ZipCache(config, zcfg)
 
 
 def _baseline(cls_name, bits=False, keep_ratio=False):
