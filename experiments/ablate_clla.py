@@ -36,7 +36,7 @@ import weights
 from tokenizer import load_tokenizer
 
 OUT, RESULTS = os.path.join("out", "ablate_clla"), "results"
-# the CPU smoke shape (README "The ablation"): dim 128, 4 layers, 8 heads x 16 -> MLA d_c 64, d_r 8, nope = v = 16
+# the CPU smoke shape (LOG.md, 2026-11-23): dim 128, 4 layers, 8 heads x 16 -> MLA d_c 64, d_r 8, nope = v = 16
 BASE = dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=8, max_seq_len=256, vocab_size=257)
 # one schedule for every run (train.py flags; spelled out so train.py's defaults can change without moving the runs)
 TRAIN = dict(batch_size=8, block_size=128, max_iters=350, warmup_iters=35, learning_rate=2e-3, min_lr=2e-4,
@@ -44,7 +44,7 @@ TRAIN = dict(batch_size=8, block_size=128, max_iters=350, warmup_iters=35, learn
              max_corpus_mb=8.0, val_frac=0.1, device="cpu", dtype="float32", compile=False, eval_iters=2,
              log_interval=50)
 Q4 = M.ATTN_PRESETS["clla-quant"]
-RUNS = [  # (name, the run's number in README "The ablation", ModelConfig overrides, TrainConfig overrides)
+RUNS = [  # (name, the run's number in the ablation (LOG.md, 2026-11-23), ModelConfig overrides, TrainConfig overrides)
     ("mha", "1", dict(attn="mha"), {}),
     ("gqa", "2", dict(attn="gqa", n_kv_heads=2), {}),                       # n_kv = n_h / 4
     ("mqa", "3", dict(attn="mqa", n_kv_heads=1), {}),

@@ -81,7 +81,7 @@ def run(D, args, device):
         out.append(dict(cache=n, D=D, real=ratios[n]["real"], paper=ratios[n]["paper"],
                         prefill_ms=statistics.median(pre[n]) * 1e3, prefill_x=x(pre, n),
                         decode_ms=statistics.median(dec[n]) * 1e3, decode_x=x(dec, n)))
-    # of ZipCache's prefill, the probe attention alone (README "One layer at 4k tokens"), as a share of dense's
+    # of ZipCache's prefill, the probe attention alone (LOG.md, 2026-12-02, one layer at 4k), as a share of dense's
     out[CACHES.index("zipcache")].update(probe_ms=statistics.median(probe) * 1e3,
                                          probe_x=statistics.median(a / b for a, b in zip(probe, pre["dense"])))
     return out

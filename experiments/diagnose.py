@@ -1,5 +1,5 @@
 """
-Where does ZipCache's error come from on a real model? (README "Closing the gap on a real model")
+Where does ZipCache's error come from on a real model? (experiments/LOG.md, "closing the gap on a real model")
 
 For each layer, the keys/values of a long prompt are compressed by a real ZipCache, then the attention output of
 the prompt's last query (the position that answers) is recomputed with parts of the cache put back to fp16:
