@@ -168,7 +168,8 @@ class Cache:
     (state, out)), _decode (returns out), _held (tokens kept), and optionally _paper_terms."""
     name = "cache"
     multi_token_decode = False  # only DenseCache accepts T > 1 chunks after the prefill
-    ragged = False              # accepts a left-padded batch (set_padding): DenseCache and ZipCache
+    ragged = False              # accepts a left-padded batch (set_padding): DenseCache masks the padding, ZipCache
+                                # holds each sequence in a cache of its own (PerSequence)
 
     def __init__(self, config):
         self.config = config
@@ -181,6 +182,7 @@ class Cache:
         self.layers = [None] * self.n_layers
         self.shape = None  # (B, H_kv, D), learned at the first attend
         self.pad = None    # [B] left-pad tokens per sequence, or None (no padding); see set_padding
+        self.subs = None   # a ragged batch held as B single-sequence caches (PerSequence), or None
 
     def set_padding(self, pad):
         """Declare a left-padded (ragged) batch before the prefill: pad[b] = padding tokens in front of sequence b.
@@ -212,14 +214,21 @@ class Cache:
         if self.pad is not None and (len(self.pad) != k.shape[0] or (st is None and int(self.pad.max()) >= k.shape[2])):
             raise ValueError(f"{self.name}: padding {self.pad.tolist()} does not fit a batch of {k.shape[0]} "
                              f"sequence(s) of {k.shape[2]} token(s); every sequence needs one real token")
+        run = self if self.subs is None else self.subs         # a ragged batch held per sequence: its B caches
         if st is None:
             self.shape = self.shape or (k.shape[0], k.shape[1], k.shape[3])
-            st, out = self._prefill(layer, q, k, v)
+            st, out = run._prefill(layer, q, k, v)
             self.layers[layer] = st
         else:
-            out = self._decode(layer, st, q, k, v)
+            out = run._decode(layer, st, q, k, v)
         st.seen += q.shape[2]
         return out
+
+    def state(self, layer, what):
+        """Layer `layer`'s state, for a method that reads the stored contents (`what`, for the error)."""
+        if self.subs is not None:
+            raise ValueError(f"{self.name}: {what} of a ragged batch is per sequence; read cache.subs[b].{what}")
+        return self.layers[layer]
 
     def _check(self, layer, q, k, v, st):
         if not 0 <= layer < self.n_layers:
@@ -252,6 +261,8 @@ class Cache:
     # bytes and ratios
     def nbytes(self, allocated=False):
         """Bytes of every stored tensor (used part; allocated=True: capacity) plus 8 B per integer counter."""
+        if self.subs is not None:
+            return self.subs.nbytes(allocated)
         return sum(s.nbytes(allocated) for s in self.layers if s is not None)
 
     def dense_nbytes(self):
@@ -267,6 +278,8 @@ class Cache:
         return 0, 0, 0
 
     def _all_paper_terms(self):
+        if self.subs is not None:
+            return self.subs.paper_terms()
         return [self._paper_terms(s) for s in self.layers if s is not None]
 
     def ratios(self):
@@ -502,25 +515,19 @@ class ZipCache(Cache):
     def reset(self):
         super().reset()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)  # probes: one draw per layer, in layer order
-        self.subs = None  # ragged batch: one single-sequence ZipCache per sequence (set_padding)
         # per layer: the kernel's split tables, derived from the row tables; emptied whenever a block is appended
         # (prefill, flush), so the kernel rebuilds them only then, not every step (scratch, not cache bytes)
         self.split_tables = [{} for _ in range(self.n_layers)]
 
     def set_padding(self, pad):
-        """A ragged batch is held as B single-sequence ZipCaches, each fed its sequence without the padding: the
-        probes (each cache draws from its own generator, seeded alike), saliency, split, quantization statistics and
-        bytes are exactly those of the sequence run alone. Decode runs the B caches one after the other (B kernel
-        calls, not one): simple and exact, not the fast path."""
+        """A ragged batch is held as B single-sequence caches of this class (PerSequence), each drawing its probes
+        from its own generator, seeded alike: probes, saliency, split, statistics and bytes are exactly those of the
+        sequence run alone."""
         super().set_padding(pad)
         if self.pad is not None:
-            self.subs = [type(self)(self.config, self.cfg) for _ in self.pad]
+            self.subs = PerSequence(type(self), self.pad, self.config, self.cfg)
             for sub in self.subs:
-                sub.special, sub.validate = self.special, False      # this cache's attend validated k, v
-
-    def _ragged_only_per_sequence(self, what):
-        if self.subs is not None:
-            raise ValueError(f"zipcache: {what} of a ragged batch is per sequence; read cache.subs[b].{what}")
+                sub.special = self.special
 
     def set_special_positions(self, positions):
         """Prompt positions to use as probes with probe_strategy='special' (see saliency.special_positions)."""
@@ -612,18 +619,13 @@ class ZipCache(Cache):
     def salient_mask(self, layer):
         """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at high_bits (or kept
         fp16 as sinks; needs keep_saliency_mask)."""
-        self._ragged_only_per_sequence("salient_mask(layer)")
-        st = self.layers[layer]
+        st = self.state(layer, "salient_mask(layer)")
         m = st.mask["m"]
         n_pos = st.seen - st.buf.n + (st.n_sink or 0)
         return ((m[..., None] >> torch.arange(8, device=m.device, dtype=torch.uint8)) & 1).flatten(2)[..., :n_pos] > 0
 
     # prefill --------------------------------------------------------------------------------------
     def _prefill(self, layer, q, k, v):
-        if self.subs is not None:  # ragged: sequence b's unpadded slice to its own cache; padded rows output 0
-            outs = [F.pad(sub.attend(layer, q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:]), (0, 0, p, 0))
-                    for b, (sub, p) in enumerate(zip(self.subs, self.pad.tolist()))]            # [1, H, T, D] each
-            return LayerState(), torch.cat(outs)                                                     # [B, H, T, D]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
         B, H, L, D = k.shape
         st = self._new_state(B, k.device)
@@ -653,8 +655,7 @@ class ZipCache(Cache):
     # decode ---------------------------------------------------------------------------------------
     def layer_view(self, layer):
         """The layout decode_kernel.decode_attention consumes: full-capacity tensors + valid counts."""
-        self._ragged_only_per_sequence("layer_view(layer)")
-        return self._view(self.layers[layer], self.split_tables[layer])
+        return self._view(self.state(layer, "layer_view(layer)"), self.split_tables[layer])
 
     def _view(self, st, tables=None):
         if not self.quantized:
@@ -680,9 +681,6 @@ class ZipCache(Cache):
                                     n_blocks=st.parent.n, tables=tables)
 
     def _decode(self, layer, st, q, k, v):
-        if self.subs is not None:
-            return torch.cat([sub.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
-                              for b, sub in enumerate(self.subs)])                               # [B, H, 1, D]
         c = self.cfg
         extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.full else {}
         st.buf.append(k=k.half(), v=v.half(), **extra)
@@ -733,29 +731,13 @@ class ZipCache(Cache):
 
     def kv(self, layer):
         """(K̂, V̂) fp32 [B, H_kv, n, D] as decode attention reads them: hi | lo | fp16 buffer (tests, analysis)."""
-        self._ragged_only_per_sequence("kv(layer)")
-        st = self.layers[layer]
+        st = self.state(layer, "kv(layer)")
         parts = self._dequantized(st) if self.quantized else []
         parts.append((st.buf["k"].float(), st.buf["v"].float()))
         return torch.cat([a for a, _ in parts], 2), torch.cat([b for _, b in parts], 2)
 
     def _held(self, st):
         return st.seen
-
-    def nbytes(self, allocated=False):
-        if self.subs is not None:
-            return sum(sub.nbytes(allocated) for sub in self.subs)
-        return super().nbytes(allocated)
-
-    def dense_nbytes(self):
-        if self.subs is not None:
-            return sum(sub.dense_nbytes() for sub in self.subs)
-        return super().dense_nbytes()
-
-    def _all_paper_terms(self):
-        if self.subs is not None:
-            return [t for sub in self.subs for t in sub._all_paper_terms()]
-        return super()._all_paper_terms()
 
     def _paper_terms(self, st):
         if not self.quantized:
@@ -771,6 +753,46 @@ class ZipCache(Cache):
             par += (seg.params["k_stat"].numel() // 2 + seg.base["k_base"].numel() if self.nested
                     else 2 * seg.params["k_scale"].numel())
         return qel, bits, par + st.v_chan["v_chan"].numel()
+
+
+class PerSequence:
+    """A left-padded (ragged) batch held as B single-sequence caches of one class, each fed its own sequence without
+    the padding, so that what the cache computes from a sequence is what it computes for the sequence alone. It
+    wraps a cache class as kvpress's AdaKVPress wraps a press: the owning cache keeps the interface (validation,
+    positions, the padding, dense_nbytes) and hands each layer's prefill, decode, bytes and paper terms here
+    (Cache.attend, nbytes, ratios). Decode runs the B caches one after the other (B kernel calls, not one): simple
+    and exact, not the fast path. subs[b] is sequence b's cache."""
+
+    def __init__(self, cls, pad, *args):
+        self.pad = pad.tolist()
+        self.caches = [cls(*args) for _ in self.pad]
+        for c in self.caches:
+            c.validate = False                                   # the owner's attend validated k, v
+
+    def __getitem__(self, b):
+        return self.caches[b]
+
+    def __iter__(self):
+        return iter(self.caches)
+
+    def __len__(self):
+        return len(self.caches)
+
+    def _prefill(self, layer, q, k, v):
+        """Sequence b's unpadded slice to its own cache; its padded rows output 0."""
+        outs = [F.pad(c.attend(layer, q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:]), (0, 0, p, 0))
+                for b, (c, p) in enumerate(zip(self.caches, self.pad))]                 # [1, H, T, D] each
+        return LayerState(), torch.cat(outs)                                             # [B, H, T, D]
+
+    def _decode(self, layer, st, q, k, v):
+        return torch.cat([c.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
+                          for b, c in enumerate(self.caches)])                           # [B, H, 1, D]
+
+    def nbytes(self, allocated=False):
+        return sum(c.nbytes(allocated) for c in self.caches)
+
+    def paper_terms(self):
+        return [t for c in self.caches for t in c._all_paper_terms()]
 
 
 def paper_formula_ratio(b, l, hd, r=0.6, bits=(4, 2), P=None):
