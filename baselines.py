@@ -5,7 +5,6 @@ per method, built on cache.py's storage and `Cache` base):
     KIVICache    2/4-bit: keys per channel in groups of G tokens, values per token, an fp16 residual window (KIVI)
     H2OCache     heavy hitters + a recent window, everything else evicted (H2O)
     MiKVCache    mixed 4/2-bit per token, saliency from accumulated attention of the full matrix (MiKV)
-    CLACache     fp16 K/V stored once per group of layers, for attn="cla" models (cross-layer attention)
     SimQuantCache simulated quantization at one granularity (the paper's Table 1 ablation, eval.py)
     OfficialZipCache  ZipCache as the official code runs it (--official): whole-cache re-quantization, last-query
                  decode scores, score-ordered regular rows
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 
 import quant
 import saliency
-from cache import Cache, DenseCache, DenseState, LayerState, Store, ZipCache, _check_bits, _check_pack_dim, _check_ratio, \
-    _causal_tail_mask, _gather_tokens, _stores_nbytes
+from cache import Cache, DenseCache, DenseState, LayerState, Store, ZipCache, _check_bits, _check_pack_dim, \
+    _check_ratio, _gather_tokens, _stores_nbytes
 
 
 def _attention(q, K, V, mask=None):
@@ -357,49 +356,6 @@ class MiKVCache(Cache):
                 e = 2 * s["k_codes"].shape[0] * s["k_codes"].shape[1] * s.n * self.shape[2]
                 qel, bits, par = qel + e, bits + e * b, par + 4 * s["k_scale"].numel()
         return qel, bits, par
-
-
-# -----------------------------------------------------------------------------
-# CLA
-
-class CLACache(DenseCache):
-    """Cross-layer attention (Brandon et al. 2024): the producer (first layer of a group) appends its k, v; the
-    consumers are handed the same k, v by the model and only read the group's store. Stored once: the cache is
-    1/share_factor of a DenseCache with the same KV heads."""
-    name = "cla"
-    ragged = False
-
-    def __init__(self, config, dtype=torch.float16):
-        self.share = config.share_factor
-        super().__init__(config, dtype=dtype)
-
-    def _producer(self, layer):
-        return self.config.kv_owner(layer)[0]             # the model's group rule
-
-    def _prefill(self, layer, q, k, v):
-        if layer == self._producer(layer):
-            return super()._prefill(layer, q, k, v)
-        prod = self.layers[self._producer(layer)]
-        if prod is None or prod.kv.n != q.shape[2]:
-            raise ValueError(f"cla: layer {layer} attended before its producer layer {self._producer(layer)} wrote "
-                             f"this chunk; run the layers in order")
-        # the consumer's state shares the producer's store (nbytes counts it once)
-        return DenseState(kv=prod.kv), F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    def _decode(self, layer, st, q, k, v):
-        if layer == self._producer(layer):
-            return super()._decode(layer, st, q, k, v)
-        K, V = st.kv["k"].to(q.dtype), st.kv["v"].to(q.dtype)                      # the group's K/V, already updated
-        mask = _causal_tail_mask(q.shape[2], st.kv.n, q.device)
-        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
-
-    def nbytes(self, allocated=False):
-        # producers: their store and counters; consumers: only their `seen` counter (8 B)
-        return sum(s.nbytes(allocated) if i == self._producer(i) else 8
-                   for i, s in enumerate(self.layers) if s is not None)
-
-    def info(self):
-        return f"cla (share_factor {self.share}, {self.dtype})"
 
 
 # -----------------------------------------------------------------------------

@@ -5,8 +5,8 @@ weights.py's job.
 
 The model knows nothing about KV caches beyond one call: attention hands (layer, q, k, v) to the cache object it was
 given and gets the attention output back. Everything about compression lives in cache.py. The latent variants (MLA,
-CLLA) cache no per-head K/V; they call the cache's latent interface instead: write(layer, c, k_rope), length(layer),
-attend_latent(layer, q_lat, q_rope, scale), and apply their own weights before and after.
+CLLA) cache no per-head K/V; they call the cache's latent interface instead (latent.LatentCache): write(layer, c,
+k_rope), length(layer), attend_latent(layer, q_lat, q_rope, scale), and apply their own weights before and after.
 """
 import math
 from dataclasses import dataclass, field, fields, asdict
@@ -39,8 +39,8 @@ class ModelConfig:
     head_dim: int | None = None          # None -> dim // n_heads (HF configs may set it explicitly)
     hidden_dim: int | None = None        # None -> Meta's rule from dim/multiple_of/ffn_dim_multiplier (HF: intermediate_size)
     # The attention variant. "gqa" is standard attention with n_kv_heads KV heads (MHA when n_kv_heads == n_heads, MQA
-    # when 1); "mha"/"mqa" are the same module with the head count checked. Cross-layer and latent variants are
-    # registered in ATTENTION below.
+    # when 1); "mha"/"mqa" are the same module with the head count checked; "cla" shares K/V across layers; the
+    # latent variants (LATENT) are the other module (Block).
     attn: str = "gqa"
     # --- latent attention (attn = mla | clla), README "CLLA". None -> DeepSeek-V2-Lite's proportions scaled to
     # head_dim (d_c = 4*head_dim, d_r = head_dim/2, nope = v = head_dim); other variants must leave them unset.
@@ -75,8 +75,8 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.attn not in ATTENTION:
-            raise ValueError(f"unknown attn={self.attn!r}; choose one of {sorted(ATTENTION)}")
+        if self.attn not in ATTN_VARIANTS:
+            raise ValueError(f"unknown attn={self.attn!r}; choose one of {sorted(ATTN_VARIANTS)}")
         # mha/gqa/mqa are one module; the name must agree with n_kv_heads so a config says what it is
         if (self.attn == "mha" and self.n_kv_heads != self.n_heads) or (self.attn == "mqa" and self.n_kv_heads != 1):
             raise ValueError(f"attn={self.attn!r} contradicts n_kv_heads={self.n_kv_heads} (n_heads={self.n_heads}); "
@@ -232,7 +232,7 @@ class Attention(nn.Module):
     Query head i reads KV head i // (n_heads // n_kv_heads) (consecutive grouping, as SDPA's enable_gqa).
     CLA (Brandon et al. 2024): only the first layer of each group of share_factor (the producer) computes K/V; the
     consumers have no wk/wv and attend over the producer's K/V (after RoPE) with their own queries. With a cache,
-    consumers still call cache.attend(layer, q, k, v) with the producer's k, v; baselines.CLACache stores them once.
+    consumers still call cache.attend(layer, q, k, v) with the producer's k, v; latent.CLACache stores them once.
     """
 
     def __init__(self, config, layer_idx):
@@ -280,6 +280,7 @@ class Attention(nn.Module):
 # cross-layer and latent attention: CLA, MLA, CLLA (README)
 
 LATENT = ("mla", "clla")                                  # variants that cache a latent instead of per-head K/V
+ATTN_VARIANTS = ("mha", "gqa", "mqa", "cla", *LATENT)    # config.attn: Attention, or LatentAttention for LATENT
 SHARE_MODES = ("latent+rope", "latent_only", "rope_only")
 
 
@@ -308,31 +309,6 @@ ATTN_PRESETS = {
     "clla-quant": dict(attn="clla", share_factor=2, share_mode="latent+rope", kv_bits=4, kv_quant_group="token",
                        kv_quant_rope=True),
 }
-
-
-def kv_bits_per_token(cfg):
-    """Bits the KV cache stores per token over all layers, scales and mins included.
-
-    Unquantized entries count 16 bits (fp16/bf16 cache). Quantized ones: b bits per element plus an fp16 scale and an
-    fp16 min (32 bits) per group; k_rope in groups of min(g, d_r), or 16 bits if kv_quant_rope is off.
-    """
-    roles = [LayerRole(cfg, i) for i in range(cfg.n_layers)]
-    if cfg.attn not in LATENT:                            # mha/gqa/mqa, cla: K and V of n_kv heads, producers only
-        return sum(2 * cfg.n_kv_heads * cfg.head_dim * 16 for r in roles if r.own_latent)
-
-    def bits(d, quantized):
-        if cfg.kv_bits == 16 or not quantized:
-            return 16 * d
-        g = d if cfg.kv_quant_group == "token" else min(cfg.kv_quant_group, d)
-        return d * cfg.kv_bits + 32 * (d // g)
-
-    c, r = bits(cfg.kv_lora_rank, True), bits(cfg.qk_rope_dim, cfg.kv_quant_rope)
-    return sum(c * x.own_latent + r * x.own_rope for x in roles)
-
-
-def kv_ratio(cfg):
-    """The cache relative to fp16 MHA of the same width (n_heads x head_dim, all layers): the '2%' of the paper."""
-    return kv_bits_per_token(cfg) / (2 * cfg.n_heads * cfg.head_dim * 16 * cfg.n_layers)
 
 
 def latent_fake_quant(x, config, ste=True):
@@ -439,13 +415,6 @@ class LatentAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * d_v))                # y: [B, H, T, d_v]
 
 
-# The one place where the attention variant is chosen: config.attn -> module class. A class takes
-# (config, layer_idx) and its forward takes (x, cos, sin, cache, shared); `shared` is a GroupShare that lives for
-# one forward pass, so cross-layer variants (CLA, CLLA) can hand tensors from a producer layer to its consumers.
-ATTENTION = {"mha": Attention, "gqa": Attention, "mqa": Attention, "cla": Attention,
-             "mla": LatentAttention, "clla": LatentAttention}
-
-
 class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -463,7 +432,10 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = ATTENTION[config.attn](config, layer_idx)
+        # the one place where the attention variant is chosen. Both classes take (config, layer_idx) and their forward
+        # (x, cos, sin, cache, shared); `shared` is a GroupShare that lives for one forward pass, so cross-layer
+        # variants (CLA, CLLA) can hand tensors from a producer layer to its consumers
+        self.attention = (LatentAttention if config.attn in LATENT else Attention)(config, layer_idx)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 

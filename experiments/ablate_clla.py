@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import cache as C
 import data as datalib
+import latent
 import model as M
 import train
 import weights
@@ -156,7 +157,7 @@ def run_one(job):
     nan = float("nan")
     cache_val, dec_tps = loss_on(model, batches[:2], cache_eval=True) if o["cache_eval"] else (nan, nan)
     r = dict(name=name, spec_run=spec_run, overrides=overrides, hidden_dim=cfg.hidden_dim, params=n_params(cfg),
-             kv_bits_per_token=M.kv_bits_per_token(cfg), kv_pct_of_mha=100 * M.kv_ratio(cfg), val_loss=val,
+             kv_bits_per_token=latent.kv_bits_per_token(cfg), kv_pct_of_mha=100 * latent.kv_ratio(cfg), val_loss=val,
              cache_eval_loss=cache_val,
              cache_eval_no_cache_loss=loss_on(model, batches[:2])[0] if o["cache_eval"] else nan,
              decode_tok_s=dec_tps, train_tok_s=res["trained_steps"] * res["tokens_per_iter"] / res["elapsed_s"],
@@ -228,7 +229,7 @@ def default_shape_rows():
         cache = C.make_cache("dense", cfg)
         with torch.no_grad():
             m(torch.randint(0, 257, (1, 64)), cache=cache)
-        rows.append((name, M.kv_bits_per_token(cfg), 100 * M.kv_ratio(cfg), cache.nbytes()))
+        rows.append((name, latent.kv_bits_per_token(cfg), 100 * latent.kv_ratio(cfg), cache.nbytes()))
     return rows
 
 
@@ -270,11 +271,11 @@ def report(results, wall_s, cmd):
                  f"{r['cache_eval_loss']:.4f} ({r['cache_eval_no_cache_loss']:.4f}) | {kv16} | "
                  f"{r['train_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
     L += ["", "KV bits/token: all layers, scales and mins included, 16 bits per unquantized element "
-          "(model.kv_bits_per_token); % of MHA: against fp16 MHA of the same width (8 x 16 per layer). "
+          "(latent.kv_bits_per_token); % of MHA: against fp16 MHA of the same width (8 x 16 per layer). "
           "At this 8-head shape the latent variants cost 2.25/n_h = 28% (MLA); the <2% target needs 16 heads "
           "(next table).", ""]
     L += ["## KV accounting at the default shape (dim 512, 8 layers, 16 heads x 32; d_c 128, d_r 16)", "",
-          "Formula (model.kv_bits_per_token) and the real bytes of each variant's cache after a 64-token prefill "
+          "Formula (latent.kv_bits_per_token) and the real bytes of each variant's cache after a 64-token prefill "
           "of an untrained model (batch 1; counters included, 8 B each).", "",
           "| variant | KV bits/token | % of MHA | real cache bytes, 64 tokens |", "|---|---|---|---|"]
     for name, bits, pct, nb in default_shape_rows():

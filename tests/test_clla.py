@@ -1,4 +1,4 @@
-"""CLA, MLA and CLLA (model.py) and their caches (baselines.CLACache, cache.LatentCache), README "CLLA"
+"""CLA, MLA and CLLA (model.py) and their caches (latent.CLACache, latent.LatentCache), README "CLLA"
 
 References are independent of the code under test: a per-head loop of the MLA equations, the accounting
 formulas of README "CLLA" written out again, and the worked percentages of the CLLA paper. Tolerances: float32
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import baselines
 import cache as C
+import latent
 import model as M
 import quant
 import train
@@ -122,7 +122,7 @@ def test_absorbed_equals_materialized(kw, dtype, tol):
         cache = dense_cache(m, dtype)
         first, _ = m(idx[:, :1], cache=cache)
         rest, _ = m(idx[:, 1:], cache=cache)
-    assert isinstance(cache, C.LatentCache) and cache.pos == 16
+    assert isinstance(cache, latent.LatentCache) and cache.pos == 16
     assert rel_err(torch.cat([first, rest], 1), full) <= tol
 
 
@@ -138,7 +138,7 @@ def test_decode_over_codes_equals_dequantized_reference(mode, bits, group, rope)
     T = 1 (scales folded, codes never dequantized) vs attend_reference (dequantize everything, SDPA), fp32."""
     cfg = M.ModelConfig(dim=64, n_layers=3, n_heads=4, vocab_size=V, max_seq_len=64, attn="clla", share_factor=2,
                         share_mode=mode, kv_bits=bits, kv_quant_group=group, kv_quant_rope=rope)
-    cache = C.LatentCache(cfg, dtype=torch.float32)
+    cache = latent.LatentCache(cfg, dtype=torch.float32)
     d_c, d_r, H = cfg.kv_lora_rank, cfg.qk_rope_dim, cfg.n_heads
     g = torch.Generator().manual_seed(bits)
 
@@ -178,7 +178,7 @@ def test_decode_equals_full_forward(name):
     assert cache.pos == len(cache) == 20
     # float32, only summation order differs; quantized variants read back the very codes fake-quant produced
     assert (got - full).abs().max().item() <= 1e-5
-    want_cls = {"cla": baselines.CLACache, "mla": C.LatentCache, "clla": C.LatentCache}.get(m.config.attn, C.DenseCache)
+    want_cls = {"cla": latent.CLACache, "mla": latent.LatentCache, "clla": latent.LatentCache}.get(m.config.attn, C.DenseCache)
     assert type(cache) is want_cls
 
 
@@ -370,15 +370,15 @@ def test_accounting_worked_examples(kw, v2lite, default):
         if kw["attn"] not in ("mla", "clla"):
             s = {k: v for k, v in s.items() if k in ("dim", "n_heads", "head_dim")}
         cfg = M.ModelConfig(n_layers=8, **s, **kw)
-        assert M.kv_bits_per_token(cfg) == formula_bits(cfg)
-        assert round(100 * M.kv_ratio(cfg), 2) == pytest.approx(pct, abs=0.006), (shape, kw)
+        assert latent.kv_bits_per_token(cfg) == formula_bits(cfg)
+        assert round(100 * latent.kv_ratio(cfg), 2) == pytest.approx(pct, abs=0.006), (shape, kw)
 
 
 def test_clla_quant_preset_default_shape_within_2_percent():
     cfg = M.ModelConfig(**{k: v for k, v in train.PRESETS["small"].items() if k != "block_size"},
                         **train.PRESETS["clla-quant"])
     assert cfg.n_heads * cfg.head_dim == 512 and cfg.kv_lora_rank == 128 and cfg.qk_rope_dim == 16
-    assert M.kv_ratio(cfg) <= 0.02   # 1.95%
+    assert latent.kv_ratio(cfg) <= 0.02   # 1.95%
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa", "cla", "mla", "clla", "clla-quant", "clla-quant-g32-s3",
@@ -392,14 +392,14 @@ def test_cache_bytes_equal_formula(name):
         want_bits = 2 * formula_bits(M.ModelConfig(**{**cfg.__dict__, "n_layers": 3}))
     else:
         want_bits = formula_bits(cfg)
-    assert M.kv_bits_per_token(cfg) == want_bits
+    assert latent.kv_bits_per_token(cfg) == want_bits
     idx = torch.randint(0, V, (B, T))
     with torch.no_grad():
         cache = dense_cache(m, torch.float16)
         m(idx[:, :9], cache=cache)
         for t in range(9, T):
             m(idx[:, t:t + 1], cache=cache)
-    if isinstance(cache, C.LatentCache):
+    if isinstance(cache, latent.LatentCache):
         counters = 8 * len(cache.slots)
         if cfg.attn == "clla" and cfg.share_mode == "latent+rope":
             assert cache.slot_of[1] == cache.slot_of[0] and len(cache.slots) == 2 * math.ceil(4 / cfg.share_factor)
@@ -441,7 +441,7 @@ def test_cache_routing_and_checkpoint_round_trip(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="latent cache is for attn"):
         C.make_cache("latent", M.ModelConfig(dim=64, n_heads=4))
-    assert isinstance(C.make_cache("latent", m.config), C.LatentCache)
+    assert isinstance(C.make_cache("latent", m.config), latent.LatentCache)
     with pytest.raises(ValueError, match="caches a latent, but got a DenseCache"):
         m(torch.zeros(1, 3, dtype=torch.long), cache=C.DenseCache(m.config))
     # the checkpoint records the toggle: load_model rebuilds the same variant with the same logits
