@@ -5,6 +5,7 @@ Every checkpoint read and write, in one place:
                                                    or a Meta directory -> (Transformer in eval mode, meta)
     model, tok = load_model_and_tokenizer(path)    the same, plus the tokenizer the checkpoint names
     atomic_save(ckpt, path)                        write a ckpt.pt so that a crash leaves the old file or the new one
+    atomic_write(path, text | bytes | fn)          the same for any output file: results, reports, plots
     export_slim(ckpt, path)                        fp16 weights, config and tokenizer spec: what is shipped
 
 Our ckpt.pt is {"model": state_dict, "config": asdict(ModelConfig), "tokenizer": spec, "step": int, ...}; train.py
@@ -310,20 +311,42 @@ def atomic_save(obj, path):
     """torch.save to a temp file in the same directory, fsync, rename: a crash leaves the old file or the new one."""
     if isinstance(obj.get("model"), dict):
         check_finite_weights(obj["model"], f"refusing to write {path}")
+    atomic_write(path, lambda f: torch.save(obj, f), fix="free disk space or choose another --out_dir")
+
+
+def atomic_write(path, data, fix="free disk space or choose another output folder"):
+    """Write a file whole or not at all: a temp file beside it, flush, fsync, rename over the old one. data is bytes,
+    str (written as UTF-8) or a function that writes to a binary file (torch.save, fig.savefig). A crash, a kill or a
+    full disk leaves the previous file exactly as it was (a kill may leave a *.tmp-PID file beside it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # disk full, quota, permissions: the old file stays, the partial one goes
-        if os.path.exists(tmp):
+    except BaseException as e:  # disk full, quota, permissions, Ctrl-C: the old file stays, the partial one goes
+        try:
             os.remove(tmp)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"could not write {path} ({msg}); free disk space or choose another --out_dir "
-                         f"(any previous checkpoint there is unchanged)") from None
+        except OSError:
+            pass
+        if not isinstance(e, (OSError, RuntimeError)):   # torch.save reports a failed write as a RuntimeError
+            raise
+        msg = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ValueError(f"could not write {path} ({msg}); {fix} (any previous {os.path.basename(path)} there is "
+                         f"unchanged)") from None
+    try:  # the rename itself survives a power cut only once the directory is on disk too
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def export_slim(ckpt, path):

@@ -23,6 +23,7 @@ Everything printed comes from this run; the reports put the paper's numbers besi
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -39,8 +40,7 @@ import data as datalib
 import retrieval
 import saliency
 import weights
-from cache import make_cache
-from generate import pick_device, sync
+from generate import make_cache, pick_device, sync
 from tokenizer import load_tokenizer, special_probe_ids
 from weights import default_checkpoint, load_model_and_tokenizer
 
@@ -589,7 +589,7 @@ def plot(rows, args, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    weights.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return f"wrote {path}"
 
@@ -738,7 +738,7 @@ def plot_real(rows, sweep_at, path):
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct: accuracy vs real compression (cf. ZipCache Fig. 1)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    weights.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return f"wrote {path}"
 
@@ -896,12 +896,16 @@ def get_args(argv=None):
                    "each length (after --shard), to continue a stopped run: a run stopped with N records at a length "
                    "goes on with --lengths L --skip_records N, and --merge joins the two")
     p.add_argument("--merge", default=None, help="comma list of real-model JSON files (shards of one run) to join into "
-                   "OUT_DIR/NAME.md/.json/_fig1.png; runs no model")
+                   "OUT_DIR/NAME.md/.json/_fig1.png; runs no model. Refuses a file given twice, records held by two "
+                   "files, and shards of different runs (see --run_id)")
+    p.add_argument("--run_id", default=None, help="a name the shards of one run share, recorded in each JSON and "
+                   "checked by --merge (default: a digest of the settings that choose the records and the caches)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--out_dir", default=None,
-                   help="default results/, and results/quick/ for --quick (so it never replaces the full run's files)")
+                   help="default results/, and results/quick/ for --quick (so it never replaces the full run's files); "
+                        "a real-model run writes NAME.partial.* as it goes and NAME.* only once finished")
     p.add_argument("--name", default=None, help="output files OUT_DIR/NAME.md, .json, _fig1.png (default: eval for the "
                    "toy model, real/eval for a real one)")
     a = p.parse_args(argv)
@@ -961,15 +965,113 @@ def resolve_defaults(a, real):
 
 
 def write_real(base, rows, meta, args, log_lines):
-    """The real run's files: NAME.json (everything, the log too), NAME.md (report_real), NAME_fig1.png. Returns a
-    line naming what was written (the plot is skipped without matplotlib, and says so)."""
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta=dict(meta, log=log_lines), args=vars(args), rows=rows), f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(report_real(rows, args, meta, log_lines))
+    """The real run's files: NAME.json (everything, the log too), NAME.md (report_real), NAME_fig1.png, each written
+    whole or not at all. Until the run is done (meta["done"]) they are NAME.partial.*: a stopped run, or a merge
+    that lacks records, never replaces finished results. Returns a line naming what was written (the plot is skipped
+    without matplotlib, and says so)."""
+    if not meta.get("done"):
+        base += ".partial"
+    weights.atomic_write(base + ".json", json.dumps(dict(meta=dict(meta, log=log_lines), args=vars(args), rows=rows),
+                                                    indent=1))
+    weights.atomic_write(base + ".md", report_real(rows, args, meta, log_lines))
     plotted = plot_real(rows, args.sweep_at, base + "_fig1.png") if any(r["passkey"] for r in rows) else "no plot"
     return f"wrote {base}.md, {base}.json; {plotted}"
+
+
+def remove_partial(base):
+    """A finished run's own NAME.partial.* files, now superseded by NAME.*."""
+    for ext in (".json", ".md", "_fig1.png"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(base + ".partial" + ext)
+
+
+# What picks a real run's records and caches. The shards of one run agree on these; their --shard, --skip_records,
+# --lengths, --tasks and --groups may differ (a stopped shard is continued with --lengths L --skip_records N).
+RUN_SETTINGS = ("tokenizer", "n", "seed", "split", "chat", "quick", "dtype", "ablate_at", "sweep_at")
+
+
+def run_settings(args, meta):
+    s = {k: args.get(k) for k in RUN_SETTINGS}
+    s["model"] = meta.get("model") or os.path.basename(os.path.normpath(args.get("checkpoint") or ""))
+    return s
+
+
+def run_id(args, meta):
+    """args.run_id, else a digest of the run's settings. Files written before run ids were recorded get the digest
+    too, so their shards still merge with each other (and with new shards of the same settings); what the settings
+    cannot tell apart (the same flags run on other code) the row and record checks of merge_shards may still catch."""
+    digest = hashlib.sha1(json.dumps(run_settings(args, meta), sort_keys=True).encode()).hexdigest()[:12]
+    return args.get("run_id") or f"settings-{digest}"
+
+
+def shard_record_ids(n, shard, skip, count):
+    """The passkey record indices (of 0..n-1) a run with --shard K/M and --skip_records holds after `count` records,
+    in the order main_real takes them."""
+    ids = [i for i in range(n) if not shard or i % shard[1] == shard[0]]
+    return [ids[j] for j in spread_order(len(ids))][skip or 0:(skip or 0) + count]
+
+
+def read_shard(path):
+    """One real-model JSON file for --merge, checked for shape; every problem names the file."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--merge: no file {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise ValueError(f"--merge: cannot read {path} ({why}); give the NAME.json files eval.py wrote") from None
+
+    def pairs(v):
+        return isinstance(v, list) and all(isinstance(x, list) and len(x) == 2 for x in v)
+
+    ok = (isinstance(run, dict) and isinstance(run.get("rows"), list) and run["rows"]
+          and isinstance(run.get("meta"), dict) and isinstance(run.get("args"), dict)
+          and isinstance(run["args"].get("n"), int) and run["args"]["n"] > 0
+          and isinstance(run["args"].get("lengths"), list)
+          and all(isinstance(r, dict) and isinstance(r.get("group"), str) and isinstance(r.get("label"), str)
+                  and isinstance(r.get("passkey"), dict) and isinstance(r.get("records", {}), dict)
+                  and all(pairs(v) for v in r.get("records", {}).values())
+                  and all(isinstance(r.get(k, {}), dict) for k in PER_LENGTH_MEANS) for r in run["rows"]))
+    if not ok:
+        raise ValueError(f"--merge: {path} is not a real-model result of eval.py (rows with passkey records, args, "
+                         f"meta); give the shards' NAME.json files")
+    return run
+
+
+def check_shards(paths, runs):
+    """Refuse what would double-count or mix runs: a file given twice, shards of different runs, one label run with
+    different caches, and passkey records held by two files."""
+    seen = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise ValueError(f"--merge: {p} is given twice (as {seen[real]} too); give each shard once")
+        seen[real] = p
+    ids = [run["meta"].get("run_id") or run_id(run["args"], run["meta"]) for run in runs]
+    for p, run, rid in zip(paths, runs, ids):
+        if rid != ids[0]:
+            a, b = run_settings(runs[0]["args"], runs[0]["meta"]), run_settings(run["args"], run["meta"])
+            diff = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k]) or "--run_id"
+            raise ValueError(f"--merge: {paths[0]} and {p} are shards of different runs (run id {ids[0]} vs {rid}; "
+                             f"{diff}); merge the shards of one run only")
+    caches, held = {}, {}
+    for p, run in zip(paths, runs):
+        for r in run["rows"]:
+            key, spec = (r["group"], r["label"]), (r.get("cache"), r.get("opts"))
+            q, prev = caches.setdefault(key, (p, spec))
+            if prev != spec:
+                raise ValueError(f"--merge: {q} and {p} ran {r['label']!r} with different caches ({prev} vs {spec}); "
+                                 f"they are not shards of one run")
+        a = run["args"]
+        for L in {L for r in run["rows"] for L in r.get("records", {})}:
+            count = max(len(r.get("records", {}).get(L, [])) for r in run["rows"])
+            for i in shard_record_ids(a["n"], a.get("shard"), a.get("skip_records"), count):
+                if (L, i) in held:
+                    raise ValueError(f"--merge: {held[L, i]} and {p} both hold passkey record {i} at length {L} (the "
+                                     f"same shard twice, or a continuation that overlaps); give each record once")
+                held[L, i] = p
+    return ids[0]
 
 
 PER_LENGTH_MEANS = ("real_at", "paper_at", "prefill_ms", "decode_tok_s")
@@ -979,10 +1081,8 @@ def merge_shards(paths):
     """The JSON files of one run's shards (--shard K/M) -> (rows, meta, args, log lines) of the whole run: passkey
     records per length are joined and re-summarized; ratios and timings are record-weighted means; the other
     fields (lines, perplexity) come from the shard that ran them."""
-    runs = []
-    for p in paths:
-        with open(p) as f:
-            runs.append(json.load(f))
+    runs = [read_shard(p) for p in paths]
+    rid = check_shards(paths, runs)
     ints = lambda d: {int(k) if k.isdigit() else k: v for k, v in d.items()}     # JSON made the int keys strings
     merged = {}
     for run in runs:
@@ -1009,9 +1109,13 @@ def merge_shards(paths):
     # wall time: the shards ran side by side, and the runs that continued them (--skip_records) after them
     walls = [[run["meta"]["wall_s"] for run in runs if bool(run["args"].get("skip_records")) == cont]
              for cont in (False, True)]
-    meta = dict(runs[0]["meta"], wall_s=sum(max(w) for w in walls if w),
-                done=all(run["meta"].get("done") for run in runs) or   # or a stopped shard was continued
-                all(len(recs) == a.n for r in rows for recs in r["records"].values()),
+    # done: every passkey length holds all n records (a stopped shard may have been continued); without passkey
+    # records, every shard finished
+    main_rows = [r for r in rows if r["group"] == "main"]
+    done = (all(len(r["records"].get(L, [])) == a.n for r in main_rows for L in a.lengths)
+            and all(len(recs) == a.n for r in rows for recs in r["records"].values())
+            if any(r["records"] for r in rows) else all(run["meta"].get("done") for run in runs))
+    meta = dict(runs[0]["meta"], wall_s=sum(max(w) for w in walls if w), done=done, run_id=rid,
                 command=" and ".join(run["meta"]["command"] for run in runs)
                 + ", joined by python experiments/eval.py --merge",
                 passkey_records={L: len(recs) for L, recs in rows[0]["records"].items()})
@@ -1046,6 +1150,7 @@ def main(argv=None):
                 model=os.path.basename(ckpt), device=f"{device.type} ({torch.get_num_threads()} threads)"
                 if device.type == "cpu" else torch.cuda.get_device_name(device),
                 command=" ".join(["python experiments/eval.py", *(sys.argv[1:] if argv is None else argv)]))
+    meta["run_id"] = run_id(vars(args), meta)
     base = os.path.join(args.out_dir, args.name)
     if real:
         if max(args.lengths) + PASSKEY_STEPS > model.config.max_seq_len:
@@ -1062,6 +1167,7 @@ def main(argv=None):
         rows, extra = main_real(args, model, tok, device, log, write)
         meta["done"] = True
         print(write(rows, extra), f"({meta['wall_s']:.0f} s)")
+        remove_partial(base)
         return rows, meta
 
     specs = [s for s in configurations(args.quick) if s["group"] in args.groups]
@@ -1091,12 +1197,9 @@ def main(argv=None):
                         ppl_source=source, ppl_ref=ref)
     rows += rows_hb
     meta["wall_s"] = time.perf_counter() - t_start
-    os.makedirs(os.path.dirname(base), exist_ok=True)
     log(plot(rows, args, base + "_fig1.png"))
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta=meta, args=vars(args), rows=rows), f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(report(rows, args, meta, log_lines))
+    weights.atomic_write(base + ".json", json.dumps(dict(meta=meta, args=vars(args), rows=rows), indent=1))
+    weights.atomic_write(base + ".md", report(rows, args, meta, log_lines))
     print(f"wrote {base}.md, {base}.json ({meta['wall_s']:.0f} s)")
     return rows, meta
 
