@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import cache as C
+from generate import CACHE_CLASSES, make_cache
 
 CONFIGS = {  # name -> make_cache options
     "paper": dict(paper=True),                                    # one key (min, scale) per block, 60% salient
@@ -62,10 +63,10 @@ CONFIGS = {  # name -> make_cache options
 
 def parse_config(text):
     """'default+k_group=32+salient_ratio=0.4' -> ("zipcache", CONFIGS['default'] with those options added);
-    a cache name from cache.CACHES instead of a config name ('kivi+bits=2+residual=32') runs that cache."""
+    a cache name from generate.CACHE_CLASSES instead of a config name ('kivi+bits=2+residual=32') runs that cache."""
     name, *extra = text.split("+")
-    if name not in CONFIGS and name not in C.CACHES:
-        raise ValueError(f"unknown config {name!r}; use names from {list(CONFIGS)} or caches {list(C.CACHES)}")
+    if name not in CONFIGS and name not in CACHE_CLASSES:
+        raise ValueError(f"unknown config {name!r}; use names from {list(CONFIGS)} or caches {list(CACHE_CLASSES)}")
     cache, opts = ("zipcache", dict(CONFIGS[name])) if name in CONFIGS else (name, {})
     for kv in extra:
         key, sep, value = kv.partition("=")
@@ -192,14 +193,14 @@ def rel(o, ref):
 @torch.no_grad()
 def layer_errors(cfg, layer, q, k, v, opts):
     """Compress one layer's prompt K/V with ZipCache(opts) and measure the last query's output error per part."""
-    zc = C.make_cache("zipcache", cfg, keep_saliency_mask=True, **{"n_recent": 0, **opts})
+    zc = make_cache("zipcache", cfg, keep_saliency_mask=True, **{"n_recent": 0, **opts})
     zc.attend(layer, q, k, v)
     Kq, Vq = zc.kv(layer)                                        # storage order: hi rows | lo rows (| buffer)
     mask = zc.salient_mask(layer)                                # [B, H_kv, L] True = 4-bit
     B, H, L, D = k.shape
     pos = torch.arange(L).expand(B, H, L)
-    assert getattr(zc.layers[layer], "n_tail", 0) == 0, "n_recent: pass n_recent=0 (the window is exact anyway)"
-    S = getattr(zc.layers[layer], "n_sink", 0)                  # fp16 sinks sit in the buffer, after hi and lo
+    assert not getattr(zc.layers[layer], "n_tail", 0), "n_recent: pass n_recent=0 (the window is exact anyway)"
+    S = getattr(zc.layers[layer], "n_sink", 0) or 0             # fp16 sinks sit in the buffer, after hi and lo
     hi = pos[mask & (pos >= S)].view(B, H, -1)
     lo = pos[~mask].view(B, H, -1)
     order = torch.cat([hi, lo, pos[..., :S]], -1)                # dense tokens in the cache's storage order
