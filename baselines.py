@@ -9,7 +9,7 @@ per method, built on cache.py's storage and `Cache` base):
     OfficialZipCache  ZipCache as the official code runs it (--official): whole-cache re-quantization, last-query
                  decode scores, score-ordered regular rows
 
-make_cache (cache.py) builds them by name: `make_cache("kivi", config, bits=2)`.
+make_cache (generate.py) builds them by name: `make_cache("kivi", config, bits=2)`.
 """
 import math
 from dataclasses import dataclass, field
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import quant
 import saliency
-from cache import Cache, DenseCache, DenseState, LayerState, Store, ZipCache, _check_bits, _check_pack_dim, \
-    _check_ratio, _gather_tokens, _stores_nbytes
+from cache import OFFICIAL_SWITCHES, Cache, DenseCache, DenseState, LayerState, Store, ZipCache, _bits_shorthand, \
+    _check_bits, _check_pack_dim, _check_ratio, _gather_tokens, _stores_nbytes
 
 
 def _attention(q, K, V, mask=None):
@@ -61,6 +61,7 @@ class KIVICache(Cache):
     dequantizes, then runs SDPA (KIVI's fused kernels are a CUDA affair).
     """
     name = "kivi"
+    options = ("bits", "group", "residual")
 
     def __init__(self, config, bits=2, group=32, residual=128):
         _check_bits("bits", bits)
@@ -159,6 +160,7 @@ class H2OCache(Cache):
     rest for good. hh = floor(heavy_ratio * L), rec = floor(recent_ratio * L), fixed at the prefill; slots
     [B, H_kv, hh + rec + 1, D] with an int32 position each (-1 = free). heavy + recent >= 1 never evicts."""
     name = "h2o"
+    options = ("heavy_ratio", "recent_ratio", "keep_ratio")
 
     def __init__(self, config, heavy_ratio=0.1, recent_ratio=0.1):
         _check_ratio("heavy_ratio", heavy_ratio)
@@ -166,6 +168,16 @@ class H2OCache(Cache):
         self.heavy_ratio, self.recent_ratio = heavy_ratio, recent_ratio
         self.unbounded = heavy_ratio + recent_ratio >= 1.0
         super().__init__(config)
+
+    @classmethod
+    def from_options(cls, config, keep_ratio=None, **opts):
+        """keep_ratio: the fraction of tokens kept, half heavy hitters and half recent ones."""
+        if keep_ratio is not None:
+            _check_ratio("keep_ratio", keep_ratio)
+            if keep_ratio == 0:
+                raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
+            opts["heavy_ratio"] = opts["recent_ratio"] = keep_ratio / 2
+        return cls(config, **opts)
 
     def reset(self):
         super().reset()
@@ -271,6 +283,12 @@ class MiKVCache(Cache):
     cache and materializes the attention row; every recompress_every steps the fp16 buffer is split by the attention its
     tokens accumulated and quantized. Nothing is ever re-classified. (The optional channel balancer is not built.)"""
     name = "mikv"
+    options = ("salient_ratio", "recent_ratio", "bits", "high_bits", "low_bits", "recompress_every")
+
+    @classmethod
+    def from_options(cls, config, bits=None, **opts):
+        """bits: both precision groups."""
+        return cls(config, **_bits_shorthand(opts, bits))
 
     def __init__(self, config, salient_ratio=0.6, recent_ratio=0.1, high_bits=4, low_bits=2,
                  recompress_every=100):
@@ -397,6 +415,7 @@ class SimQuantCache(DenseCache):
     `bits` with the given granularities and kept dequantized in fp16; decode tokens stay fp16. It isolates the
     quantizer's error from storage, so its ratio is the paper formula over the parameter count (no real bytes)."""
     name = "simquant"
+    options = ("bits", "k_gran", "v_gran")
 
     def __init__(self, config, bits=4, k_gran="channelwise", v_gran="cst"):
         for g in (k_gran, v_gran):
@@ -434,6 +453,11 @@ class OfficialZipCache(ZipCache):
                                     and H_kv > 1, where a value row spans all KV heads
     """
     official_code = True
+
+    @staticmethod
+    def wanted(opts):
+        """Whether make_cache's options for "zipcache" ask for this class: official=True, or an official switch."""
+        return bool(opts.get("official")) or any(opts.get(k, ours) != ours for k, ours in OFFICIAL_SWITCHES.items())
 
     def _split(self, scores):
         hi, lo = super()._split(scores)

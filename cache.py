@@ -16,8 +16,11 @@ This file, in reading order:
     Cache           the interface above: validation, prefill/decode dispatch, bytes and ratios
     DenseCache      fp16 K/V, the reference
     ZipCache        mixed 4/2-bit, saliency from probe queries, channelwise K, CST V, fused decode (ZipCacheConfig)
-    LatentCache     the latent c_KV and rope key of MLA / CLLA models, fp16 or packed int8/int4
-    make_cache      a cache by name; the baselines (KIVI, H2O, MiKV, CLA) live in baselines.py
+    PerSequence     a ragged batch as B single-sequence caches (ZipCache's)
+
+Elsewhere: the baselines (KIVI, H2O, MiKV, SimQuant, OfficialZipCache) in baselines.py, the caches of the
+cross-layer and latent attention variants (CLACache, LatentCache) in latent.py, and make_cache, a cache by name, in
+generate.py.
 
 Real bytes: codes are packed uint8, parameters fp16, and nbytes() counts every stored tensor (used part) plus 8 B
 per integer counter. Storage grows by doubling; the spare capacity is never read.
@@ -52,6 +55,18 @@ def _check_pack_dim(D, bits_list):
     if any(b < 16 for b in bits_list) and D % 4:
         raise ValueError(f"head_dim={D} cannot be split into the 4 planar quarters of 2/4-bit packing "
                          f"; use a head size divisible by 4, or --cache dense")
+
+
+def _bits_shorthand(opts, bits):
+    """make_cache's `bits`: both precision groups at once (ZipCache, MiKV); given with high_bits or low_bits, it is
+    an error, as one would silently overwrite the other."""
+    if bits is None:
+        return opts
+    both = [f"{k}={opts[k]}" for k in ("high_bits", "low_bits") if k in opts]
+    if both:
+        raise ValueError(f"bits={bits} sets both groups and conflicts with {', '.join(both)}; pass either "
+                         f"bits or high_bits/low_bits")
+    return dict(opts, high_bits=bits, low_bits=bits)
 
 
 def check_prompt_lengths(lengths, cache=None):
@@ -170,6 +185,13 @@ class Cache:
     multi_token_decode = False  # only DenseCache accepts T > 1 chunks after the prefill
     ragged = False              # accepts a left-padded batch (set_padding): DenseCache masks the padding, ZipCache
                                 # holds each sequence in a cache of its own (PerSequence)
+    options = ()                # the options make_cache (generate.py) passes on to from_options
+
+    @classmethod
+    def from_options(cls, config, **opts):
+        """The cache from make_cache's options (checked against cls.options): its constructor's arguments, unless a
+        class has shorthands of its own."""
+        return cls(config, **opts)
 
     def __init__(self, config):
         self.config = config
@@ -306,6 +328,7 @@ class DenseCache(Cache):
     name = "dense"
     multi_token_decode = True
     ragged = True
+    options = ("dtype",)
 
     def __init__(self, config, dtype=torch.float16):
         self.dtype = dtype  # fp16 by contract; float32 only for exactness tests
@@ -499,13 +522,30 @@ class ZipCache(Cache):
     ragged = True
 
     official_code = False  # the config's official-code switches are OfficialZipCache's (baselines.py), not this class's
+    options = ("official", "paper", "bits", "probe_ratio", *(f.name for f in fields(ZipCacheConfig)))
+
+    @classmethod
+    def from_options(cls, config, official=False, paper=False, bits=None, probe_ratio=None, **opts):
+        """ZipCacheConfig fields plus four shorthands: official / paper (the presets), bits (both precision groups)
+        and probe_ratio (split over the probe kinds of probe_strategy)."""
+        opts = _bits_shorthand(opts, bits)
+        if probe_ratio is not None:
+            _check_ratio("probe_ratio", probe_ratio)
+            if probe_ratio == 0:
+                raise ValueError("probe_ratio=0 selects no probe queries; use a fraction in (0, 1] (default 0.1), "
+                                 "or --probe_strategy all for the exact attention")
+            both = opts.get("probe_strategy", "recent+random") == "recent+random"
+            opts["probe_recent"] = opts["probe_random"] = probe_ratio / 2 if both else probe_ratio
+        base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
+        return cls(config, replace(base, **opts))
 
     def __init__(self, config, zcfg=None):
         self.cfg = zcfg or ZipCacheConfig()
         switches = self.cfg.official_switches()
         if switches and not self.official_code:
             raise ValueError(f"{', '.join(switches)}: the official code's behaviour is baselines.OfficialZipCache's, "
-                             f"not ZipCache's; build that class (make_cache does for --official and these options)")
+                             f"not ZipCache's; build that class (generate.make_cache does for --official and these "
+                             f"options)")
         self.quantized = self.cfg.high_bits < 16
         self.nested = self.cfg.k_group > 0 and self.cfg.k_stat_bits < 16   # key stats as quant.quantize_nested
         _check_pack_dim(config.head_dim, (self.cfg.high_bits, self.cfg.low_bits))
@@ -803,98 +843,3 @@ def paper_formula_ratio(b, l, hd, r=0.6, bits=(4, 2), P=None):
     k_avg = r * hi + (1 - r) * lo
     P = 5 * hd + 2 * b * l if P is None else P
     return 2 * b * l * hd * 16 / (2 * b * l * hd * k_avg + 16 * P)
-
-
-
-# -----------------------------------------------------------------------------
-# the factory: a cache by name, with the options a command line gives (None = not given)
-
-def _zipcache(config, official=False, paper=False, bits=None, probe_ratio=None, **opts):
-    """ZipCache from ZipCacheConfig fields plus three shorthands: official / paper (the presets), bits (both
-    precision groups) and probe_ratio (split over the probe kinds of probe_strategy)."""
-    if bits is not None:
-        opts["high_bits"] = opts["low_bits"] = bits
-    if probe_ratio is not None:
-        _check_ratio("probe_ratio", probe_ratio)
-        if probe_ratio == 0:
-            raise ValueError("probe_ratio=0 selects no probe queries; use a fraction in (0, 1] (default 0.1), "
-                             "or --probe_strategy all for the exact attention")
-        both = opts.get("probe_strategy", "recent+random") == "recent+random"
-        opts["probe_recent"] = opts["probe_random"] = probe_ratio / 2 if both else probe_ratio
-    base = ZipCacheConfig().official() if official else ZipCacheConfig().paper() if paper else ZipCacheConfig()
-    zcfg = replace(base, **opts)
-    if official or zcfg.official_switches():
-        import baselines
-        return baselines.OfficialZipCache(config, zcfg)
-    return ZipCache(config, zcfg)
-
-
-def _baseline(cls_name, bits=False, keep_ratio=False):
-    """A builder for a baselines.py class. baselines.py builds on this file's classes, so it is imported here, at
-    the point of use. bits=True: the `bits` shorthand sets both precision groups (MiKV); keep_ratio=True: H2O's
-    keep_ratio splits evenly into heavy hitters and recent tokens."""
-    def build(config, **opts):
-        import baselines
-        if bits and "bits" in opts:
-            opts["high_bits"] = opts["low_bits"] = opts.pop("bits")
-        if keep_ratio and "keep_ratio" in opts:
-            kr = opts.pop("keep_ratio")
-            _check_ratio("keep_ratio", kr)
-            if kr == 0:
-                raise ValueError("keep_ratio=0 keeps no tokens at all; use a fraction in (0, 1], e.g. 0.2")
-            opts["heavy_ratio"] = opts["recent_ratio"] = kr / 2
-        return getattr(baselines, cls_name)(config, **opts)
-    return build
-
-
-def _latent(cls_name):
-    """A builder for a latent.py class (latent.py builds on this file's classes: imported at the point of use)."""
-    def build(config, **opts):
-        import latent
-        return getattr(latent, cls_name)(config, **opts)
-    return build
-
-
-# name -> (builder, the options it accepts)
-_ZIP_OPTIONS = ("official", "paper", "bits", "probe_ratio", *(f.name for f in fields(ZipCacheConfig)))
-CACHES = {
-    "dense": (DenseCache, ("dtype",)),
-    "zipcache": (_zipcache, _ZIP_OPTIONS),
-    "kivi": (_baseline("KIVICache"), ("bits", "group", "residual")),
-    "h2o": (_baseline("H2OCache", keep_ratio=True), ("heavy_ratio", "recent_ratio", "keep_ratio")),
-    "mikv": (_baseline("MiKVCache", bits=True),
-             ("salient_ratio", "recent_ratio", "bits", "high_bits", "low_bits", "recompress_every")),
-    "simquant": (_baseline("SimQuantCache"), ("bits", "k_gran", "v_gran")),   # simulated quantization (Table 1)
-    "cla": (_latent("CLACache"), ("dtype",)),   # attn="cla" models: K/V once per group of layers
-    "latent": (_latent("LatentCache"), ("dtype",)),  # attn="mla"/"clla" models: the latent and the rope key
-}
-# the cache a model's attention variant needs; every other cache stores per-layer K/V
-_VARIANT_CACHE = {"cla": "cla", "mla": "latent", "clla": "latent"}
-
-
-def make_cache(name, config, **options):
-    """Build a cache by name (one of CACHES). Options set to None are ignored, so a command line can pass every
-    flag; an option the cache does not take is an error. A CLA / MLA / CLLA model needs its own cache: asking it
-    for "dense" gives that cache (its dense, unquantized-by-the-cache form; it says so in info())."""
-    variant = _VARIANT_CACHE.get(getattr(config, "attn", "gqa"))
-    if name == "dense" and variant:
-        name = variant                 # the only cache that can hold this model's K/V (or latent) exactly
-    if name not in CACHES:
-        raise ValueError(f"unknown cache {name!r}; use one of {', '.join(CACHES)}")
-    attn = getattr(config, "attn", "gqa")
-    if name in ("cla", "latent") and name != variant:
-        raise ValueError(f"the {name} cache is for attn={'cla' if name == 'cla' else 'mla or clla'} models, not "
-                         f"attn={attn!r}; use --cache dense or another cache")
-    if variant and name != variant:
-        raise ValueError(f"--cache {name} does not apply to attn={attn!r}: it shares K/V (or a latent) across "
-                         f"layers, which only its own cache stores; use --cache dense (a {variant} cache)")
-    build, allowed = CACHES[name]
-    opts = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to --cache {name}; it accepts {sorted(allowed)}")
-    both = [f"{k}={opts[k]}" for k in ("high_bits", "low_bits") if k in opts]
-    if name in ("zipcache", "mikv") and "bits" in opts and both:   # else one would silently overwrite the other
-        raise ValueError(f"bits={opts['bits']} sets both groups and conflicts with {', '.join(both)}; pass either "
-                         f"bits or high_bits/low_bits")
-    return build(config, **opts)

@@ -21,9 +21,55 @@ import time
 import torch
 
 import saliency
-from cache import ZipCache, check_prompt_lengths, make_cache
+from baselines import H2OCache, KIVICache, MiKVCache, OfficialZipCache, SimQuantCache
+from cache import DenseCache, ZipCache, check_prompt_lengths
+from latent import CLACache, LatentCache
 from tokenizer import special_probe_ids
 from weights import default_checkpoint, load_model_and_tokenizer
+
+# -----------------------------------------------------------------------------
+# the caches by name. Each class lists the options it takes (options: its constructor's arguments and its own
+# shorthands, such as bits, keep_ratio, probe_ratio, official and paper) and builds itself from them (from_options)
+
+CACHE_CLASSES = {
+    "dense": DenseCache,
+    "zipcache": ZipCache,        # OfficialZipCache for --official or an official-code switch (make_cache)
+    "kivi": KIVICache,
+    "h2o": H2OCache,
+    "mikv": MiKVCache,
+    "simquant": SimQuantCache,   # simulated quantization (Table 1)
+    "cla": CLACache,             # attn="cla" models: K/V once per group of layers
+    "latent": LatentCache,       # attn="mla"/"clla" models: the latent and the rope key
+}
+# the cache a model's attention variant needs; every other cache stores per-layer K/V
+VARIANT_CACHE = {"cla": "cla", "mla": "latent", "clla": "latent"}
+
+
+def make_cache(name, config, **options):
+    """Build a cache by name (one of CACHE_CLASSES). Options set to None are ignored, so a command line can pass every
+    flag; an option the cache does not take is an error. A CLA / MLA / CLLA model needs its own cache: asking it
+    for "dense" gives that cache (its dense, unquantized-by-the-cache form; it says so in info())."""
+    attn = getattr(config, "attn", "gqa")
+    variant = VARIANT_CACHE.get(attn)
+    if name == "dense" and variant:
+        name = variant                 # the only cache that can hold this model's K/V (or latent) exactly
+    if name not in CACHE_CLASSES:
+        raise ValueError(f"unknown cache {name!r}; use one of {', '.join(CACHE_CLASSES)}")
+    if name in ("cla", "latent") and name != variant:
+        raise ValueError(f"the {name} cache is for attn={'cla' if name == 'cla' else 'mla or clla'} models, not "
+                         f"attn={attn!r}; use --cache dense or another cache")
+    if variant and name != variant:
+        raise ValueError(f"--cache {name} does not apply to attn={attn!r}: it shares K/V (or a latent) across "
+                         f"layers, which only its own cache stores; use --cache dense (a {variant} cache)")
+    cls = CACHE_CLASSES[name]
+    opts = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(opts) - set(cls.options))
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to --cache {name}; it accepts {sorted(cls.options)}")
+    if cls is ZipCache and OfficialZipCache.wanted(opts):   # the official code's behaviour is a subclass of its own
+        cls = OfficialZipCache
+    return cls.from_options(config, **opts)
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]

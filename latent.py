@@ -5,7 +5,8 @@ The caches of the cross-layer and latent attention variants (README "CLLA"), and
     LatentCache         the latent c_KV and rope key k_R of MLA / CLLA models, fp16 or packed int8/int4
     kv_bits_per_token   what a model's cache stores per token by formula, and kv_ratio: that against fp16 MHA
 
-Each variant needs its own cache (make_cache routes "dense" to it): a layer of a group reads what its producer wrote.
+Each variant needs its own cache (generate.make_cache routes "dense" to it): a layer of a group reads what its
+producer wrote.
 """
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,11 @@ class LatentCache:
     with the integer codes (README "CLLA"); prefill chunks and the tests use attend_reference.
     """
     name = "latent"
+    options = ("dtype",)
+
+    @classmethod
+    def from_options(cls, config, **opts):
+        return cls(config, **opts)
 
     def __init__(self, config, dtype=torch.float16):
         c = self.config = config

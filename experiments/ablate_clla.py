@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
-import cache as C
 import data as datalib
 import latent
 import model as M
 import train
 import weights
+from generate import make_cache
 from tokenizer import load_tokenizer
 
 OUT, RESULTS = os.path.join("out", "ablate_clla"), "results"
@@ -96,7 +96,7 @@ def loss_on(model, batches, cache_eval=False):
         if not cache_eval:
             logits = model(x)[0]
         else:
-            cache = C.make_cache("dense", model.config)
+            cache = make_cache("dense", model.config)
             parts = [model(x[:, :DECODE_PROMPT], cache=cache)[0]]
             t0 = time.perf_counter()
             for t in range(DECODE_PROMPT, x.shape[1]):
@@ -163,7 +163,7 @@ def run_one(job):
              decode_tok_s=dec_tps, train_tok_s=res["trained_steps"] * res["tokens_per_iter"] / res["elapsed_s"],
              train_wall_s=train_s, steps=steps, tokens=steps * res["tokens_per_iter"],
              last_train_loss=res["losses"][max(res["losses"])], seed=tconf["seed"],
-             cache=C.make_cache("dense", cfg).info(), qat_after=o["qat_after"],
+             cache=make_cache("dense", cfg).info(), qat_after=o["qat_after"],
              model_config={k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))})
     if cfg.attn in M.LATENT and cfg.kv_bits < 16:
         # the same weights with the quantizer switched off: what int4 costs (or, for the PTQ run, what QAT saves)
@@ -226,7 +226,7 @@ def default_shape_rows():
         cfg = M.ModelConfig(**{**small, "n_kv_heads": 16, **ov, "vocab_size": 257})
         torch.manual_seed(0)
         m = M.Transformer(cfg).eval()
-        cache = C.make_cache("dense", cfg)
+        cache = make_cache("dense", cfg)
         with torch.no_grad():
             m(torch.randint(0, 257, (1, 64)), cache=cache)
         rows.append((name, latent.kv_bits_per_token(cfg), 100 * latent.kv_ratio(cfg), cache.nbytes()))

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import saliency
-from cache import ZipCacheConfig, make_cache
-from generate import Parser, sync
+from cache import ZipCacheConfig
+from generate import Parser, make_cache, sync
 from model import ATTN_PRESETS, ModelConfig, Transformer
 from train import PRESETS
 

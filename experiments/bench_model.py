@@ -18,8 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
-from cache import make_cache
-from generate import Parser, pick_device, sync
+from generate import Parser, make_cache, pick_device, sync
 from weights import load_model_and_tokenizer
 
 

@@ -153,7 +153,7 @@ SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidde
 @torch.no_grad()
 def bench_inference(model, prompt_len=256, new_tokens=32, repeats=3):
     """(prefill ms, decode tok/s), medians over repeats, batch 1, greedy, the dense fp16 cache."""
-    from cache import make_cache
+    from generate import make_cache
     cfg = model.config
     idx = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     pre, dec = [], []

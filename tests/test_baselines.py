@@ -3,13 +3,13 @@ each against an independent computation. (Every baseline also runs through test_
 prefill = SDPA, decode = attention over its own K/V, bytes.)"""
 import torch
 
-import cache as C
 import quant
+from generate import make_cache
 from test_cache import mcfg, qkv, run_steps
 
 def test_kivi_split_flush_and_old_codes():
     # L = 37, G = 8, R = 16: keys quantize the first 32 (37 - 37 % 16), values all but the last 16 (21)
-    c = C.make_cache("kivi", mcfg(), bits=2, group=8, residual=16)
+    c = make_cache("kivi", mcfg(), bits=2, group=8, residual=16)
     q, k, v = qkv(2, 4, 2, 37, 16, seed=0)
     c.attend(0, q, k, v)
     st = c.layers[0]
@@ -28,7 +28,7 @@ def test_kivi_split_flush_and_old_codes():
 
 def test_h2o_eviction():
     B, H, Hkv, L, D = 2, 4, 2, 40, 16
-    c = C.make_cache("h2o", mcfg(), heavy_ratio=0.1, recent_ratio=0.1)   # hh = rec = 4
+    c = make_cache("h2o", mcfg(), heavy_ratio=0.1, recent_ratio=0.1)   # hh = rec = 4
     q, k, v = qkv(B, H, Hkv, L, D, seed=0)
     c.attend(0, q, k, v)
     # prefill keeps the 4 newest plus the top 4 of the rest by accumulated attention over all rows (independent)
@@ -56,7 +56,7 @@ def test_h2o_eviction():
 
 def test_mikv_scores_are_full_matrix_column_sums():
     B, H, Hkv, L, D = 1, 4, 2, 30, 16
-    c = C.make_cache("mikv", mcfg(), salient_ratio=0.5, recent_ratio=0.1)
+    c = make_cache("mikv", mcfg(), salient_ratio=0.5, recent_ratio=0.1)
     q, k, v = qkv(B, H, Hkv, L, D, seed=3)
     c.attend(0, q, k, v)
     A = torch.softmax((q.double() @ k.repeat_interleave(2, 1).double().transpose(-1, -2) / 4).masked_fill(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import cache as C
 import decode_kernel
 import quant
+from generate import make_cache
 from model import ModelConfig, Transformer
 
 NAMES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
@@ -113,7 +114,7 @@ def run_steps(c, B, H, Hkv, D, steps, seed, layer=0):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_prefill_is_exactly_sdpa(name):
-    c = C.make_cache(name, mcfg(), **SMALL[name])
+    c = make_cache(name, mcfg(), **SMALL[name])
     q, k, v = qkv(2, 4, 2, 37, 16, seed=0)
     out = c.attend(0, q, k, v)
     # exact: compression happens after the output is computed from the unquantized q, k, v
@@ -131,7 +132,7 @@ def test_decode_equals_attention_over_own_kv(name, opts):
     # decode output = float64 attention over what the cache holds *before* the step plus the new (fp16-stored) token;
     # fp32 math on ~50 tokens: 1e-5 relative (Frobenius) is ~100x the expected rounding error
     H, Hkv, D = 4, 2, 16
-    c = C.make_cache(name, mcfg(), **opts)
+    c = make_cache(name, mcfg(), **opts)
     c.attend(0, *qkv(2, H, Hkv, 37, D, seed=1))
     g = torch.Generator().manual_seed(2)
     for step in range(13):  # crosses ZipCache/MiKV flushes (5), KIVI's key residual (16 - 37 % 16 = 11) and evictions
@@ -172,8 +173,8 @@ def test_16_bits_or_keep_all_reproduces_dense_logits(name, opts):
     model, cfg = _tiny_model()
     g = torch.Generator().manual_seed(0)
     prompt, new = torch.randint(0, 97, (2, 21), generator=g), torch.randint(0, 97, (2, 9), generator=g)
-    dense = _logits_with(model, C.make_cache("dense", cfg), prompt, new)
-    other = _logits_with(model, C.make_cache(name, cfg, **opts), prompt, new)
+    dense = _logits_with(model, make_cache("dense", cfg), prompt, new)
+    other = _logits_with(model, make_cache(name, cfg, **opts), prompt, new)
     # identical fp16 K/V; only the attention op differs (SDPA vs the decode kernel's online softmax / eager fp32)
     torch.testing.assert_close(other, dense, rtol=1e-5, atol=1e-5)
 
@@ -192,7 +193,7 @@ def test_dense_decode_equals_full_forward():
         # same ops in a different order (causal SDPA vs masked chunks): fp32 rounding, 1e-5
         torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
         # the default fp16 storage: close, within fp16 rounding of K/V (~1e-3 relative)
-        c16 = C.make_cache("dense", cfg)
+        c16 = make_cache("dense", cfg)
         model(ids[:, :20], cache=c16)
         last = [model(ids[:, i:i + 1], cache=c16)[0][:, 0] for i in range(20, 30)]
         torch.testing.assert_close(torch.stack(last, 1), full[:, 20:], rtol=0, atol=2e-3)
@@ -201,7 +202,7 @@ def test_dense_decode_equals_full_forward():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nbytes_counts_every_tensor(name):
-    c = C.make_cache(name, mcfg(n_layers=2), **SMALL[name], **({"keep_saliency_mask": True} if name == "zipcache"
+    c = make_cache(name, mcfg(n_layers=2), **SMALL[name], **({"keep_saliency_mask": True} if name == "zipcache"
                                                                  else {}))
     for layer in range(2):
         c.attend(layer, *qkv(2, 4, 2, 37, 16, seed=layer))
@@ -216,7 +217,7 @@ def test_nbytes_counts_every_tensor(name):
 
 
 def test_nbytes_counts_every_tensor_with_groups_and_sinks():
-    c = C.make_cache("zipcache", mcfg(), recompress_every=5, k_group=4, n_sink=3, n_recent=2)
+    c = make_cache("zipcache", mcfg(), recompress_every=5, k_group=4, n_sink=3, n_recent=2)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     assert c.nbytes(allocated=True) == walk_tensor_bytes(c.layers)
@@ -228,8 +229,8 @@ def test_nbytes_counts_every_tensor_with_groups_and_sinks():
 
 def test_sink_tokens_are_bit_identical_to_dense():
     # the first n_sink positions stay fp16 in the buffer through every flush: exactly what DenseCache stores
-    z = C.make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4)
-    d = C.make_cache("dense", mcfg())
+    z = make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4)
+    d = make_cache("dense", mcfg())
     x = qkv(2, 4, 2, 37, 16, seed=0)
     z.attend(0, *x), d.attend(0, *x)
     run_steps(z, 2, 4, 2, 16, 12, seed=1)
@@ -239,14 +240,14 @@ def test_sink_tokens_are_bit_identical_to_dense():
     assert torch.equal(v.v_buf[:, :, :4], d.layers[0].kv["v"][:, :, :4])
     assert v.hi.rows[0, 2] + v.lo.rows[0, 2] == 37 - 4                     # block 0 = the prompt after the sinks
     # a recent window: the prompt's last 3 tokens stay fp16 until the first flush, then join that block
-    r = C.make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4, n_recent=3)
+    r = make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4, n_recent=3)
     r.attend(0, *x)
     v = r.layer_view(0)
     assert v.n_buf == 7 and torch.equal(v.k_buf[:, :, 4:7], d.layers[0].kv["k"][:, :, -3:])
     assert v.hi.rows[0, 1] + v.lo.rows[0, 1] == 37 - 4 - 3
     run_steps(r, 2, 4, 2, 16, 2, seed=1)
     assert r.layer_view(0).n_blocks == 2 and r.layer_view(0).n_buf == 4   # 3 tail + 2 decode rows = one block of 5
-    short = C.make_cache("zipcache", mcfg(), n_sink=64)        # a prompt shorter than n_sink: one token compressed
+    short = make_cache("zipcache", mcfg(), n_sink=64)        # a prompt shorter than n_sink: one token compressed
     short.attend(0, *x)
     assert short.layer_view(0).n_blocks == 1 and short.layer_view(0).n_buf == 36
 
@@ -258,7 +259,7 @@ def test_key_groups_cut_blocks_and_lower_key_error():
     k = k + torch.linspace(-6, 6, 200)[:, None] * torch.linspace(0, 1, 16)    # slow drift along positions
     err = {}
     for G in (0, 16):
-        c = C.make_cache("zipcache", mcfg(), paper=True, k_group=G)
+        c = make_cache("zipcache", mcfg(), paper=True, k_group=G)
         c.attend(0, q, k, v)
         view = c.layer_view(0)
         for seg in view.segments:
@@ -298,7 +299,7 @@ def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio, stat_bits)
     # codes; one CST normalizer over the whole block; value codes per row. ratio 0.02: 4 salient rows over 13
     # sub-blocks, so most salient runs are empty (no rows, stat 0 / parameters 0, left out of the base)
     q, k, v = qkv(1, 4, 2, 200, 16, seed=5)
-    c = C.make_cache("zipcache", mcfg(), salient_ratio=ratio, k_group=16, k_stat_bits=stat_bits, n_sink=0)
+    c = make_cache("zipcache", mcfg(), salient_ratio=ratio, k_group=16, k_stat_bits=stat_bits, n_sink=0)
     c.attend(0, q, k, v)
     st = c.layers[0]
     rows = C.saliency.probe_positions(200, "recent+random", 0.05, 0.05, torch.Generator().manual_seed(0))
@@ -347,7 +348,7 @@ def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio, stat_bits)
 
 def test_zipcache_blocks_and_rows():
     # after L + S steps: n_blocks = 1 + S // N, n_buf = S % N; each block splits floor(0.4 n) regular tokens
-    c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5)
+    c = make_cache("zipcache", mcfg(), paper=True, recompress_every=5)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     v = c.layer_view(0)
@@ -363,7 +364,7 @@ def test_zipcache_nbytes_closed_form(scope):
     # a worked layout: B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
     B, H, D, nb = 2, 2, 16, 3
     Hv = H if scope == "head" else 1
-    c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5, v_token_scope=scope)
+    c = make_cache("zipcache", mcfg(), paper=True, recompress_every=5, v_token_scope=scope)
     c.attend(0, *qkv(B, 4, H, 37, D, seed=0))
     run_steps(c, B, 4, H, D, 12, seed=1)
     n_hi, n_lo, n_buf = 29, 18, 2
@@ -381,7 +382,7 @@ def test_zipcache_nbytes_closed_form(scope):
 def test_zipcache_worked_example_840(scope, expected):
     # worked example (README "Two ratios, always printed"): one LLaMA3-8B layer (H_kv = 8, D = 128), B = 1,
     # r = 0.6, an 840-token prompt block
-    c = C.make_cache("zipcache", mcfg(H=8, Hkv=8, D=128, max_seq_len=1024), paper=True, v_token_scope=scope)
+    c = make_cache("zipcache", mcfg(H=8, Hkv=8, D=128, max_seq_len=1024), paper=True, v_token_scope=scope)
     c.attend(0, *qkv(1, 8, 8, 840, 128, seed=0))
     tables = 2 * 4 * 1 * 2 + 4 + 8 * 10                                     # row/parent tables, counters: not there
     assert c.nbytes() == expected + tables
@@ -394,7 +395,7 @@ def test_zipcache_worked_example_840(scope, expected):
 
 def test_zipcache_worked_example_decode_blocks():
     # 840 prompt + 150 decode steps, "row": 2 blocks + 50 fp16 tokens = 999,088 B; real 4.06x, paper 4.85x
-    c = C.make_cache("zipcache", mcfg(H=8, Hkv=8, D=128, max_seq_len=1024), paper=True, v_token_scope="row")
+    c = make_cache("zipcache", mcfg(H=8, Hkv=8, D=128, max_seq_len=1024), paper=True, v_token_scope="row")
     c.attend(0, *qkv(1, 8, 8, 840, 128, seed=0))
     run_steps(c, 1, 8, 8, 128, 150, seed=3)
     extra = 4 * 8 * 50 + 2 * 4 * 3 + 4 * 2 + 8 * 10                         # accumulator, tables, counters
@@ -421,7 +422,7 @@ def test_paper_formula_ratio():
 
 
 def test_requantize_leaves_one_block():
-    c = C.make_cache("zipcache", mcfg(), paper=True, recompress_every=5, requantize=True)
+    c = make_cache("zipcache", mcfg(), paper=True, recompress_every=5, requantize=True)
     c.attend(0, *qkv(2, 4, 2, 37, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 12, seed=1)
     v = c.layer_view(0)
@@ -434,9 +435,9 @@ def test_batch_statistics_per_sequence(pooled):
     # the same sequence x alone and next to y: per-sequence statistics give x identical codes; pooled ones do not
     qx, kx, vx = qkv(1, 4, 2, 30, 16, seed=0)
     qy, ky, vy = qkv(1, 4, 2, 30, 16, seed=1, scale=3.0)
-    alone = C.make_cache("zipcache", mcfg(), pool_batch_stats=pooled)
+    alone = make_cache("zipcache", mcfg(), pool_batch_stats=pooled)
     alone.attend(0, qx, kx, vx)
-    both = C.make_cache("zipcache", mcfg(), pool_batch_stats=pooled)
+    both = make_cache("zipcache", mcfg(), pool_batch_stats=pooled)
     both.attend(0, torch.cat([qx, qy]), torch.cat([kx, ky]), torch.cat([vx, vy]))
     a, b = alone.layer_view(0), both.layer_view(0)
     same = all(torch.equal(getattr(a, p).k_codes[0], getattr(b, p).k_codes[0]) and
@@ -453,7 +454,7 @@ def test_kernel_triton_matches_torch_path():
     g = torch.Generator().manual_seed(1)
     steps = [[torch.randn(2, n, 1, 64, generator=g, dtype=torch.float16) for n in (4, 2, 2)] for _ in range(7)]
     for kern in ("torch", "triton"):
-        c = C.make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), recompress_every=5, kernel=kern)
+        c = make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), recompress_every=5, kernel=kern)
         c.attend(0, *(t.half() for t in qkv(2, 4, 2, 37, 64, seed=0)))
         outs[kern] = torch.cat([c.attend(0, *s) for s in steps], 2).float()
     # kernel tolerance: fp16 operands in every dot
@@ -464,7 +465,7 @@ def test_kernel_triton_matches_torch_path():
 def test_saliency_mask_and_special_probes():
     # probe_strategy="all" + norm "full" = exact normalized scores; the mask records exactly the salient positions
     L = 30
-    c = C.make_cache("zipcache", mcfg(), paper=True, probe_strategy="all", keep_saliency_mask=True, recompress_every=5)
+    c = make_cache("zipcache", mcfg(), paper=True, probe_strategy="all", keep_saliency_mask=True, recompress_every=5)
     q, k, v = qkv(1, 4, 2, L, 16, seed=4)
     c.attend(0, q, k, v)
     A = torch.softmax((q.double() @ k.repeat_interleave(2, 1).double().transpose(-1, -2) / 4).masked_fill(
@@ -477,7 +478,7 @@ def test_saliency_mask_and_special_probes():
     m = c.salient_mask(0)
     assert m.shape == (1, 2, 35) and int(m[..., 30:].sum(-1).max()) == 3    # the decode block: 3 of 5 salient
     # special probes: the caller supplies positions
-    s = C.make_cache("zipcache", mcfg(), probe_strategy="special", paper=True)
+    s = make_cache("zipcache", mcfg(), probe_strategy="special", paper=True)
     with pytest.raises(ValueError, match="set_special_positions"):
         s.attend(0, q, k, v)
     s.reset()
@@ -520,7 +521,7 @@ def _split(score, r=0.6):
 
 def test_official_mode_matches_spec_formulas():
     B, H, Hkv, L, D, N = 2, 4, 2, 24, 8, 4
-    c = C.make_cache("zipcache", mcfg(H=H, Hkv=Hkv, D=D), official=True, recompress_every=N)
+    c = make_cache("zipcache", mcfg(H=H, Hkv=Hkv, D=D), official=True, recompress_every=N)
     q, k, v = qkv(B, H, Hkv, L, D, seed=7)
     c.attend(0, q, k, v)
     # probes: n_rec = 24 - floor(22.8) = 2 recent, floor(1.2) = 1 random from [0, 22), seed 0
@@ -573,7 +574,7 @@ def test_official_mode_matches_spec_formulas():
 
 @pytest.mark.parametrize("r", [0.0, 1.0])
 def test_empty_groups(r):
-    c = C.make_cache("zipcache", mcfg(), salient_ratio=r, recompress_every=3)
+    c = make_cache("zipcache", mcfg(), salient_ratio=r, recompress_every=3)
     c.attend(0, *qkv(2, 4, 2, 10, 16, seed=0))
     run_steps(c, 2, 4, 2, 16, 4, seed=1)
     v = c.layer_view(0)
@@ -583,12 +584,12 @@ def test_empty_groups(r):
 
 
 def test_single_token_prompt_and_constant_values():
-    c = C.make_cache("zipcache", mcfg(), recompress_every=4)
+    c = make_cache("zipcache", mcfg(), recompress_every=4)
     q, k, v = qkv(1, 4, 2, 1, 16, seed=0)
     c.attend(0, q, k, v)                                     # L = 1: n_lo = floor(0.4) = 0
     assert c.layer_view(0).lo.rows[0, :2].tolist() == [0, 0]
     # constant tokens and an all-zero V channel stay finite and (up to fp16) exact
-    c2 = C.make_cache("zipcache", mcfg())
+    c2 = make_cache("zipcache", mcfg())
     k = torch.full((1, 2, 12, 16), 0.5)
     v = torch.randn(1, 2, 12, 16)
     v[..., 2] = 0.0
@@ -606,18 +607,18 @@ def test_errors_are_clear():
                       (dict(kernel="cuda"), "kernel"), (dict(nonsense=1), "nonsense"),
                       (dict(n_recent=100), "below recompress_every=100")]:
         with pytest.raises(ValueError, match=msg):
-            C.make_cache("zipcache", cfg, **opts)
+            make_cache("zipcache", cfg, **opts)
     with pytest.raises(ValueError, match="bits"):
-        C.make_cache("kivi", cfg, bits=3)
+        make_cache("kivi", cfg, bits=3)
     with pytest.raises(ValueError, match="keep_ratio"):
-        C.make_cache("h2o", cfg, keep_ratio=2)
+        make_cache("h2o", cfg, keep_ratio=2)
     with pytest.raises(ValueError, match="head_dim=6"):
-        C.make_cache("zipcache", ModelConfig(dim=24, n_heads=4, head_dim=6))
+        make_cache("zipcache", ModelConfig(dim=24, n_heads=4, head_dim=6))
     with pytest.raises(ValueError, match="unknown cache"):
-        C.make_cache("gear", cfg)
+        make_cache("gear", cfg)
     with pytest.raises(ValueError, match="unequal lengths"):
         C.check_prompt_lengths([5, 7])
-    c = C.make_cache("zipcache", cfg)
+    c = make_cache("zipcache", cfg)
     q, k, v = qkv(1, 4, 2, 30, 16, seed=0)
     bad = k.clone()
     bad[0, 1, 3, 2] = float("nan")
@@ -630,9 +631,9 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="max_seq_len=40"):
         run_steps(c, 1, 4, 2, 16, 1, seed=3)
     # None options are ignored (a command line passes every flag), aliases map to the config fields
-    z = C.make_cache("zipcache", cfg, high_bits=8, low_bits=4, recompress_every=7, probe_ratio=0.2, kivi_bits=None)
+    z = make_cache("zipcache", cfg, high_bits=8, low_bits=4, recompress_every=7, probe_ratio=0.2, kivi_bits=None)
     assert (z.cfg.high_bits, z.cfg.low_bits, z.cfg.recompress_every, z.cfg.probe_recent) == (8, 4, 7, 0.1)
-    assert C.make_cache("zipcache", cfg, official=True, requantize=False).cfg.requantize is False
+    assert make_cache("zipcache", cfg, official=True, requantize=False).cfg.requantize is False
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -645,14 +646,14 @@ def test_real_ratio_at_4k_tokens(D):
     want = {("row", 64): 4.94, ("row", 128): 4.96, ("head", 64): 4.62, ("head", 128): 4.80}
     q, k, v = (torch.randn(1, 8, 4096, D) for _ in range(3))
     for scope in ("row", "head"):
-        c = C.make_cache("zipcache", cfg, paper=True, v_token_scope=scope)
+        c = make_cache("zipcache", cfg, paper=True, v_token_scope=scope)
         c.attend(0, q, k, v)
         assert round(c.ratios()["real"], 2) == want[scope, D]
     assert want["row", D] >= 4.7
-    c = C.make_cache("zipcache", cfg)
+    c = make_cache("zipcache", cfg)
     c.attend(0, q, k, v)
     assert round(c.ratios()["real"], 2) == {64: 4.83, 128: 4.85}[D]
-    c = C.make_cache("zipcache", cfg, k_stat_bits=16)
+    c = make_cache("zipcache", cfg, k_stat_bits=16)
     c.attend(0, q, k, v)
     assert round(c.ratios()["real"], 2) == {64: 3.95, 128: 3.97}[D]
 

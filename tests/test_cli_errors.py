@@ -21,7 +21,7 @@ import model as M
 import retrieval
 import train
 import weights
-from cache import make_cache
+from generate import make_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RETRIEVAL = os.path.join(ROOT, "ckpt", "retrieval", "ckpt.pt")

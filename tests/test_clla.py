@@ -15,6 +15,7 @@ import model as M
 import quant
 import train
 import weights
+from generate import make_cache
 
 V = 61  # vocabulary of the toy models
 
@@ -49,7 +50,7 @@ def dense_cache(m, dtype=torch.float32):
     cfg = m.config
     if cfg.attn in ("mha", "gqa", "mqa"):
         return C.DenseCache(cfg, dtype=dtype)
-    return C.make_cache("dense", cfg, dtype=dtype)   # routes to CLACache / LatentCache from cfg.attn
+    return make_cache("dense", cfg, dtype=dtype)   # routes to CLACache / LatentCache from cfg.attn
 
 
 def rel_err(a, b):
@@ -437,11 +438,11 @@ def test_bad_configs_one_line(kw, match):
 def test_cache_routing_and_checkpoint_round_trip(tmp_path):
     m = make(**VARIANTS["clla-quant"])
     with pytest.raises(ValueError, match="use --cache dense") as e:
-        C.make_cache("zipcache", m.config)
+        make_cache("zipcache", m.config)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="latent cache is for attn"):
-        C.make_cache("latent", M.ModelConfig(dim=64, n_heads=4))
-    assert isinstance(C.make_cache("latent", m.config), latent.LatentCache)
+        make_cache("latent", M.ModelConfig(dim=64, n_heads=4))
+    assert isinstance(make_cache("latent", m.config), latent.LatentCache)
     with pytest.raises(ValueError, match="caches a latent, but got a DenseCache"):
         m(torch.zeros(1, 3, dtype=torch.long), cache=C.DenseCache(m.config))
     # the checkpoint records the toggle: load_model rebuilds the same variant with the same logits

@@ -73,7 +73,7 @@ def test_dense_ragged_matches_alone():
 def test_zero_padding_is_no_padding():
     model = tiny()
     idx = torch.tensor(prompts([9, 9]))
-    c0, c1 = C.make_cache("dense", model.config), C.make_cache("dense", model.config)
+    c0, c1 = G.make_cache("dense", model.config), G.make_cache("dense", model.config)
     c1.set_padding([0, 0])
     assert c1.pad is None
     torch.testing.assert_close(model(idx, cache=c0)[0], model(idx, cache=c1)[0], atol=0, rtol=0)
@@ -89,11 +89,11 @@ def test_zipcache_ragged_matches_alone():
     idx, pad = left_pad(batch)
     steps = 7                                  # crosses two flushes of recompress_every 3
     nxt = torch.randint(1, 64, (len(batch), steps), generator=torch.Generator().manual_seed(5))
-    cache = C.make_cache("zipcache", model.config, **ZIP)
+    cache = G.make_cache("zipcache", model.config, **ZIP)
     got = run(model, cache, idx, pad, steps=steps, nxt=nxt)
     total = 0
     for b, p in enumerate(batch):
-        one = C.make_cache("zipcache", model.config, **ZIP)
+        one = G.make_cache("zipcache", model.config, **ZIP)
         alone = run(model, one, torch.tensor([p]), steps=steps, nxt=nxt[b:b + 1])
         torch.testing.assert_close(got[b], alone[0], atol=1e-5, rtol=0)   # fp32 rounding (measured ~1e-6)
         sub = cache.subs[b]
@@ -114,7 +114,7 @@ def test_zipcache_ragged_matches_alone():
 @pytest.mark.parametrize("name", ["kivi", "h2o", "mikv"])
 def test_other_caches_refuse_ragged(name):
     cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=128)
-    c = C.make_cache(name, cfg, **({"group": 8, "residual": 16} if name == "kivi" else {}))
+    c = G.make_cache(name, cfg, **({"group": 8, "residual": 16} if name == "kivi" else {}))
     with pytest.raises(ValueError, match="ragged batches"):
         c.set_padding([0, 3])
     with pytest.raises(ValueError, match="prompts of unequal lengths"):
@@ -126,7 +126,7 @@ def test_latent_and_cla_refuse_ragged():
         cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2 if attn == "cla" else None, vocab_size=64,
                           max_seq_len=128, attn=attn)
         with pytest.raises(ValueError, match="prompts of unequal lengths"):
-            C.check_prompt_lengths([3, 5], C.make_cache("dense", cfg))
+            C.check_prompt_lengths([3, 5], G.make_cache("dense", cfg))
 
 
 @torch.no_grad()
@@ -135,9 +135,9 @@ def test_generate_ragged_list(name):
     model = tiny()
     batch = prompts([5, 11])
     opts = dict(recompress_every=3) if name == "zipcache" else {}
-    ids, _ = G.generate(model, batch, C.make_cache(name, model.config, **opts), 6)
+    ids, _ = G.generate(model, batch, G.make_cache(name, model.config, **opts), 6)
     for b, p in enumerate(batch):
-        alone, _ = G.generate(model, p, C.make_cache(name, model.config, **opts), 6)
+        alone, _ = G.generate(model, p, G.make_cache(name, model.config, **opts), 6)
         assert ids[b] == alone[0]
 
 
