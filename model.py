@@ -21,6 +21,11 @@ from quant import fake_quant   # CLLA's latent QAT (pure torch; the cache quanti
 # -----------------------------------------------------------------------------
 # config
 
+# The longest context a model is built for: its RoPE tables (cos and sin, fp32, [max_seq_len, head_dim / 2]) are made
+# for every position at once, 512 MB at 2^20 positions and head_dim 128. Released llama models declare up to 2^17.
+MAX_SEQ_LEN = 2 ** 20
+
+
 @dataclass
 class ModelConfig:
     # field names follow Meta's params.json so a Llama params.json loads as ModelConfig(**params)
@@ -75,6 +80,9 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if not 1 <= self.max_seq_len <= MAX_SEQ_LEN:
+            raise ValueError(f"max_seq_len={self.max_seq_len} must be in 1..{MAX_SEQ_LEN} (the RoPE tables are built "
+                             f"for every position); lower it")
         if self.attn not in ATTN_VARIANTS:
             raise ValueError(f"unknown attn={self.attn!r}; choose one of {sorted(ATTN_VARIANTS)}")
         # mha/gqa/mqa are one module; the name must agree with n_kv_heads so a config says what it is
@@ -478,6 +486,15 @@ class Transformer(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
+    def check_ids(self, idx):
+        """One line for an id outside the vocabulary, not the embedding's bare 'index out of range'. Run on prompts
+        (a prefill, or the first step): a decode step feeds back the model's own samples, always in range, and skips
+        this host sync; so does training, whose tokenizer train.py has matched to the vocabulary."""
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < self.config.vocab_size):
+            bad = int(idx.max()) if int(idx.max()) >= self.config.vocab_size else int(idx.min())
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{self.config.vocab_size - 1}); "
+                             f"use the tokenizer the model was trained with")
+
     def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx [B, T] token ids -> (logits [B, T, V] fp32 (or [B, 1, V] if last_only), loss or None).
 
@@ -488,6 +505,8 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
+        if not self.training and (T > 1 or start == 0):
+            self.check_ids(idx)
         if start + T > self.config.max_seq_len:
             raise ValueError(f"{T} tokens at position {start} exceed max_seq_len={self.config.max_seq_len}; "
                              f"shorten the prompt or lower --max_new_tokens")

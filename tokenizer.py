@@ -24,8 +24,11 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
+import signal
 import tempfile
+import threading
 
 import numpy as np
 import tiktoken
@@ -96,6 +99,7 @@ class Tokenizer:
         return self.enc.decode_bytes(list(ids))
 
     chat_template = None    # a jinja2 string for the models that ship one (BPETokenizer); see render_chat
+    chat_source = ""        # the file it came from, for error messages
 
     def apply_chat(self, messages, add_generation_prompt=True):
         """[{"role", "content"}, ...] -> ids of the conversation in the model's own chat format, ending with the
@@ -103,8 +107,11 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError(f"the tokenizer {self.spec.get('kind')!r} has no chat template; drop --chat, or load a "
                              f"checkpoint whose .gguf or tokenizer_config.json carries one")
-        text = render_chat(self.chat_template, messages, add_generation_prompt, bos_token=self.special_text(self.bos_id),
-                           eos_token=self.special_text(self.eos_id))
+        # a file without a BOS (or EOS) id leaves the variable undefined, as transformers does: a template that
+        # needs it renders it empty or refuses
+        names = {k: self.special_text(i) for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id))
+                 if i is not None}
+        text = render_chat(self.chat_template, messages, add_generation_prompt, source=self.chat_source, **names)
         return self.encode(text, allowed_special="all")   # the template wrote the special tokens itself
 
     def special_text(self, i):
@@ -388,25 +395,68 @@ def gguf_field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
+REQUIRED = object()
+_GGUF_KINDS = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    bool: ("a boolean", lambda v: isinstance(v, bool) or v in (0, 1)),
+    "strs": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "ints": ("a list of integers", lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v)),
+}
+
+
+def gguf_value(reader, path, key, kind, default=REQUIRED, lo=None, hi=None):
+    """One metadata value checked for presence, type (int, float, str, bool, "strs", "ints") and range [lo, hi]
+    (for lists: their length): every field a loader uses goes through here, so a damaged or hand-edited file is one
+    line naming the field before anything is allocated from it. Absent: default, or an error if required."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is REQUIRED:
+            raise ValueError(f"{path}: metadata {key} is missing; the file is incomplete, or not a GGUF this loader "
+                             f"supports")
+        return default
+    what, ok = _GGUF_KINDS[kind]
+    try:
+        v = f.contents()
+    except Exception:
+        v = ok = None
+    if not ok or not ok(v):
+        raise ValueError(f"{path}: metadata {key} is {str(v)[:40] if ok else 'unreadable'}, not {what}; the file is "
+                         f"corrupt")
+    if kind is bool:
+        return bool(v)
+    n = len(v) if isinstance(v, list) else v
+    if (lo is not None and n < lo) or (hi is not None and n > hi):
+        rng = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"in {lo}..{hi}"
+        what = f"has {n} entries" if isinstance(v, list) else f"is {v}"
+        raise ValueError(f"{path}: metadata {key} {what}; it must be {rng} (the file is corrupt)")
+    return v
+
+
 def gguf_tokenizer(path):
     """tokenizer.ggml.* metadata of a GGUF -> BPETokenizer (only byte-level BPE, tokenizer.ggml.model == 'gpt2')."""
     r = gguf_reader(path)
-    kind = gguf_field(r, "tokenizer.ggml.model")
+    kind = gguf_value(r, path, "tokenizer.ggml.model", str, None)
     if kind != "gpt2":
         what = "a sentencepiece tokenizer" if kind == "llama" else "no byte-level BPE tokenizer"
         raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r} ({what}), which is not supported; only byte-level "
                          f"BPE ('gpt2': SmolLM, Llama 3, GPT-2) is; pass --tokenizer with a supported tokenizer")
-    pre = gguf_field(r, "tokenizer.ggml.pre", "gpt2")
+    pre = gguf_value(r, path, "tokenizer.ggml.pre", str, "gpt2")
     if pre not in PRE_PATTERNS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_PATTERNS)})")
-    tokens = gguf_field(r, "tokenizer.ggml.tokens")
-    types = gguf_field(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = gguf_value(r, path, "tokenizer.ggml.tokens", "strs", lo=1)
+    n = len(tokens)
+    types = gguf_value(r, path, "tokenizer.ggml.token_type", "ints", [1] * n, lo=n, hi=n)
     special = {i for i, t in enumerate(types) if t in (3, 4)}          # CONTROL, USER_DEFINED (llama.cpp's enum)
-    return BPETokenizer({"kind": "gguf", "path": os.path.abspath(path)}, tokens,
-                        gguf_field(r, "tokenizer.ggml.merges") or [], special, PRE_PATTERNS[pre],
-                        gguf_field(r, "tokenizer.ggml.bos_token_id"), gguf_field(r, "tokenizer.ggml.eos_token_id"),
-                        bool(gguf_field(r, "tokenizer.ggml.add_bos_token", False)),
-                        gguf_field(r, "tokenizer.chat_template"), path, gguf_field(r, "tokenizer.ggml.unknown_token_id"))
+    ids = {k: gguf_value(r, path, f"tokenizer.ggml.{k}_token_id", int, None, 0, n - 1)
+           for k in ("bos", "eos", "unknown")}
+    tok = BPETokenizer({"kind": "gguf", "path": os.path.abspath(path)}, tokens,
+                       gguf_value(r, path, "tokenizer.ggml.merges", "strs", []), special, PRE_PATTERNS[pre],
+                       ids["bos"], ids["eos"], gguf_value(r, path, "tokenizer.ggml.add_bos_token", bool, False),
+                       gguf_value(r, path, "tokenizer.chat_template", str, None), path, ids["unknown"])
+    tok.chat_source = f"{path} (tokenizer.chat_template)"
+    return tok
 
 
 def hf_pattern(pt, path):
@@ -433,14 +483,17 @@ def hf_tokenizer(path):
             tj = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path!r} as JSON ({type(e).__name__}); is it a tokenizer.json?") from None
+    check_tokenizer_json(tj, path)
     m = tj.get("model") or {}
     if m.get("type") != "BPE" or tj.get("normalizer") is not None:
         raise ValueError(f"{path}: model type {m.get('type')!r} with normalizer {tj.get('normalizer') and tj['normalizer'].get('type')!r}"
                          f" is not byte-level BPE (a BPE model, no normalizer); use a GGUF or a Llama-3 tokenizer.model")
     pat = hf_pattern(tj.get("pre_tokenizer"), path)
     vocab = dict(m["vocab"])
-    added = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+    added = {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
     vocab.update(added)
+    if not vocab or max(vocab.values()) + 1 != len(set(vocab.values())):    # before a list of max id + 1 entries
+        raise ValueError(f"{path}: token ids have gaps; the tokenizer.json is corrupt")
     tokens = [None] * (max(vocab.values()) + 1)
     for t, i in vocab.items():
         tokens[i] = t
@@ -449,8 +502,7 @@ def hf_tokenizer(path):
     cfg = {}
     cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = read_tokenizer_config(cfg_path)
 
     def tok_id(name):
         v = cfg.get(name)
@@ -463,27 +515,162 @@ def hf_tokenizer(path):
     add_bos = cfg.get("add_bos_token")
     if add_bos is None:     # Llama 3 says it only in its post-processor, which prepends <|begin_of_text|>
         add_bos = bos is not None and json.dumps(tokens[bos]) in json.dumps(tj.get("post_processor") or {})
-    return BPETokenizer({"kind": "hf", "path": os.path.abspath(path)}, tokens, m.get("merges", []), set(added.values()),
-                        pat, bos, eos if eos is not None else bos, bool(add_bos), template, path,
-                        vocab.get(m.get("unk_token")) if m.get("unk_token") else None)
+    tok = BPETokenizer({"kind": "hf", "path": os.path.abspath(path)}, tokens, m.get("merges", []), set(added.values()),
+                       pat, bos, eos if eos is not None else bos, bool(add_bos), template, path,
+                       vocab.get(m.get("unk_token")) if m.get("unk_token") else None)
+    tok.chat_source = f"{cfg_path} (chat_template)"
+    return tok
 
 
-def render_chat(template, messages, add_generation_prompt=True, **variables):
+def check_tokenizer_json(tj, path):
+    """The parts of a tokenizer.json hf_tokenizer reads, checked for shape: one line naming the file and the part."""
+    def bad(what):
+        return ValueError(f"{path}: {what}; the tokenizer.json is corrupt or not a Hugging Face tokenizer.json")
+
+    if not isinstance(tj, dict):
+        raise bad(f"the top level is a JSON {type(tj).__name__}, not an object")
+    m = tj.get("model") or {}
+    if not isinstance(m, dict):
+        raise bad(f"'model' is a {type(m).__name__}, not an object")
+    for key in ("normalizer", "pre_tokenizer", "post_processor"):
+        if tj.get(key) is not None and not isinstance(tj[key], dict):
+            raise bad(f"'{key}' is a {type(tj[key]).__name__}, not an object or null")
+    if m.get("type") != "BPE":
+        return                                                  # refused by the caller, naming the model type
+    vocab = m.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise bad("model.vocab is missing or not a non-empty object of token: id")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
+        raise bad("model.vocab has an id that is not a whole number >= 0")
+    merges = m.get("merges", [])
+    if not isinstance(merges, list) or not all(
+            (isinstance(x, str) and " " in x) or (isinstance(x, list) and len(x) == 2 and all(isinstance(y, str)
+                                                                                              for y in x))
+            for x in merges):
+        raise bad("model.merges is not a list of 'a b' strings or [a, b] pairs")
+    if m.get("unk_token") is not None and not isinstance(m["unk_token"], str):
+        raise bad("model.unk_token is not a string")
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise bad("added_tokens is not a list")
+    for k, a in enumerate(added):
+        if not (isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
+                and not isinstance(a.get("id"), bool) and a["id"] >= 0):
+            raise bad(f"added_tokens[{k}] lacks a string 'content' and a whole-number 'id' >= 0")
+
+
+def read_tokenizer_config(path):
+    """tokenizer_config.json, checked for the fields hf_tokenizer reads; every problem names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read {path} as JSON ({why}); restore it from the model's release") from None
+
+    def bad(what):
+        return ValueError(f"{path}: {what}; restore the file from the model's release")
+
+    if not isinstance(cfg, dict):
+        raise bad(f"the top level is a JSON {type(cfg).__name__}, not an object")
+    for name in ("bos_token", "eos_token"):
+        v = cfg.get(name)
+        if v is not None and not isinstance(v.get("content") if isinstance(v, dict) else v, str):
+            raise bad(f"{name} is neither a string nor an object with a string 'content'")
+    if cfg.get("add_bos_token") is not None and not isinstance(cfg["add_bos_token"], bool):
+        raise bad("add_bos_token is not true, false or null")
+    t = cfg.get("chat_template")
+    if t is not None and not isinstance(t, str) and not (
+            isinstance(t, list) and all(isinstance(x, dict) and isinstance(x.get("template"), str) for x in t)):
+        raise bad("chat_template is neither a string nor a list of {name, template} objects")
+    return cfg
+
+
+CHAT_TIME_LIMIT_S = 5.0          # a real template renders in milliseconds; nested long loops would run for hours
+CHAT_MAX_CHARS = 10_000_000      # and one rendering more text than any context holds is a broken template
+
+
+class _TemplateTimeout(BaseException):     # not an Exception: nothing inside jinja2 may swallow it
+    pass
+
+
+def render_chat(template, messages, add_generation_prompt=True, source="the chat template", **variables):
     """Render a chat template the way transformers does: jinja2's immutable sandbox with trim_blocks/lstrip_blocks,
-    loop controls, a tojson filter, raise_exception() and strftime_now() (README, "Chat")."""
-    from jinja2.exceptions import TemplateError
+    loop controls, a tojson filter, raise_exception() and strftime_now() (README, "Chat"). Guarded: at most
+    CHAT_TIME_LIMIT_S seconds and CHAT_MAX_CHARS characters, and any error in the template (a syntax error, a
+    division by zero, a string added to a number, ...) is one line naming `source`, the file it came from."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise ValueError(f"the chat template refused the conversation: {message}")
+        raise _Refused(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
         x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+
+    def render():
+        out, n = [], 0
+        for chunk in env.from_string(template).generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                         **variables):
+            out.append(chunk)
+            n += len(chunk)
+            if n > CHAT_MAX_CHARS:
+                raise ValueError(f"{source} renders more than {CHAT_MAX_CHARS:,} characters for "
+                                 f"{len(messages)} message(s); the template is broken: fix it or drop --chat")
+        return "".join(out)
+
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **variables)
-    except TemplateError as e:
-        raise ValueError(f"the chat template does not render ({type(e).__name__}: {e}); fix the template") from None
+        return _with_time_limit(render, CHAT_TIME_LIMIT_S)
+    except _Refused as e:
+        raise ValueError(f"{source} refused the conversation: {e}") from None
+    except _TemplateTimeout:
+        raise ValueError(f"{source} did not render within {CHAT_TIME_LIMIT_S:g} s (a runaway loop?); fix the "
+                         f"template or drop --chat") from None
+    except ValueError as e:
+        if str(e).startswith(source):
+            raise
+        raise ValueError(f"{source} does not render (ValueError: {_one_line(e)}); fix the template or drop "
+                         f"--chat") from None
+    except Exception as e:   # jinja2's own errors, and whatever the template's expressions raise
+        raise ValueError(f"{source} does not render ({type(e).__name__}: {_one_line(e)}); fix the template or drop "
+                         f"--chat") from None
+
+
+class _Refused(Exception):
+    """raise_exception() called by the template itself: the conversation, not the template, is wrong."""
+
+
+def _one_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _with_time_limit(fn, seconds):
+    """fn() stopped after `seconds`: by SIGALRM in the main thread (the template's Python code is interrupted where
+    it is), else in a daemon thread that is abandoned (the caller gets the error; the thread ends with the process)."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def on_alarm(signum, frame):
+            raise _TemplateTimeout()
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)      # and again every 0.1 s until it lands
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    box = {}
+
+    def run():
+        try:
+            box["out"] = fn()
+        except BaseException as e:   # handed to the caller
+            box["err"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise _TemplateTimeout()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]

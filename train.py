@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -191,6 +192,23 @@ def flops_per_token(model, T):
 
 # -----------------------------------------------------------------------------
 
+def check_writable(path, flag, is_file=False):
+    """The folder `path` (or a file's folder), or the nearest existing one above it (where it would be made), must be
+    a directory this process can create files in: found now, not after the data preparation and the model build.
+    Probed with a temp file that vanishes, so nothing is left behind; a read-only disk or a missing permission is
+    one line."""
+    p = os.path.dirname(os.path.abspath(path)) if is_file else os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ValueError(f"--{flag}={path}: {p} is a file, not a directory; choose another --{flag}")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise ValueError(f"--{flag}={path}: cannot write in {p} ({e.strerror or e}); choose another --{flag}") from None
+
+
 def validate(cfg):
     """Every cheap check of the settings, before any data preparation or model building."""
     for key in ("batch_size", "block_size", "grad_accum", "eval_interval", "log_interval"):
@@ -207,6 +225,9 @@ def validate(cfg):
             raise ValueError(f"--{key}={v} must be a finite number >= 0")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out_dir={cfg.out_dir} is a file, not a directory; choose another --out_dir")
+    for flag in ("out_dir", "data_dir", "export_to"):
+        if getattr(cfg, flag):
+            check_writable(getattr(cfg, flag), flag, is_file=flag == "export_to")
     if cfg.device != "auto":
         try:
             dev = torch.device(cfg.device)

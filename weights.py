@@ -25,8 +25,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from model import ModelConfig, Transformer, rope_frequencies
-from tokenizer import find_tokenizer_model, gguf_field, gguf_reader, load_tokenizer
+from model import MAX_SEQ_LEN, ModelConfig, Transformer, rope_frequencies
+from tokenizer import REQUIRED, find_tokenizer_model, gguf_reader, gguf_value, load_tokenizer
 
 # GGUF tensor name (after "blk.N.") -> our parameter name (after "layers.N."); see model.Block
 GGUF_BLOCK_NAMES = {
@@ -360,37 +360,58 @@ def export_slim(ckpt, path):
 # -----------------------------------------------------------------------------
 # GGUF
 
+# Bounds on the widths a llama GGUF may declare (Llama-3-405B's largest is its 53248-wide feed-forward); its context
+# is bounded by model.MAX_SEQ_LEN, as every model's is.
+GGUF_MAX_WIDTH = 2 ** 18
+
+
 def gguf_config(reader, path, tensors):
-    """llama.* metadata -> ModelConfig."""
-    arch = gguf_field(reader, "general.architecture")
+    """llama.* metadata -> ModelConfig. Every field is checked for presence, type and range (tokenizer.gguf_value),
+    and the widths against the token embedding's shape, before anything is allocated from them."""
+    arch = gguf_value(reader, path, "general.architecture", str, None)
     if arch != "llama":
         raise ValueError(f"{path}: general.architecture is {arch!r}, but only 'llama' GGUFs (Llama, SmolLM, Mistral "
                          f"without sliding window) are supported; convert a Llama-architecture model instead")
 
-    def get(key, default=None):
-        v = gguf_field(reader, f"llama.{key}", default)
-        if v is None:
-            raise ValueError(f"{path}: metadata llama.{key} is missing; the file is not a complete llama GGUF")
-        return v
+    def get(key, kind=int, default=REQUIRED, lo=1, hi=GGUF_MAX_WIDTH):
+        return gguf_value(reader, path, f"llama.{key}", kind, default, lo, hi)
 
-    n_heads, dim = get("attention.head_count"), get("embedding_length")
-    head_dim = gguf_field(reader, "llama.attention.key_length") or dim // n_heads
-    if get("rope.dimension_count", head_dim) != head_dim:
+    dim = get("embedding_length")
+    n_heads = get("attention.head_count", hi=dim)
+    n_kv_heads = get("attention.head_count_kv", default=0, lo=0, hi=n_heads) or n_heads   # 0 or absent: MHA
+    head_dim = get("attention.key_length", default=None, lo=2)
+    if head_dim is None:
+        if dim % n_heads:
+            raise ValueError(f"{path}: llama.embedding_length {dim} is not divisible by llama.attention.head_count "
+                             f"{n_heads} and llama.attention.key_length is absent; the file is corrupt")
+        head_dim = dim // n_heads
+    if get("rope.dimension_count", default=head_dim, lo=0) != head_dim:
         raise ValueError(f"{path}: partial RoPE (rope.dimension_count != head_dim {head_dim}) is not supported")
-    if gguf_field(reader, "llama.rope.scaling.type", "none") not in ("none",):
-        raise ValueError(f"{path}: rope scaling {gguf_field(reader, 'llama.rope.scaling.type')!r} is not supported "
-                         f"(only none, and Llama-3.1's frequency factors)")
-    theta = float(get("rope.freq_base", 10000.0))
+    scaling = get("rope.scaling.type", str, "none")
+    if scaling != "none":
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported (only none, and Llama-3.1's frequency "
+                         f"factors)")
+    theta = float(get("rope.freq_base", float, 10000.0, hi=None))
     embd = tensors["token_embd.weight"]
-    cfg = dict(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-               n_kv_heads=gguf_field(reader, "llama.attention.head_count_kv") or n_heads,
-               vocab_size=gguf_field(reader, "llama.vocab_size") or int(embd.shape[1]),
-               norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
-               max_seq_len=get("context_length", 2048), head_dim=head_dim, hidden_dim=get("feed_forward_length"),
-               tie_embeddings="output.weight" not in tensors, attn="gqa")
+    emb_dim, emb_vocab = (int(n) for n in embd.shape[:2]) if len(embd.shape) == 2 else (-1, -1)
+    if emb_dim != dim:
+        raise ValueError(f"{path}: token_embd.weight has shape {[int(n) for n in embd.shape]}, not [{dim}, vocab] as "
+                         f"llama.embedding_length says; the file is corrupt")
+    vocab = get("vocab_size", default=emb_vocab, hi=2 ** 24)
+    if vocab != emb_vocab:
+        raise ValueError(f"{path}: llama.vocab_size {vocab} but token_embd.weight has {emb_vocab} rows; the file is "
+                         f"corrupt")
+    cfg = dict(dim=dim, n_layers=get("block_count", hi=4096), n_heads=n_heads, n_kv_heads=n_kv_heads,
+               vocab_size=vocab, norm_eps=float(get("attention.layer_norm_rms_epsilon", float, 1e-5, lo=0, hi=1)),
+               rope_theta=theta, max_seq_len=get("context_length", default=2048, hi=MAX_SEQ_LEN),
+               head_dim=head_dim, hidden_dim=get("feed_forward_length"), tie_embeddings="output.weight" not in tensors,
+               attn="gqa")
     if "rope_freqs.weight" in tensors:
         cfg["rope_scaling"] = llama31_scaling(dequantize(tensors["rope_freqs.weight"], path), head_dim, theta, path)
-    return ModelConfig(**cfg)
+    try:
+        return ModelConfig(**cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (from its llama.* metadata; the file is corrupt)") from None
 
 
 def llama31_scaling(factors, head_dim, theta, path):
