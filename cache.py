@@ -27,6 +27,7 @@ per integer counter. Storage grows by doubling; the spare capacity is never read
 """
 import math
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -368,52 +369,44 @@ class DenseCache(Cache):
 # -----------------------------------------------------------------------------
 # ZipCache
 
-# ZipCacheConfig fields where the official code's behaviour differs from ours, with ours: OfficialZipCache's switches
+# ZipCacheConfig fields where the official code's behaviour differs from ours, with ours (OfficialZipCache's switches)
 OFFICIAL_SWITCHES = dict(requantize=False, decode_score="normalized", lo_order="position")
 
 
 @dataclass
 class ZipCacheConfig:
-    high_bits: int = 4                 # salient tokens
-    low_bits: int = 2                 # regular tokens
-    salient_ratio: float = 0.5       # r (the paper uses 0.6, its 4.98x setting; see k_group for why 0.5 here)
-    probe_recent: float = 0.05       # fraction of prompt rows used as recent probes
-    probe_random: float = 0.05       # fraction used as random probes (with replacement, seeded)
-    probe_strategy: str = "recent+random"  # recent | random | recent+random | special | all 
-    score: str = "normalized"        # normalized (ZipCache) | accumulated (H2O/MiKV) | locality
-    norm: str = "full"               # divisor of the normalized score: L - j ("full", official) or probe count
-    seed: int = 0
-    recompress_every: int = 100      # N: decode tokens per compressed block (the official recompress interval)
-    decode_score: str = "normalized"  # normalized attention from the block's own queries | last_query (official)
-    requantize: bool = False         # official: re-quantize the whole cache every N steps
-    pool_batch_stats: bool = False   # official: key params and V normalizer pooled over the batch
-    scale_eps: float = 2 ** -14      # official: 0 (NaN on constant groups in the official code)
-    # value (min, scale): one pair per row over all KV heads ("row", official) or per (token, KV head) ("head").
-    # Default "row": at 4k tokens it stores 4.94x (D=64) / 4.96x (D=128) fewer bytes than fp16, "head" 4.62x /
-    # 4.80x, missing the 4.7x target at D=64; "head" is more accurate when heads differ in value magnitude.
-    v_token_scope: str = "row"
-    keep_saliency_mask: bool = False  # store a 1-bit salient/regular mask per (seq, KV head, position)
-    kernel: str = "auto"             # decode attention: auto | triton | torch
-    # Beyond the paper (README "Closing the gap on a real model"): at most k_group rows of each precision group share
-    # one key (min, scale) per channel. 0 = the paper's one pair per channel over the whole block. A block is cut
-    # into sub-blocks of consecutive (by position) rows of each group, so the codes' layout and the kernel are
-    # unchanged; the CST value normalizer stays one per block. Costs 32/k_group bits per key element in fp16 pairs,
-    # 8/k_group nested (k_stat_bits). 16: on SmolLM2 passkey retrieval follows how many positions a key group
-    # spans (README "Closing the gap on a real model").
-    k_group: int = 16
-    # Beyond the paper: with k_group > 0, each sub-block's key (scale, min) is stored as 4-bit codes under one fp16
-    # (base, step) pair per block (quant.quantize_nested, k-quant style): 8 bits per channel per sub-block instead of
-    # 32, so 16-row groups cost 0.5 bits per key element, not 2. 16 = fp16 pairs per sub-block.
-    k_stat_bits: int = 4
-    # Beyond the paper: the first n_sink positions (the "attention sinks" of StreamingLLM, which take a large share
-    # of every query's attention) stay in fp16, bit-identical to a dense cache, and are never compressed.
-    n_sink: int = 4
-    # Beyond the paper: the last n_recent prompt tokens (the question, on a long-context task) wait in the fp16
-    # buffer and are compressed with the first decode block, as KIVI's full-precision residual window does.
-    n_recent: int = 0
-    # order of the regular rows inside a block: by position, or by ascending score as the official top-k returns
-    # them. Only changes numbers with v_token_scope="row" and H_kv > 1 (a value row spans all KV heads).
-    lo_order: str = "position"
+    # the paper's algorithm (paper() turns off what follows it)
+    high_bits: int = 4                     # salient tokens: attention depends on them most
+    low_bits: int = 2                      # regular tokens: most of the saving
+    salient_ratio: float = 0.5             # r: the paper's 4.98x setting is 0.6; fewer 4-bit tokens pay for k_group
+    score: str = "normalized"              # normalized (ZipCache, Fig. 3) | accumulated (H2O/MiKV) | locality
+    norm: str = "full"                     # the normalized score's divisor: L - j ("full", official) or probe count
+    probe_strategy: str = "recent+random"  # recent | random | recent+random | special | all: which queries score
+    probe_recent: float = 0.05             # share of prompt rows used as recent probes: scores from 10% of the rows
+    probe_random: float = 0.05             # share used as random probes (with replacement, seeded)
+    recompress_every: int = 100            # N: decode tokens per compressed block (the official recompress interval)
+    # beyond the paper, one switch each (README "Beyond the paper")
+    k_group: int = 16                      # rows of a precision group per key (min, scale): passkey retrieval follows
+                                           # the positions one group spans (0 = one per block, the paper)
+    k_stat_bits: int = 4                   # 4: those statistics as codes under one fp16 (base, step) per block
+                                           # (quant.quantize_nested), 0.5 bits a key element at 16 rows, not 2; 16: fp16
+    n_sink: int = 4                        # first positions kept fp16, never compressed: attention sinks (StreamingLLM)
+                                           # take a large share of every query's attention
+    n_recent: int = 0                      # last prompt tokens kept fp16 until the first flush (KIVI's residual window)
+    # implementation
+    v_token_scope: str = "row"             # value (min, scale) per row over all KV heads ("row", official): 4.94x at
+                                           # D=64 where "head" (per token and KV head) stores 4.62x, more accurately
+    keep_saliency_mask: bool = False       # a 1-bit salient mask per (seq, KV head, position), for analysis (counted)
+    kernel: str = "auto"                   # decode attention: auto | triton | torch
+    seed: int = 0                          # the random probes' generator
+    scale_eps: float = 2 ** -14            # scale clamp: constant groups stay finite (official: 0, NaN there)
+    pool_batch_stats: bool = False         # official: key statistics and V normalizer pooled over the batch
+    # the official code's behaviour where ZipCache's differs (OFFICIAL_SWITCHES: OfficialZipCache implements them)
+    decode_score: str = "normalized"       # a flushed block's saliency: the normalized attention of all its decode
+                                           # queries, or last_query (official)
+    requantize: bool = False               # official: re-quantize the whole cache at every flush
+    lo_order: str = "position"             # regular rows of a block by position, or by score as the official top-k
+                                           # returns them (a change only with v_token_scope="row" and H_kv > 1)
 
     def __post_init__(self):
         _check_bits("high_bits", self.high_bits)
@@ -444,9 +437,10 @@ class ZipCacheConfig:
         if self.k_group < 0:
             raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
 
-    def official_switches(self):
-        """The fields set to the official code's behaviour where ZipCache differs (OfficialZipCache implements them)."""
-        return [f"{n}={getattr(self, n)!r}" for n, ours in OFFICIAL_SWITCHES.items() if getattr(self, n) != ours]
+    @property
+    def nested(self):
+        """Key group statistics stored as quant.quantize_nested codes."""
+        return self.k_group > 0 and self.k_stat_bits < 16
 
     def paper(self):
         """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
@@ -458,6 +452,24 @@ class ZipCacheConfig:
         batch statistics, no scale clamp, last-query decode scores, whole-cache re-quantization."""
         return replace(self.paper(), pool_batch_stats=True, scale_eps=0.0, decode_score="last_query", requantize=True,
                        v_token_scope="row", k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, lo_order="score")
+
+    def official_switches(self):
+        """The fields set to the official code's behaviour where ZipCache differs (OfficialZipCache implements them)."""
+        return [f"{n}={getattr(self, n)!r}" for n, ours in OFFICIAL_SWITCHES.items() if getattr(self, n) != ours]
+
+    def describe(self):
+        """These settings in one line (cache.info())."""
+        if self.high_bits == 16:
+            return "zipcache 16-bit (not quantized)"
+        share = {"recent": f"{self.probe_recent:.0%}", "random": f"{self.probe_random:.0%}",
+                 "recent+random": f"{self.probe_recent:.0%}+{self.probe_random:.0%}"}.get(self.probe_strategy)
+        return (f"zipcache {self.high_bits}/{self.low_bits}-bit, {self.salient_ratio:.0%} salient, {self.score} score, "
+                f"probes {self.probe_strategy}{f' ({share})' if share else ''}, block {self.recompress_every}"
+                f"{', requantize' if self.requantize else ''}{', pooled stats' if self.pool_batch_stats else ''}"
+                f"{f', key groups {self.k_group}' if self.k_group else ''}"
+                f"{' (4-bit nested stats)' if self.nested else ''}"
+                f"{f', {self.n_sink} fp16 sinks' if self.n_sink else ''}"
+                f"{f', {self.n_recent} fp16 recent' if self.n_recent else ''}")
 
 
 @dataclass
@@ -475,8 +487,33 @@ class ZipGroup:
     rows: Store
     base: Store | None = None
 
+    @classmethod
+    def empty(cls, B, nested, device):
+        g = cls(codes=Store(), params=Store(axis=1), rows=Store(axis=1), base=Store(axis=1) if nested else None)
+        g.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
+        return g
+
     def nbytes(self, allocated=False):
         return _stores_nbytes((self.codes, self.params, self.rows, self.base), allocated)
+
+    def segment(self, bits, parent):
+        """The group as the decode kernel reads it, with one fp16 key (scale, min) per sub-block, [Bs, n_sub, H, D].
+        Nested statistics are expanded to that here, for this step only (a transient workspace, not cache bytes)."""
+        t = self.codes.full
+        if self.base is not None:
+            k_scale, k_min = quant.dequantize_nested(self.params["k_stat"], self.base["k_base"][:, parent])
+        else:
+            k_scale, k_min = self.params.full["k_scale"], self.params.full["k_min"]
+        return decode_kernel.ZipSegment(bits, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"], k_scale, k_min,
+                                        self.rows.full["rows"])
+
+    def paper_terms(self, bits, H, D):
+        """(quantized K/V elements, their code bits, fp16 parameters); a nested pair is 8 bits, half a parameter."""
+        B, _, n, _ = self.codes["k_codes"].shape
+        e = 2 * B * H * n * D
+        k_par = (self.params["k_stat"].numel() // 2 + self.base["k_base"].numel() if self.base is not None
+                 else 2 * self.params["k_scale"].numel())
+        return e, e * bits, 2 * self.codes["v_scale"].numel() + k_par
 
 
 @dataclass(kw_only=True)
@@ -492,9 +529,9 @@ class ZipState(LayerState):
         n_sink    fp16 sink rows at the front of buf; n_tail: recent prompt rows after them until the first flush.
                   Counters only when their option is on (None otherwise; nbytes counts 8 B each)
     """
-    buf: Store
-    v_chan: Store
-    parent: Store
+    buf: Store = field(default_factory=Store)
+    v_chan: Store = field(default_factory=partial(Store, axis=1))
+    parent: Store = field(default_factory=partial(Store, axis=1))
     hi: ZipGroup | None = None
     lo: ZipGroup | None = None
     mask: Store | None = None
@@ -503,24 +540,45 @@ class ZipState(LayerState):
 
     def nbytes(self, allocated=False):
         groups = sum(g.nbytes(allocated) for g in (self.hi, self.lo) if g is not None)
-        counters = 8 * sum(n is not None for n in (self.seen, self.n_sink, self.n_tail))
+        counters = 8 * (1 + (self.n_sink is not None) + (self.n_tail is not None))        # seen, n_sink, n_tail
         return _stores_nbytes((self.buf, self.v_chan, self.parent, self.mask), allocated) + groups + counters
+
+    def view(self, bits, tables=None):
+        """The layout decode_kernel.decode_attention reads: full-capacity tensors + valid counts; bits = (high, low).
+        The kernel reads one CST normalizer per sub-block: the per-block one is expanded for this step only."""
+        if self.hi is None:
+            return decode_kernel.dense_view(self.buf["k"], self.buf["v"])
+        parent = self.parent["parent"][0].long()                                         # [n_sub_total]
+        hi, lo = (g.segment(b, parent) for g, b in zip((self.hi, self.lo), bits))
+        return decode_kernel.ZipLayerView(hi=hi, lo=lo, v_chan=self.v_chan["v_chan"][:, parent],
+                                          k_buf=self.buf.full["k"], v_buf=self.buf.full["v"], n_buf=self.buf.n,
+                                          n_blocks=self.parent.n, tables=tables)
+
+    def paper_terms(self, bits):
+        """(quantized K/V elements, their code bits, fp16 parameters) for the paper ratio: codes and parameters only."""
+        if self.hi is None:
+            return 0, 0, 0
+        H, D = self.v_chan["v_chan"].shape[2:]
+        terms = [g.paper_terms(b, H, D) for g, b in zip((self.hi, self.lo), bits)]
+        qel, code_bits, par = (sum(t[i] for t in terms) for i in range(3))
+        return qel, code_bits, par + self.v_chan["v_chan"].numel()
 
 
 class ZipCache(Cache):
-    """Mixed-precision KV cache (ZipCache, He et al. 2024).
+    """Mixed-precision KV cache (ZipCache, He et al. 2024), in the paper's order:
 
-    Prefill: SDPA output; normalized saliency from probe rows (saliency.py); per (seq, KV head) the top r tokens go
-    to the 4-bit segment, the rest to the 2-bit one; keys channelwise per segment, values CST (quant.py).
-    Decode: new tokens wait in an fp16 buffer; attention is one decode_kernel.decode_attention call over
-    [hi blocks | lo blocks | buffer]; every recompress_every steps the buffer becomes a new block with its own
-    statistics and its own split (scored by the attention it received from the block's decode queries).
+    prefill   the output is exact SDPA; then the prompt is compressed as block 0
+    saliency  normalized attention scores from a few probe queries (saliency.py)
+    split     per (seq, KV head), the top r tokens are salient (high_bits), the rest regular (low_bits)
+    quantize  keys channelwise per precision group (and key group), values CST, codes packed (quant.py), appended
+    decode    new tokens wait in an fp16 buffer; attention is one decode_kernel.decode_attention call over
+              [hi blocks | lo blocks | buffer], and the buffer's tokens are scored by the attention they receive
+    flush     every recompress_every steps the buffer becomes a new block with its own statistics and split
     Tokens are stored grouped by precision, not by position: decode attention is order-invariant and keys carry RoPE,
     so no index lists are kept.
     """
     name = "zipcache"
     ragged = True
-
     official_code = False  # the config's official-code switches are OfficialZipCache's (baselines.py), not this class's
     options = ("official", "paper", "bits", "probe_ratio", *(f.name for f in fields(ZipCacheConfig)))
 
@@ -547,8 +605,8 @@ class ZipCache(Cache):
                              f"not ZipCache's; build that class (generate.make_cache does for --official and these "
                              f"options)")
         self.quantized = self.cfg.high_bits < 16
-        self.nested = self.cfg.k_group > 0 and self.cfg.k_stat_bits < 16   # key stats as quant.quantize_nested
-        _check_pack_dim(config.head_dim, (self.cfg.high_bits, self.cfg.low_bits))
+        self.bits = (self.cfg.high_bits, self.cfg.low_bits)
+        _check_pack_dim(config.head_dim, self.bits)
         self.special = None
         super().__init__(config)
 
@@ -561,8 +619,7 @@ class ZipCache(Cache):
 
     def set_padding(self, pad):
         """A ragged batch is held as B single-sequence caches of this class (PerSequence), each drawing its probes
-        from its own generator, seeded alike: probes, saliency, split, statistics and bytes are exactly those of the
-        sequence run alone."""
+        from its own generator, seeded alike: everything is what the sequence gets alone."""
         super().set_padding(pad)
         if self.pad is not None:
             self.subs = PerSequence(type(self), self.pad, self.config, self.cfg)
@@ -576,35 +633,48 @@ class ZipCache(Cache):
             sub.special = self.special
 
     def info(self):
-        c = self.cfg
-        if not self.quantized:
-            return "zipcache 16-bit (not quantized)"
-        share = {"recent": f"{c.probe_recent:.0%}", "random": f"{c.probe_random:.0%}",
-                 "recent+random": f"{c.probe_recent:.0%}+{c.probe_random:.0%}"}.get(c.probe_strategy)
-        return (f"zipcache {c.high_bits}/{c.low_bits}-bit, {c.salient_ratio:.0%} salient, {c.score} score, probes "
-                f"{c.probe_strategy}{f' ({share})' if share else ''}, block {c.recompress_every}"
-                f"{', requantize' if c.requantize else ''}{', pooled stats' if c.pool_batch_stats else ''}"
-                f"{f', key groups {c.k_group}' if c.k_group else ''}{' (4-bit nested stats)' if self.nested else ''}"
-                f"{f', {c.n_sink} fp16 sinks' if c.n_sink else ''}"
-                f"{f', {c.n_recent} fp16 recent' if c.n_recent else ''}")
+        return self.cfg.describe()
 
-    # storage of one layer ------------------------------------------------------------------------
+    # prefill: exact output, then the prompt becomes block 0 ---------------------------------------
+    def _prefill(self, layer, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
+        B, H, L, D = k.shape
+        c = self.cfg
+        st = self._new_state(B, k.device)
+        self.split_tables[layer] = {}
+        if not self.quantized:  # 16 bits: everything stays in the fp16 buffer
+            st.buf.append(min_cap=L + c.recompress_every, k=k.half(), v=v.half())
+            return st, out
+        S = min(c.n_sink, L - 1)             # sink tokens: the buffer's first S rows, never flushed (block 0 keeps
+                                             # at least one prompt token, so every layer has the same layout)
+        R = min(c.n_recent, L - 1 - S)       # recent prompt tokens: buffered until the first flush
+        if c.n_sink:
+            st.n_sink = S                    # counters only when the option is on (nbytes counts 8 B each)
+        if c.n_recent:
+            st.n_tail = R
+        # saliency: normalized attention from the probe rows
+        rows = saliency.probe_positions(L, c.probe_strategy, c.probe_recent, c.probe_random, self.gen, self.special)
+        scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
+        hi, lo = self._split(scores[..., S:L - R])
+        self._append_block(st, k[:, :, S:L - R], v[:, :, S:L - R], hi, lo)              # the prompt = block 0
+        if c.keep_saliency_mask:
+            self._record_mask(st, S, L - R - S, hi)
+        keep = torch.cat([torch.arange(S), torch.arange(L - R, L)]).to(k.device)        # sinks | recent tail
+        st.buf.append(min_cap=S + max(R, c.recompress_every), k=k[:, :, keep].half(), v=v[:, :, keep].half(),
+                      **self._score_rows(B, H, S + R, k.device))                          # [B, H_kv, S + R, D]
+        return st, out
+
     def _new_state(self, B, device):
-        st = ZipState(buf=Store(), v_chan=Store(axis=1), parent=Store(axis=1))
+        """An empty layer: its two precision groups when quantized, and the salient mask when kept."""
+        st = ZipState()
         if self.quantized:
-            st.hi, st.lo = self._new_group(B, device), self._new_group(B, device)
-            if self.cfg.keep_saliency_mask:
-                st.mask = Store()
+            st.hi, st.lo = ZipGroup.empty(B, self.cfg.nested, device), ZipGroup.empty(B, self.cfg.nested, device)
+            st.mask = Store() if self.cfg.keep_saliency_mask else None
         return st
 
-    def _new_group(self, B, device):
-        g = ZipGroup(codes=Store(), params=Store(axis=1), rows=Store(axis=1), base=Store(axis=1) if self.nested else None)
-        g.rows.append(rows=torch.zeros(B, 1, dtype=torch.int32, device=device))
-        return g
-
-    def _groups(self, st):
-        """(precision group, its bits): salient first, as the kernel reads them."""
-        return (st.hi, self.cfg.high_bits), (st.lo, self.cfg.low_bits)
+    def _split(self, scores):
+        """scores [B, H_kv, n] -> (hi [B, H_kv, m_hi], lo [B, H_kv, m_lo]) indices: the top r are salient."""
+        return saliency.split(scores, self.cfg.salient_ratio)
 
     def _append_block(self, st, k, v, hi, lo):
         """Quantize one block k, v [B, H, n, D], split into salient/regular indices hi, lo [B, H, m_p], and append
@@ -615,111 +685,38 @@ class ZipCache(Cache):
         (base, step) per block and group when nested (quant.quantize_nested). k_group = 0: one run, the paper.
         """
         c = self.cfg
-        B = k.shape[0]
         eps, pool = c.scale_eps, c.pool_batch_stats
-        m = max(hi.shape[-1], lo.shape[-1])
-        n_sub = max(1, math.ceil(m / c.k_group)) if c.k_group else 1
+        n_sub = max(1, math.ceil(max(hi.shape[-1], lo.shape[-1]) / c.k_group)) if c.k_group else 1
         kf, vf = k.float(), v.float()
         chan = quant.cst_normalizer(vf, eps, dim=(0, 2) if pool else 2)                  # [Bs, H, 1, D] per block
         st.v_chan.append(min_cap=4, v_chan=chan.transpose(1, 2))                         # [Bs, 1, H, D]
         st.parent.append(min_cap=4, parent=torch.full((1, n_sub), st.v_chan.n - 1, dtype=torch.int32,
                                                       device=k.device))                  # block of each sub-block
         v_dims = (-1,) if c.v_token_scope == "head" else (1, -1)    # a value (min, scale) per (token, head) or row
-        for (g, bits), idx in zip(self._groups(st), (hi, lo)):
-            kc, k_stats = quant.quantize_runs(_gather_tokens(kf, idx), bits, n_sub, pool, eps, self.nested)
+        for g, bits, idx in zip((st.hi, st.lo), self.bits, (hi, lo)):
+            kc, k_stats = quant.quantize_runs(_gather_tokens(kf, idx), bits, n_sub, pool, eps, c.nested)
             vc, vs, vm, _ = quant.quantize_cst(_gather_tokens(vf, idx), bits, v_dims, eps, chan=chan, check=False)
             k_stats = [s.transpose(1, 2) for s in k_stats]          # [Bs, n_sub, H, D] (a nested base [Bs, 1, H, 4, D])
             rows = g.codes.n + quant.run_sizes(idx.shape[-1], n_sub, k.device).cumsum(0).to(torch.int32)
             g.codes.append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),   # [B, H, m, D*bits/8]
                            v_scale=vs[..., 0], v_min=vm[..., 0])                         # [B, Hv, m]
-            if self.nested:
+            if g.base is not None:
                 g.params.append(min_cap=4, k_stat=k_stats[0])
                 g.base.append(min_cap=4, k_base=k_stats[1])
             else:
                 g.params.append(min_cap=4, k_scale=k_stats[0], k_min=k_stats[1])
-            g.rows.append(min_cap=5, rows=rows.expand(B, -1).contiguous())              # the row table, [B, n_sub]
-
-    def _split(self, scores):
-        """scores [B, H_kv, n] -> (hi [B, H_kv, m_hi], lo [B, H_kv, m_lo]) indices: the top r are salient."""
-        return saliency.split(scores, self.cfg.salient_ratio)
+            g.rows.append(min_cap=5, rows=rows.expand(k.shape[0], -1).contiguous())     # the row table, [B, n_sub]
 
     def _record_mask(self, st, start, n, hi):
-        """Set the 1-bit salient mask for positions [start, start+n) (bit i of byte j = position 8j + i)."""
+        """The salient bit of positions [start, start + n): 1 for the hi indices [B, H, m] of the block there."""
         B, H = hi.shape[:2]
-        old = st.mask["m"] if st.mask.n else torch.zeros(B, H, 0, dtype=torch.uint8, device=hi.device)
-        bits = ((old[..., None] >> torch.arange(8, device=hi.device, dtype=torch.uint8)) & 1).flatten(2)[..., :start]
-        bits = F.pad(bits, (0, start - bits.shape[-1]), value=1)    # fp16 sink positions count as high precision
+        old = quant.unpack_bits(st.mask["m"])[..., :start] if st.mask.n else hi.new_zeros(B, H, 0, dtype=torch.uint8)
+        old = F.pad(old, (0, start - old.shape[-1]), value=1)        # fp16 sink positions count as high precision
         new = torch.zeros(B, H, n, dtype=torch.uint8, device=hi.device).scatter_(2, hi, 1)
-        bits = torch.cat([bits, new], 2)
-        bits = F.pad(bits, (0, -bits.shape[-1] % 8)).unflatten(2, (-1, 8))
-        packed = (bits << torch.arange(8, device=hi.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
         st.mask.n = 0
-        st.mask.append(min_cap=64, m=packed)
+        st.mask.append(min_cap=64, m=quant.pack_bits(torch.cat([old, new], 2)))
 
-    def salient_mask(self, layer):
-        """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at high_bits (or kept
-        fp16 as sinks; needs keep_saliency_mask)."""
-        st = self.state(layer, "salient_mask(layer)")
-        m = st.mask["m"]
-        n_pos = st.seen - st.buf.n + (st.n_sink or 0)
-        return ((m[..., None] >> torch.arange(8, device=m.device, dtype=torch.uint8)) & 1).flatten(2)[..., :n_pos] > 0
-
-    # prefill --------------------------------------------------------------------------------------
-    def _prefill(self, layer, q, k, v):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes
-        B, H, L, D = k.shape
-        st = self._new_state(B, k.device)
-        self.split_tables[layer] = {}
-        if not self.quantized:  # 16 bits: everything stays in the fp16 buffer
-            st.buf.append(min_cap=L + self.cfg.recompress_every, k=k.half(), v=v.half())
-            return st, out
-        c = self.cfg
-        rows = saliency.probe_positions(L, c.probe_strategy, c.probe_recent, c.probe_random, self.gen, self.special)
-        scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
-        S = min(c.n_sink, L - 1)             # sink tokens: the buffer's first S rows, never flushed (block 0 keeps
-                                             # at least one prompt token, so every layer has the same layout)
-        R = min(c.n_recent, L - 1 - S)       # recent prompt tokens: buffered until the first flush
-        if c.n_sink:
-            st.n_sink = S                    # counters only when the option is on (nbytes counts 8 B each)
-        if c.n_recent:
-            st.n_tail = R
-        hi, lo = self._split(scores[..., S:L - R])
-        self._append_block(st, k[:, :, S:L - R], v[:, :, S:L - R], hi, lo)              # the prompt = block 0
-        if c.keep_saliency_mask:
-            self._record_mask(st, S, L - R - S, hi)
-        keep = torch.cat([torch.arange(S), torch.arange(L - R, L)]).to(k.device)        # sinks | recent tail
-        st.buf.append(min_cap=S + max(R, c.recompress_every), k=k[:, :, keep].half(), v=v[:, :, keep].half(),
-                      **self._score_rows(B, H, S + R, k.device))                          # [B, H_kv, S + R, D]
-        return st, out
-
-    # decode ---------------------------------------------------------------------------------------
-    def layer_view(self, layer):
-        """The layout decode_kernel.decode_attention consumes: full-capacity tensors + valid counts."""
-        return self._view(self.state(layer, "layer_view(layer)"), self.split_tables[layer])
-
-    def _view(self, st, tables=None):
-        if not self.quantized:
-            return decode_kernel.dense_view(st.buf["k"], st.buf["v"])
-
-        # the kernel reads one fp16 key (scale, min) and CST normalizer per sub-block. Nested key statistics and the
-        # per-block normalizer are expanded to that here, for this layer and this step only (a transient workspace,
-        # not cache bytes; a kernel that decoded the 4-bit codes itself would not need it)
-        parent = st.parent["parent"][0].long()                                           # [n_sub_total]
-
-        def segment(seg, bits):
-            t = seg.codes.full
-            if self.nested:
-                k_scale, k_min = quant.dequantize_nested(seg.params["k_stat"], seg.base["k_base"][:, parent])
-            else:
-                k_scale, k_min = seg.params.full["k_scale"], seg.params.full["k_min"]
-            return decode_kernel.ZipSegment(bits, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
-                                            k_scale, k_min, seg.rows.full["rows"])       # [Bs, n_sub_total, H, D]
-
-        hi, lo = (segment(*g) for g in self._groups(st))
-        return decode_kernel.ZipLayerView(hi=hi, lo=lo, v_chan=st.v_chan["v_chan"][:, parent],
-                                    k_buf=st.buf.full["k"], v_buf=st.buf.full["v"], n_buf=st.buf.n,
-                                    n_blocks=st.parent.n, tables=tables)
-
+    # decode: attention over what is stored; the buffer's tokens are scored as they wait ----------
     def _decode(self, layer, st, q, k, v):
         c = self.cfg
         extra = {"acc": k.new_zeros(*k.shape[:3], dtype=torch.float32)} if "acc" in st.buf.full else {}
@@ -739,7 +736,7 @@ class ZipCache(Cache):
         return out[:, :, None]                                                           # [B, H, 1, D]
 
     def _score_rows(self, B, H, n, device):
-        """The buffer's score column for n rows: acc [B, H, n], the attention each row receives from decode queries."""
+        """The buffer's score column for n rows: acc [B, H, n], the attention each receives from decode queries."""
         return {"acc": torch.zeros(B, H, n, dtype=torch.float32, device=device)}
 
     def _decode_scores(self, st, q1, lse, full):
@@ -763,9 +760,15 @@ class ZipCache(Cache):
         if st.n_tail is not None:
             st.n_tail = 0
 
+    # reading what is stored ----------------------------------------------------------------------
+    def layer_view(self, layer):
+        """The layout decode_kernel.decode_attention consumes: full-capacity tensors + valid counts."""
+        return self.state(layer, "layer_view(layer)").view(self.bits, self.split_tables[layer])
+
     def _dequantized(self, st):
-        """[(K̂, V̂) of hi, (K̂, V̂) of lo], fp32 [B, H, n_p, D] in storage order, each block with its own parameters."""
-        view = self._view(st)
+        """[(K̂, V̂) of hi, (K̂, V̂) of lo], fp32 [B, H, n_p, D] in storage order, each block with its own
+        parameters."""
+        view = st.view(self.bits)
         return [decode_kernel.dequantize_segment(seg, view.v_chan, decode_kernel.row_blocks(seg.rows[0], view.n_blocks),
                                                  torch.float32) for seg in view.segments]   # rows equal per sequence
 
@@ -776,23 +779,17 @@ class ZipCache(Cache):
         parts.append((st.buf["k"].float(), st.buf["v"].float()))
         return torch.cat([a for a, _ in parts], 2), torch.cat([b for _, b in parts], 2)
 
+    def salient_mask(self, layer):
+        """bool [B, H_kv, positions before the buffer's recent part]: which tokens were stored at high_bits (or kept
+        fp16 as sinks; needs keep_saliency_mask)."""
+        st = self.state(layer, "salient_mask(layer)")
+        return quant.unpack_bits(st.mask["m"])[..., :st.seen - st.buf.n + (st.n_sink or 0)] > 0
+
     def _held(self, st):
         return st.seen
 
     def _paper_terms(self, st):
-        if not self.quantized:
-            return 0, 0, 0
-        qel = bits = par = 0
-        H, D = st.v_chan["v_chan"].shape[2:]
-        for seg, b in self._groups(st):
-            B, _, n, _ = seg.codes["k_codes"].shape
-            e = 2 * B * H * n * D
-            qel, bits = qel + e, bits + e * b
-            par += 2 * seg.codes["v_scale"].numel()
-            # key (scale, min): an fp16 pair per sub-block, or nested: 8 bits a pair (half an fp16 parameter) + the base
-            par += (seg.params["k_stat"].numel() // 2 + seg.base["k_base"].numel() if self.nested
-                    else 2 * seg.params["k_scale"].numel())
-        return qel, bits, par + st.v_chan["v_chan"].numel()
+        return st.paper_terms(self.bits)
 
 
 class PerSequence:

@@ -5,6 +5,7 @@ Quantization primitives shared by every cache (pure tensor functions, no state).
     quantize_nested         the same with many small groups' statistics stored in 4 bits each (k-quant style)
     quantize_runs           channelwise over runs of consecutive rows: ZipCache's keys (one run = the paper's)
     pack / unpack           2/4/8-bit codes <-> uint8 bytes, planar along the last dim        
+    pack_bits / unpack_bits a 1-bit mask <-> uint8 bytes, in order
     fake_quant              dequantize(quantize(x)) with a straight-through gradient           (CLLA's QAT)
     granularities           groupwise, tokenwise, channelwise and channel-separable tokenwise 
 
@@ -225,6 +226,17 @@ def unpack(packed, bits):
         return packed.clone()
     mask = 2 ** bits - 1
     return torch.cat([(packed >> (bits * i)) & mask for i in range(parts)], dim=-1)
+
+
+def pack_bits(bits):
+    """0/1 uint8 [..., n] -> uint8 [..., ceil(n / 8)], bit i of byte j = entry 8j + i (a 1-bit mask, in order)."""
+    bits = torch.nn.functional.pad(bits, (0, -bits.shape[-1] % 8)).unflatten(-1, (-1, 8))
+    return (bits << torch.arange(8, device=bits.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed):
+    """Inverse of pack_bits: uint8 [..., W] -> 0/1 uint8 [..., 8W]."""
+    return ((packed[..., None] >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1).flatten(-2)
 
 
 # -----------------------------------------------------------------------------
