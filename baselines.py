@@ -2,12 +2,12 @@
 The baselines ZipCache is compared with, behind the same `attend` interface as cache.py's caches (one small class
 per method, built on cache.py's storage and `Cache` base):
 
-    KIVICache    2/4-bit: keys per channel in groups of G tokens, values per token, an fp16 residual window (KIVI)
-    H2OCache     heavy hitters + a recent window, everything else evicted (H2O)
-    MiKVCache    mixed 4/2-bit per token, saliency from accumulated attention of the full matrix (MiKV)
-    SimQuantCache simulated quantization at one granularity (the paper's Table 1 ablation, eval.py)
+    KIVICache         2/4-bit: keys per channel in groups of G tokens, values per token, an fp16 residual window
+    H2OCache          heavy hitters + a recent window, everything else evicted (H2O)
+    MiKVCache         mixed 4/2-bit per token, saliency from accumulated attention of the full matrix (MiKV)
+    SimQuantCache     simulated quantization at one granularity (the paper's Table 1 ablation, eval.py)
     OfficialZipCache  ZipCache as the official code runs it (--official): whole-cache re-quantization, last-query
-                 decode scores, score-ordered regular rows
+                      decode scores, score-ordered regular rows
 
 make_cache (generate.py) builds them by name: `make_cache("kivi", config, bits=2)`.
 """

@@ -208,7 +208,8 @@ def llama3_tokenizer(path):
 
 
 def find_tokenizer_model(d):
-    """A model directory -> its tokenizer.model (Meta layout, or HF layout with Meta's file under original/), or None."""
+    """A model directory -> its tokenizer.model (Meta layout, or HF layout with Meta's file under original/), or
+    None."""
     for cand in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
         if os.path.isfile(os.path.join(d, cand)):
             return os.path.join(d, cand)

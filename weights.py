@@ -173,7 +173,7 @@ def _read_ckpt(path):
 
 
 def _tokenizer_spec(path):
-    """The spec of a model directory's Llama-3 tokenizer.model, or None (load_tokenizer then looks for tokenizer.json)."""
+    """The spec of a model directory's Llama-3 tokenizer.model, or None (load_tokenizer then tries tokenizer.json)."""
     model_file = find_tokenizer_model(path)
     return {"kind": "llama3", "path": model_file} if model_file else None
 
