@@ -104,6 +104,8 @@ def _gather_tokens(x, idx):
     return x.flatten(0, 1)[bh, idx.flatten(0, 1)].view(B, H, idx.shape[-1], x.shape[-1])  # row copies, not gather
 
 
+# -----------------------------------------------------------------------------
+# storage: growing tensors, and the typed per-layer states that hold them
 
 class Store:
     """Named tensors that share one growing axis: 2 for token rows [B, H, CAP, ...], 1 for per-block parameters,

@@ -115,7 +115,7 @@ class LatentCache:
 
     def __init__(self, config, dtype=torch.float16):
         c = self.config = config
-        if c.attn not in ("mla", "clla"):
+        if c.attn not in LATENT:
             raise ValueError(f"LatentCache is for attn='mla' or 'clla', not {c.attn!r}; use --cache dense")
         self.dtype = dtype                                    # dtype: unquantized rows (fp16; float32 for tests)
         self.bits, self.group, self.quant_rope = c.kv_bits, c.kv_quant_group, c.kv_quant_rope

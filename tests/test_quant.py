@@ -218,3 +218,30 @@ def test_nested_stats_cover_every_sub_group(bits):
     err = (codes.float() * s.float() + m.float() - x).abs()
     assert (err <= 0.5 * s.float() + fp16).all()
     assert not torch.equal(s, s_own)   # the nested values really are a coarser grid than the own fp16 pairs
+
+
+@pytest.mark.parametrize("n", [1, 3, 11, 13])       # 13 runs of 11 rows: two empty runs
+@pytest.mark.parametrize("pool", [False, True])
+def test_quantize_runs_is_each_run_alone(n, pool):
+    x = torch.randn(2, 3, 11, 8, generator=torch.Generator().manual_seed(n))
+    codes, (scale, mn) = quant.quantize_runs(x, 2, n, pool=pool)
+    assert codes.shape == x.shape and scale.shape == mn.shape == (1 if pool else 2, 3, n, 8)
+    for j, rows in enumerate(torch.arange(11).tensor_split(n)):   # tensor_split's runs of consecutive rows
+        if len(rows) == 0:
+            assert not scale[:, :, j].any() and not mn[:, :, j].any()
+            continue
+        c, s, m = quant.quantize(x[:, :, rows], 2, dim=(0, 2) if pool else 2)
+        assert torch.equal(codes[:, :, rows], c)
+        assert torch.equal(scale[:, :, j], s[:, :, 0]) and torch.equal(mn[:, :, j], m[:, :, 0])
+    # nested: the same codes as quantize_nested over the padded runs, and no rows gives zero statistics
+    codes_n, (stat, base) = quant.quantize_runs(x, 4, n, pool=pool, nested=True)
+    assert codes_n.shape == x.shape and stat.shape == scale.shape and base.shape == (scale.shape[0], 3, 1, 4, 8)
+    empty, (z_stat, z_base) = quant.quantize_runs(x[:, :, :0], 4, n, nested=True)
+    assert empty.shape == (2, 3, 0, 8) and not z_stat.any() and not z_base.any()
+
+
+def test_pack_bits_order_and_roundtrip():
+    bits = torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.uint8)
+    packed = quant.pack_bits(bits)                                  # bit i of byte j = entry 8j + i
+    assert packed.tolist() == [[1 | 1 << 3, 1 | 1 << 1]]
+    assert torch.equal(quant.unpack_bits(packed)[..., :10], bits)
