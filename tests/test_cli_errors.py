@@ -4,12 +4,19 @@ written or changed on disk (file hashes of the run's folders and of the repo's c
 Most rows call the scripts' main(argv) in-process (fast); one runs train.py as a user does, to check that no traceback
 reaches the terminal.
 """
+import contextlib
 import hashlib
+import json
 import math
 import os
 import pickle
+import random
+import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -60,6 +67,130 @@ def paths(tmp_path_factory):
     return {"dir": str(d), "tiny": str(d / "tiny.pt"), "nan": str(d / "nan.pt"), "run": run,
             **{k: str(d / f"{k}.pt") for k in ("empty", "random", "text", "pickle")},
             "hf": str(d / "hf"), "afile": str(d / "afile"), "corpus": str(d / "corpus")}
+
+
+@pytest.fixture(scope="module")
+def shards(paths):
+    """Real-model shard files for --merge, made by eval.py itself on a tiny byte-level model: the two shards of one
+    run, a shard of another run (--seed 1), and damaged or mismatched copies."""
+    d = os.path.join(paths["dir"], "shards")
+    cfg = M.ModelConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=257, max_seq_len=512)
+    torch.manual_seed(0)
+    torch.save({"model": M.Transformer(cfg).state_dict(), "config": vars(cfg), "tokenizer": {"kind": "bytes"}},
+               os.path.join(paths["dir"], "byte512.pt"))
+    base = ["--checkpoint", os.path.join(paths["dir"], "byte512.pt"), "--quick", "--lengths", "400", "--n", "4",
+            "--groups", "main", "--tasks", "passkey", "--batch_tokens", "800", "--out_dir", d]
+    E.main(base + ["--shard", "0/2", "--name", "s0"])
+    E.main(base + ["--shard", "1/2", "--name", "s1"])
+    E.main(base + ["--shard", "1/2", "--seed", "1", "--name", "other"])
+    j = lambda name: os.path.join(d, name + ".json")     # noqa: E731
+    shutil.copy(j("s1"), j("s1copy"))
+    with open(j("s0")) as f:
+        text = f.read()
+    with open(j("broken"), "w") as f:
+        f.write(text[:len(text) // 2])
+    with open(j("list"), "w") as f:
+        f.write("[1, 2]")
+    run = json.loads(text)
+    run["rows"][1]["opts"] = {"bits": 3}
+    with open(j("s0opts"), "w") as f:
+        json.dump(run, f)
+    return {f"sh_{k}": j(k) for k in ("s0", "s1", "other", "s1copy", "broken", "list", "s0opts")}
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def write_gguf(path, drop=(), **meta):
+    """A tiny llama GGUF (test_weights' random Q8_0 weights, 300 tokens) with a byte-level tokenizer and a ChatML
+    template. meta: {key with dots as __: (GGUFWriter method, value)} replaces or adds a field; drop leaves keys out."""
+    from gguf import GGMLQuantizationType as Q, GGUFWriter
+    from test_weights import CFG, random_llama
+    from tokenizer import bytes_to_unicode
+    b2u = bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [b2u[b] for b in range(256)]
+    tokens += [f"<pad{i}>" for i in range(CFG.vocab_size - len(tokens))]
+    fields = {
+        "llama.block_count": ("add_uint32", CFG.n_layers), "llama.context_length": ("add_uint32", CFG.max_seq_len),
+        "llama.embedding_length": ("add_uint32", CFG.dim), "llama.feed_forward_length": ("add_uint32", CFG.hidden_dim),
+        "llama.attention.head_count": ("add_uint32", CFG.n_heads),
+        "llama.attention.head_count_kv": ("add_uint32", CFG.n_kv_heads),
+        "llama.rope.freq_base": ("add_float32", CFG.rope_theta),
+        "llama.attention.layer_norm_rms_epsilon": ("add_float32", CFG.norm_eps),
+        "tokenizer.ggml.model": ("add_string", "gpt2"), "tokenizer.ggml.pre": ("add_string", "gpt2"),
+        "tokenizer.ggml.tokens": ("add_array", tokens),
+        "tokenizer.ggml.token_type": ("add_array", [3] * 3 + [1] * 256 + [3] * (len(tokens) - 259)),
+        "tokenizer.ggml.bos_token_id": ("add_uint32", 1), "tokenizer.ggml.eos_token_id": ("add_uint32", 2),
+        "tokenizer.chat_template": ("add_string", CHATML)}
+    fields.update({k.replace("__", "."): v for k, v in meta.items()})
+    w = GGUFWriter(str(path), "llama")
+    for key, (method, value) in fields.items():
+        if key not in drop:
+            getattr(w, method)(key, value)
+    for name, (data, raw) in random_llama(Q.Q8_0)[0].items():
+        w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad_models(paths):
+    """GGUFs with one metadata field missing, mistyped or out of range, bad chat templates, and tokenizer.json /
+    tokenizer_config.json files of the wrong shape."""
+    from tokenizer import bytes_to_unicode
+    d = os.path.join(paths["dir"], "models")
+    os.makedirs(d)
+    g = lambda name, **kw: write_gguf(os.path.join(d, name + ".gguf"), **kw)     # noqa: E731
+    out = {"g_notokens": g("notokens", drop=("tokenizer.ggml.tokens",)),
+           "g_heads0": g("heads0", llama__attention__head_count=("add_uint32", 0)),
+           "g_headstr": g("headstr", llama__attention__head_count=("add_string", "four")),
+           "g_ctx": g("ctx", llama__context_length=("add_uint64", 10 ** 13)),
+           "g_bos": g("bos", tokenizer__ggml__bos_token_id=("add_uint32", 999)),
+           "g_nobos": g("nobos", drop=("tokenizer.ggml.bos_token_id",)),
+           "g_div0": g("div0", tokenizer__chat_template=("add_string", "{{ 1 / 0 }}")),
+           "g_strnum": g("strnum", tokenizer__chat_template=("add_string", "{{ 'a' + 1 }}")),
+           "g_loop": g("loop", tokenizer__chat_template=("add_string", "{% for i in range(100000) %}{% for j in "
+                                                                       "range(100000) %}{% endfor %}{% endfor %}"))}
+    b2u = bytes_to_unicode()
+    good = {"model": {"type": "BPE", "vocab": {b2u[b]: b for b in range(256)}, "merges": []}, "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "added_tokens": [{"content": "<|endoftext|>", "id": 256}]}
+    bad = {"list": [good], "novocab": dict(good, model={"type": "BPE", "merges": []}),
+           "noid": dict(good, added_tokens=[{"content": "<|endoftext|>"}]), "cfg": good}
+    for name, tj in bad.items():
+        os.makedirs(os.path.join(d, name))
+        with open(os.path.join(d, name, "tokenizer.json"), "w") as f:
+            json.dump(tj, f)
+        out[f"tj_{name}"] = os.path.join(d, name, "tokenizer.json")
+    with open(os.path.join(d, "cfg", "tokenizer_config.json"), "w") as f:
+        f.write('{"bos_token": "<|endoftext|>",')
+    return out
+
+
+def _chat_hang(p, monkeypatch):
+    # a template of nested long loops (1e10 iterations) stops at the time limit (shortened here) with one line
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "CHAT_TIME_LIMIT_S", 0.5)
+    tokenizer.load_tokenizer(p["g_loop"]).apply_chat([{"role": "user", "content": "hi"}])
+
+
+def _ids_outside_vocab(p):
+    model, _ = weights.load_model(p["tiny"])
+    model(torch.tensor([[1, 2, 257]]))
+
+
+def _merge_disk_full(p):
+    # what `ulimit -f 4` does to a merge: every write past 4 KB fails (Python ignores SIGXFSZ, so it is EFBIG)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        E.main(["--merge", f"{p['sh_s0']},{p['sh_s1']}", "--out_dir", os.path.join(p["dir"], "shards"), "--name", "s0"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def snapshot(*dirs):
@@ -143,7 +274,8 @@ def _save_disk_full(p, monkeypatch):
     weights.atomic_save({"model": {"w": torch.ones(2)}}, os.path.join(p["dir"], "run", "ckpt.pt"))
 
 
-CALLS = {"ragged": _ragged, "nan_fp32": _nan_fp32, "save_nan": _save_nan, "save_disk_full": _save_disk_full,
+CALLS = {"ragged": _ragged, "merge_disk_full": _merge_disk_full, "chat_hang": _chat_hang,
+         "ids_outside_vocab": _ids_outside_vocab, "nan_fp32": _nan_fp32, "save_nan": _save_nan, "save_disk_full": _save_disk_full,
          **{f"fp16_{n}": (lambda n: lambda p: _fp16_range(p, n))(n) for n in ("dense", "zipcache", "kivi", "mikv")},
          **{f"empty_{n}_{B}x{T}": (lambda n, B, T: lambda p: _empty(p, n, B, T))(n, B, T)
             for n in G.CACHES for B, T in ((1, 0), (0, 4))}}
@@ -155,6 +287,38 @@ ROWS = [
     ("train", ["{run}", "--resume", "--max_iters=30", "--learning_rate=3e3"], "the run diverged and stopped"),
     ("call", "save_nan", "contains NaN or Inf values; not saved"),
     ("call", "save_disk_full", "No space left on device"),
+    ("call", "merge_disk_full", "shards/s0.json (File too large); free disk space"),
+    ("eval", ["--merge", "{sh_s0},{sh_s0}", "--out_dir", "{out}"], "s0.json is given twice"),
+    ("eval", ["--merge", "{sh_s1},{sh_s1copy}", "--out_dir", "{out}"],
+     "s1.json and {sh_s1copy} both hold passkey record"),
+    ("eval", ["--merge", "{sh_s0},{sh_other}", "--out_dir", "{out}"], "are shards of different runs"),
+    ("eval", ["--merge", "{sh_s0},{sh_other}", "--out_dir", "{out}"], "seed 0 vs 1"),
+    ("eval", ["--merge", "{sh_s0opts},{sh_s1}", "--out_dir", "{out}"], "with different caches"),
+    ("eval", ["--merge", "{sh_s1},{sh_broken}", "--out_dir", "{out}"], "cannot read {sh_broken}"),
+    ("eval", ["--merge", "{sh_list},{sh_s1}", "--out_dir", "{out}"], "{sh_list} is not a real-model result"),
+    ("eval", ["--merge", "{sh_s1},{dir}/none.json", "--out_dir", "{out}"], "no file {dir}/none.json"),
+    # --- files of other people: GGUF metadata, tokenizer.json, tokenizer_config.json, chat templates
+    ("generate", ["--checkpoint", "{g_notokens}"], "{g_notokens}: metadata tokenizer.ggml.tokens is missing"),
+    ("generate", ["--checkpoint", "{g_heads0}"], "{g_heads0}: metadata llama.attention.head_count is 0; it must be in "
+                                                 "1..256"),
+    ("generate", ["--checkpoint", "{g_headstr}"], "metadata llama.attention.head_count is four, not an integer"),
+    ("generate", ["--checkpoint", "{g_ctx}"], "metadata llama.context_length is 10000000000000; it must be in "
+                                              "1..1048576"),
+    ("generate", ["--checkpoint", "{g_bos}", "--chat"], "metadata tokenizer.ggml.bos_token_id is 999; it must be in "
+                                                        "0..299"),
+    ("generate", ["--checkpoint", "{g_div0}", "--chat"], "{g_div0} (tokenizer.chat_template) does not render "
+                                                         "(ZeroDivisionError"),
+    ("generate", ["--checkpoint", "{g_strnum}", "--chat"], "{g_strnum} (tokenizer.chat_template) does not render "
+                                                           "(TypeError"),
+    ("call", "chat_hang", "(tokenizer.chat_template) did not render within 0.5 s"),
+    ("generate", ["--checkpoint", "{tiny}", "--tokenizer", "{tj_list}"], "{tj_list}: the top level is a JSON list"),
+    ("generate", ["--checkpoint", "{tiny}", "--tokenizer", "{tj_novocab}"], "{tj_novocab}: model.vocab is missing"),
+    ("generate", ["--checkpoint", "{tiny}", "--tokenizer", "{tj_noid}"], "{tj_noid}: added_tokens[0] lacks"),
+    ("generate", ["--checkpoint", "{tiny}", "--tokenizer", "{tj_cfg}"], "cannot read {dir}/models/cfg/"
+                                                                        "tokenizer_config.json as JSON"),
+    ("call", "ids_outside_vocab", "token id 257 is outside the model's vocabulary (0..256)"),
+    ("train", ["{run_fresh}", "--max_seq_len=1000000000000"], "max_seq_len=1000000000000 must be in 1..1048576"),
+    ("train", ["{run_fresh}", "--out_dir=/proc/zipcache-run"], "--out_dir=/proc/zipcache-run: cannot write in /proc"),
     *[("call", f"fp16_{n}", "layer 1 keys reach 7e+04, beyond the 65504") for n in ("dense", "zipcache", "kivi",
                                                                                         "mikv")],
     ("call", "nan_fp32", "layer 0 keys contains NaN or Inf values; quantizing it would poison the cache (check the "
@@ -217,6 +381,7 @@ ROWS = [
 
 
 def _expand(argv, p, tmp_path):
+    p = dict(p, out=str(tmp_path / "out"))
     fresh = ["tiny", f"--data={p['corpus']}", f"--data_dir={tmp_path / 'dc'}", f"--out_dir={tmp_path / 'out'}"]
     out = []
     for a in argv:
@@ -236,21 +401,25 @@ def _row_id(row):
 
 
 @pytest.mark.parametrize("kind,argv,msg", ROWS, ids=[_row_id(r) for r in ROWS])
-def test_bad_input(kind, argv, msg, paths, tmp_path, capsys, monkeypatch):
+def test_bad_input(kind, argv, msg, paths, tmp_path, capsys, monkeypatch, request):
+    if "sh_" in str(argv) + msg or argv == "merge_disk_full":
+        paths = dict(paths, **request.getfixturevalue("shards"))
+    if "{g_" in str(argv) + msg or "{tj_" in str(argv) or argv == "chat_hang":
+        paths = dict(paths, **request.getfixturevalue("bad_models"))
     dirs = [paths["dir"], str(tmp_path), os.path.join(ROOT, "ckpt"), os.path.join(ROOT, "results")]
     before = snapshot(*dirs)
     if kind == "call":
-        code, text = run_cli(lambda _: CALLS[argv](paths, *([monkeypatch] if argv == "save_disk_full" else [])),
-                             None, capsys)
+        code, text = run_cli(lambda _: CALLS[argv](paths, *([monkeypatch] if argv in ("save_disk_full", "chat_hang")
+                                                             else [])), None, capsys)
     else:
         fn = {"generate": _generate, "train": _train, "eval": E.main, "bench": bench_cache.main,
               "retrieval": retrieval.main}[kind]
         code, text = run_cli(fn, _expand(argv, paths, tmp_path), capsys)
     assert code != 0, f"accepted: {argv}"
-    assert msg in text, text
+    assert msg.format(**paths) in text, text
     assert "\n" not in text.strip(), f"not one line: {text!r}"
     assert snapshot(*dirs) == before, "a failed command changed files on disk"
-    assert not [f for f in os.listdir(os.path.join(paths["dir"], "run")) if ".tmp-" in f]
+    assert not [f for d in dirs for _, _, fs in os.walk(d) for f in fs if ".tmp-" in f], "a temp file was left"
 
 
 def test_resume_diverged_keeps_the_checkpoint_loadable(paths):
@@ -288,3 +457,99 @@ def test_experiment_scripts_run_from_anywhere(script, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0 and r.stdout.startswith("usage: " + script), r.stderr
+
+
+# -----------------------------------------------------------------------------
+# interrupted writes: a kill or a full disk in the middle of writing results or a checkpoint leaves the previous files
+
+ENV1 = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def test_sigkill_during_merge_leaves_every_results_file_whole(shards, tmp_path):
+    """SIGKILL `eval.py --merge` at random moments of its writes (from its first temp file on: the JSON, the report,
+    the plot), several times: every output file is the previous one or the complete new one, never empty or cut."""
+    merge = ["--merge", f"{shards['sh_s0']},{shards['sh_s1']}", "--name", "m"]
+    E.main(merge + ["--out_dir", str(tmp_path / "ref")])
+    names = [n for n in ("m.json", "m.md", "m_fig1.png") if (tmp_path / "ref" / n).exists()]
+    new = {n: (tmp_path / "ref" / n).read_bytes() for n in names}
+    old = {n: f"the previous {n}\n".encode() for n in names}
+    out, rng, seen = tmp_path / "out", random.Random(0), set()
+    out.mkdir()
+    for k in range(10):
+        for n in names:
+            (out / n).write_bytes(old[n])
+        pid = os.fork()           # eval.py --merge in a child that has torch and matplotlib loaded already: fast
+        if pid == 0:
+            try:
+                with open(os.devnull, "w") as null:
+                    sys.stdout = sys.stderr = null
+                    E.main(merge + ["--out_dir", str(out)])
+            finally:
+                os._exit(0)
+        t0 = time.time()
+        while not any(".tmp-" in f for f in os.listdir(out)) and time.time() - t0 < 30 \
+                and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.0005)
+        time.sleep(rng.random() * (0.001, 0.004, 0.02, 0.1, 0.3)[k % 5])   # the JSON and report go by in ms
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        state = tuple((out / n).read_bytes() == new[n] for n in names)
+        for n in names:
+            assert (out / n).read_bytes() in (old[n], new[n]), f"{n} is neither the previous file nor the new one"
+        seen.add(state)
+        for f in os.listdir(out):                   # a killed write leaves its temp file, never the real name
+            if ".tmp-" in f:
+                os.remove(out / f)
+    assert len(seen) > 1, f"every kill landed between the same two writes: {seen}"
+
+
+def test_sigkill_during_checkpoint_saves_leaves_it_loadable(tmp_path):
+    """A process saving a 4 MB checkpoint in a loop is killed at random moments: ckpt.pt always loads, whole, and
+    holds one of the saves (every weight equals its step)."""
+    path = tmp_path / "ckpt.pt"
+    code = ("import sys, torch, weights\n"
+            "w = torch.zeros(1024, 1024)\n"
+            "for step in range(10**6):\n"
+            "    w.fill_(step)\n"
+            "    weights.atomic_save({'model': {'w': w}, 'step': step}, sys.argv[1])\n")
+    rng, steps = random.Random(1), []
+    for _ in range(4):
+        p = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, env=ENV1)
+        t0 = time.time()
+        while p.poll() is None and not (path.exists() and f"ckpt.pt.tmp-{p.pid}" in os.listdir(tmp_path)) \
+                and time.time() - t0 < 60:            # this process is writing, over a checkpoint that exists
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.3))
+        p.send_signal(signal.SIGKILL)
+        assert p.wait() == -signal.SIGKILL
+        ck = torch.load(path, weights_only=True)
+        assert torch.equal(ck["model"]["w"], torch.full((1024, 1024), float(ck["step"])))
+        steps.append(ck["step"])
+
+
+def test_full_disk_during_merge_is_one_line_and_keeps_the_results(shards, tmp_path):
+    """`ulimit -f 4` (4 KB per file) under `eval.py --merge`: one line naming the file, exit 1, the previous
+    results byte for byte, no temp file left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in ("m.json", "m.md"):
+        (out / n).write_text(f"the previous {n}\n")
+    before = snapshot(str(out))
+    cmd = (f"ulimit -f 4; exec {sys.executable} {os.path.join(ROOT, 'experiments', 'eval.py')} --merge "
+           f"{shards['sh_s0']},{shards['sh_s1']} --out_dir {out} --name m")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=ENV1, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"eval.py: error: could not write {out}/m.json (File too large)"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert snapshot(str(out)) == before and not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_chat_without_a_bos_id_renders(bad_models):
+    # a GGUF that names no BOS token: the template's bos_token is undefined (empty), as in transformers, not a crash
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(bad_models["g_nobos"])
+    assert tok.bos_id is None
+    assert tok.decode(tok.apply_chat([{"role": "user", "content": "hi"}])) == ("<|im_start|>user\nhi<|im_end|>\n"
+                                                                              "<|im_start|>assistant\n")
+    G.main(["--quiet", "--checkpoint", bad_models["g_nobos"], "--chat", "--prompt", "hi", "--max_new_tokens", "2"])
