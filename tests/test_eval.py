@@ -313,3 +313,53 @@ def test_shards_merge_to_the_whole_run(tiny_byte_ckpt, tmp_path):
         E.get_args(["--skip_records", "-1"])
     with pytest.raises(ValueError, match="--shard=2/2"):
         E.get_args(["--shard", "2/2"])
+
+
+def test_a_stopped_run_never_replaces_finished_results(tiny_byte_ckpt, tmp_path, monkeypatch):
+    """A real-model run writes NAME.partial.* as it goes; NAME.* only once finished (then its partial files go). A
+    merge that lacks records is partial too. Stopped here after its first passkey batch (Ctrl-C)."""
+    base = ["--checkpoint", str(tiny_byte_ckpt), "--quick", "--lengths", "400,500", "--n", "2", "--groups", "main",
+            "--tasks", "passkey", "--batch_tokens", "400", "--out_dir", str(tmp_path)]
+    for ext in (".json", ".md"):
+        (tmp_path / f"r{ext}").write_text("the finished run\n")
+    real, calls = E.run_passkey, []
+
+    def stop_after_one(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(E, "run_passkey", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(base + ["--name", "r"])
+    assert (tmp_path / "r.json").read_text() == (tmp_path / "r.md").read_text() == "the finished run\n"
+    partial = json.loads((tmp_path / "r.partial.json").read_text())
+    assert not partial["meta"].get("done") and partial["meta"]["passkey_records"] == {"400": 1}
+    monkeypatch.undo()
+    _, meta = E.main(base + ["--name", "r"])
+    assert meta["done"] and json.loads((tmp_path / "r.json").read_text())["meta"]["done"]
+    assert not list(tmp_path.glob("r.partial*"))
+    E.main(base + ["--shard", "0/2", "--name", "s0"])
+    _, meta = E.main(["--merge", f"{tmp_path}/s0.json", "--out_dir", str(tmp_path), "--name", "r"])
+    assert not meta["done"] and (tmp_path / "r.partial.json").exists()           # half the records: partial
+    assert json.loads((tmp_path / "r.json").read_text())["meta"]["done"]
+
+
+def test_merge_accepts_shards_written_before_run_ids(tiny_byte_ckpt, tmp_path):
+    """Shards from before run ids were recorded (no meta.run_id, no args.run_id) merge by their settings, with each
+    other and with new shards of the same settings."""
+    base = ["--checkpoint", str(tiny_byte_ckpt), "--quick", "--lengths", "400", "--n", "4", "--groups", "main",
+            "--tasks", "passkey", "--batch_tokens", "800", "--out_dir", str(tmp_path)]
+    E.main(base + ["--shard", "0/2", "--name", "s0"])
+    E.main(base + ["--shard", "1/2", "--name", "s1"])
+    old = json.loads((tmp_path / "s0.json").read_text())
+    assert old["meta"]["run_id"].startswith("settings-")
+    del old["meta"]["run_id"], old["args"]["run_id"]
+    (tmp_path / "old0.json").write_text(json.dumps(old))
+    _, meta = E.main(["--merge", f"{tmp_path}/old0.json,{tmp_path}/s1.json", "--out_dir", str(tmp_path),
+                      "--name", "m"])
+    assert meta["done"] and meta["passkey_records"] == {400: 4}
+    # a run named with --run_id is another run to an unnamed shard of the same settings
+    E.main(base + ["--shard", "1/2", "--run_id", "run7", "--name", "s1named"])
+    with pytest.raises(ValueError, match="shards of different runs.*--run_id"):
+        E.main(["--merge", f"{tmp_path}/s0.json,{tmp_path}/s1named.json", "--out_dir", str(tmp_path)])
