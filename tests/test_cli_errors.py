@@ -21,7 +21,10 @@ import time
 import pytest
 import torch
 
+import bench
 import bench_cache
+import bench_train
+import diagnose
 import eval as E
 import generate as G
 import model as M
@@ -380,6 +383,19 @@ ROWS = [
     ("eval", ["--merge", ""], "argument --merge: '': give comma-separated JSON files"),
     ("eval", ["--tokenizer", "bytes", "--groups", "main"], "--tokenizer bytes has 257 tokens but the model"),
     pytest.param("eval", ["--device", "cuda"], "no CUDA GPU is visible", marks=CUDA_SKIP),
+    # --- the experiments' flags: one line before a model loads (experiment_flags.py)
+    ("diagnose", ["--configs", "default+k_group=abc"], "--configs: k_group='abc' in 'default+k_group=abc' must be a "
+                                                       "whole number"),
+    ("diagnose", ["--configs", "default+k_grup=3"], "'k_grup' in 'default+k_grup=3' is not an option of the zipcache"),
+    ("diagnose", ["--ppl", "-1"], "argument --ppl: -1 must be >= 0"),
+    ("diagnose", ["--lines", "abc"], "argument --lines: 'abc' is not a number"),
+    ("diagnose", ["--checkpoint", "{tiny}", "--configs", "default+salient_ratio=2"],
+     "--configs default+salient_ratio=2: salient_ratio=2 must be a fraction in [0, 1]"),
+    ("bench_train", ["--threads", "0"], "argument --threads: 0 must be at least 1"),
+    ("bench_train", ["--repeats", "0"], "argument --repeats: 0 must be at least 1"),
+    ("bench_kernel", ["--interpret", "--heads", "8"], "argument --heads: '8': give 2 comma-separated numbers"),
+    ("bench_kernel", ["--interpret", "--salient", "2"], "argument --salient: 2 must be a fraction in [0, 1]"),
+    ("bench_kernel", ["--heads", "32,7"], "query heads must be a multiple of KV heads"),
 ]
 
 
@@ -416,7 +432,8 @@ def test_bad_input(kind, argv, msg, paths, tmp_path, capsys, monkeypatch, reques
                                                              else [])), None, capsys)
     else:
         fn = {"generate": _generate, "train": _train, "eval": E.main, "bench": bench_cache.main,
-              "retrieval": retrieval.main}[kind]
+              "retrieval": retrieval.main, "diagnose": diagnose.main, "bench_train": bench_train.main,
+              "bench_kernel": bench.main}[kind]
         code, text = run_cli(fn, _expand(argv, paths, tmp_path), capsys)
     assert code != 0, f"accepted: {argv}"
     assert msg.format(**paths) in text, text
