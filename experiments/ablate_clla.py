@@ -33,6 +33,7 @@ import latent
 import model as M
 import train
 import weights
+from experiment_flags import POSITIVE, Parser, number
 from generate import make_cache
 from tokenizer import load_tokenizer
 
@@ -148,6 +149,9 @@ def run_one(job):
     else:
         res = train.main(argv, log=log)
     train_s = time.perf_counter() - t0
+    if res["saved_step"] != res["step"]:   # train.py keeps the best: a last evaluation that was worse is not saved
+        print(f"[{name}] note: step {res['step']} evaluated worse than step {res['saved_step']}; ckpt.pt holds step "
+              f"{res['saved_step']}, which is what is measured", flush=True)
     model, _ = weights.load_model(os.path.join(out_dir, "ckpt.pt"))      # the checkpoint records the variant
     cfg = model.config
     g = torch.Generator().manual_seed(4242)        # the same val batches for every run
@@ -161,7 +165,8 @@ def run_one(job):
              cache_eval_loss=cache_val,
              cache_eval_no_cache_loss=loss_on(model, batches[:2])[0] if o["cache_eval"] else nan,
              decode_tok_s=dec_tps, train_tok_s=res["trained_steps"] * res["tokens_per_iter"] / res["elapsed_s"],
-             train_wall_s=train_s, steps=steps, tokens=steps * res["tokens_per_iter"],
+             train_wall_s=train_s, steps=steps, checkpoint_step=res["saved_step"],
+             tokens=steps * res["tokens_per_iter"],
              last_train_loss=res["losses"][max(res["losses"])], seed=tconf["seed"],
              cache=make_cache("dense", cfg).info(), qat_after=o["qat_after"],
              model_config={k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))})
@@ -171,8 +176,7 @@ def run_one(job):
         m16.load_state_dict(model.state_dict())
         r["val_loss_kv16"] = loss_on(m16, batches)[0]
     r["wall_s"] = time.perf_counter() - t0
-    with open(os.path.join(out_dir, "result.json"), "w") as f:
-        json.dump(r, f, indent=1)
+    write_atomic(os.path.join(out_dir, "result.json"), json.dumps(r, indent=1))
     print(f"[{name}] val {val:.4f}  cache-eval {cache_val:.4f}  KV {r['kv_pct_of_mha']:.2f}% of MHA  "
           f"params {r['params']:,}  train {train_s:.0f}s  decode {dec_tps:.0f} tok/s", flush=True)
     return r
@@ -203,8 +207,7 @@ def bench(results, repeats=3):
             best = min(best, time.perf_counter() - t0)
         r["decode_tok_s"], r["train_tok_s"] = dec, 8 * xs.numel() / best
         r["timing"] = "sequential bench"
-        with open(os.path.join(OUT, r["name"], "result.json"), "w") as f:   # so --report --no_bench keeps them
-            json.dump(r, f, indent=1)
+        write_atomic(os.path.join(OUT, r["name"], "result.json"), json.dumps(r, indent=1))   # --report --no_bench
         print(f"[{r['name']}] train {r['train_tok_s']:,.0f} tok/s, decode {dec:,.0f} tok/s", flush=True)
     return results
 
@@ -287,10 +290,9 @@ def report(results, wall_s, cmd):
             old = f.read()
         if MARKER in old:
             tail = old[old.index(MARKER):]
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n\n" + (tail or MARKER + "\n"))
-    with open(os.path.join(RESULTS, "clla_ablation.json"), "w") as f:
-        json.dump(dict(command=cmd, wall_s=wall_s, base=BASE, train=TRAIN, results=results), f, indent=1)
+    write_atomic(path, "\n".join(L) + "\n\n" + (tail or MARKER + "\n"))
+    write_atomic(os.path.join(RESULTS, "clla_ablation.json"),
+                 json.dumps(dict(command=cmd, wall_s=wall_s, base=BASE, train=TRAIN, results=results), indent=1))
     plot(results)
     print("\n".join(L))
 
@@ -321,7 +323,7 @@ def plot(results):
     ax.set_title(f"CLLA ablation, dim {BASE['dim']}, {BASE['n_layers']} layers, {results[0]['steps']} steps (CPU)")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "clla_ablation.png"), dpi=120)
+    write_atomic(os.path.join(RESULTS, "clla_ablation.png"), fig)
 
 
 # -----------------------------------------------------------------------------
@@ -375,14 +377,11 @@ def scaling_jobs(steps, base, targeted):
 
 
 def write_atomic(path, text_or_fig):
-    """Write to path.tmp, then rename: a crash mid-write leaves the previous file."""
-    tmp = path + ".tmp" + os.path.splitext(path)[1]
+    """A report, JSON or figure written whole or not at all (weights.atomic_write): a crash leaves the previous file."""
     if isinstance(text_or_fig, str):
-        with open(tmp, "w") as f:
-            f.write(text_or_fig)
+        weights.atomic_write(path, text_or_fig)
     else:
-        text_or_fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+        weights.atomic_write(path, lambda f: text_or_fig.savefig(f, format="png", dpi=120))
 
 
 def gap_pct(loss, ref):
@@ -602,9 +601,7 @@ def run_scaling(args, cmd):
                               qat_after=qat_after)))
             r.update(job=key, variant=variant, base=base, eval_batches=args.eval_batches,
                      targeted=bool(question), question=question)
-            with open(path + ".tmp", "w") as f:
-                json.dump(r, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_atomic(path, json.dumps(r, indent=1))
         results.append(r)
         if i + 1 >= n_scaling:    # the scaling table is complete: (re)write results/
             scaling_report(results, steps, sum(x["wall_s"] for x in results), cmd, args.results_dir,
@@ -616,10 +613,10 @@ def run_scaling(args, cmd):
 
 def main(argv=None):
     global TRAIN, SCALE_VARIANTS, NOISE_VARIANTS
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="ablate_clla.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="comma-separated run names (default: all)")
-    p.add_argument("--steps", type=int, default=TRAIN["max_iters"])
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, 1 thread each")
+    p.add_argument("--steps", type=POSITIVE, default=TRAIN["max_iters"])
+    p.add_argument("--jobs", type=POSITIVE, default=2, help="runs in parallel, 1 thread each")
     p.add_argument("--report", action="store_true", help="only rebuild results/ from out/ablate_clla/*/result.json")
     p.add_argument("--no_bench", action="store_true", help="skip the sequential throughput pass (ablate_clla.bench)")
     g = p.add_argument_group("scaling study (--scaling)")
@@ -629,9 +626,10 @@ def main(argv=None):
     g.add_argument("--shape", default="{dim}x{n_layers}x{n_heads}".format(**SCALE_BASE), help="dim x layers x heads")
     g.add_argument("--device", default="cpu")
     g.add_argument("--data", default="", help="corpus (default: the Python standard library)")
-    g.add_argument("--max_corpus_mb", type=float, default=TRAIN["max_corpus_mb"],
+    g.add_argument("--max_corpus_mb", type=number(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0"),
+                   default=TRAIN["max_corpus_mb"],
                    help="corpus cap; budgets past ~7M tokens repeat the default 8 MB (raise it, or give --data)")
-    g.add_argument("--eval_batches", type=int, default=EVAL_BATCHES)
+    g.add_argument("--eval_batches", type=POSITIVE, default=EVAL_BATCHES)
     g.add_argument("--variants", default="", help="a subset of the variants (mha is the reference, always in)")
     g.add_argument("--no_seed2", action="store_true", help="skip the second-seed runs (no noise band)")
     g.add_argument("--out_dir", default=SCALE_OUT)
