@@ -20,7 +20,6 @@ token, README "CLLA") with their LatentCache, and CLLA-quant once more with the 
 decode. Each is prefilled with the same --tokens random ids; then the variants take turns, --steps decode steps
 each, --reps times. tok/s = 1 / median step time; x = latent tok/s over MHA tok/s (>= 1: the latent is faster).
 """
-import argparse
 import os
 import statistics
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import saliency
 from cache import ZipCacheConfig
-from generate import Parser, make_cache, sync
+from experiment_flags import POSITIVE, Parser, numbers
+from generate import make_cache, sync
 from model import ATTN_PRESETS, ModelConfig, Transformer
 from train import PRESETS
 
@@ -123,38 +123,20 @@ def run_latent(args, device):
             for n, r in runs.items()]
 
 
-def positive(text):
-    """argparse type=: a whole number >= 1 (a bad size is one usage line, not a traceback)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be at least 1")
-    return n
-
-
-def head_dims(text):
-    """argparse type=: comma-separated head sizes, each >= 4 and divisible by 4 (the 2/4-bit planar packing)."""
-    try:
-        dims = [positive(d) for d in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated whole numbers, e.g. 64,128") from None
-    if any(d % 4 for d in dims):
-        raise argparse.ArgumentTypeError(f"{text!r}: every head_dim must be divisible by 4 (2/4-bit packing)")
-    return dims
+# comma-separated head sizes, each divisible by 4 (the 2/4-bit planar packing)
+head_dims = numbers(int, lambda d: d >= 4 and d % 4 == 0, "divisible by 4 (2/4-bit packing)", "64,128")
 
 
 def main(argv=None):
     p = Parser(prog="bench_cache.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--tokens", type=positive, default=4096, help="prompt length (cached tokens)")
-    p.add_argument("--heads", type=positive, default=8, help="query heads")
-    p.add_argument("--kv_heads", type=positive, default=2)
+    p.add_argument("--tokens", type=POSITIVE, default=4096, help="prompt length (cached tokens)")
+    p.add_argument("--heads", type=POSITIVE, default=8, help="query heads")
+    p.add_argument("--kv_heads", type=POSITIVE, default=2)
     p.add_argument("--head_dims", type=head_dims, default="64,128")
-    p.add_argument("--steps", type=positive, default=8, help="decode steps timed per repetition")
-    p.add_argument("--reps", type=positive, default=3)
+    p.add_argument("--steps", type=POSITIVE, default=8, help="decode steps timed per repetition")
+    p.add_argument("--reps", type=POSITIVE, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--threads", type=POSITIVE, default=2)
     p.add_argument("--latent", action="store_true", help="whole-model decode, MHA vs MLA/CLLA (docstring)")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:

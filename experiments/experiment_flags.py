@@ -22,6 +22,15 @@ NONNEGATIVE = _number(int, lambda x: x >= 0, ">= 0")
 FRACTION = _number(float, lambda x: 0 <= x <= 1, "a fraction in [0, 1]")
 
 
+def BOOLEAN(text):
+    """argparse type= for true/false (1/0, yes/no, on/off); anything else is an error, not False."""
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def numbers(kind, ok, what, example, count=None):
     """argparse type= for comma-separated numbers, each one as number(kind, ok, what) checks it; `count` fixes how
     many. An empty value is an error, not the default."""

@@ -9,7 +9,6 @@ It reads an eval.py JSON (each row's `records`: per length, [depth, correct] per
 records go to every cache in one eval.py run (one prefill serves them all), so rows pair record by record; the
 script checks that the depths agree before pairing.
 """
-import argparse
 import json
 import os
 import sys
@@ -17,6 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 import stats
+import weights
+from experiment_flags import Parser
 
 PAIRS = (("ZipCache default", "dense fp16"), ("ZipCache default", "KIVI-2"))
 
@@ -76,7 +77,7 @@ def report(run, rows, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = Parser(prog="paired.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("json", help="an eval.py results JSON")
     p.add_argument("--out", default=None, help="also write the markdown here (atomically)")
     args = p.parse_args(argv)
@@ -84,9 +85,7 @@ def main(argv=None):
     text = report(run, rows, args.json)
     print(text, end="")
     if args.out:
-        with open(args.out + ".tmp", "w") as f:      # whole or not at all: a stopped write leaves the old file
-            f.write(text)
-        os.replace(args.out + ".tmp", args.out)
+        weights.atomic_write(args.out, text)       # whole or not at all: a stopped write leaves the old file
     return text
 
 

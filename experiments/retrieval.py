@@ -21,7 +21,6 @@ Splits are decided by the content, not by the seed: a record belongs to train, v
     OMP_NUM_THREADS=1 python experiments/retrieval.py --export_to=ckpt/retrieval/ckpt.pt   # the shipped model (27 min)
     python experiments/retrieval.py --show=1 --lines=5                                     # print an example
 """
-import argparse
 import hashlib
 import math
 import os
@@ -329,21 +328,19 @@ def train(cfg, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="retrieval.py", description="train the line-retrieval model (see "
-                                "RetrievalTrainConfig for every --flag), or print examples with --show N")
-    p.add_argument("--show", type=int, default=0, help="print N test prompts of --lines lines and exit")
-    for f in fields(RetrievalTrainConfig):
-        p.add_argument(f"--{f.name}", type=(lambda s: s.lower() in ("1", "true", "yes")) if f.type in (bool, "bool")
-                       else type(f.default), default=f.default)
-    a = vars(p.parse_args(argv))
-    # sizes and counts must be >= 1, every other number finite and >= 0 (seed aside): a bad value is one line
+    from experiment_flags import BOOLEAN, NONNEGATIVE, POSITIVE, Parser, number
+    p = Parser(prog="retrieval.py", description="train the line-retrieval model (see RetrievalTrainConfig for every "
+               "--flag), or print examples with --show N")
+    p.add_argument("--show", type=NONNEGATIVE, default=0, help="print N test prompts of --lines lines and exit")
+    # sizes and counts must be >= 1, every other number finite and >= 0 (seed aside), booleans true or false
     positive = ("lines", "lines_start", "questions", "max_questions", "batch_tokens", "eval_interval", "eval_n", "dim",
                 "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len")
-    for k, v in a.items():
-        if k == "seed" or isinstance(v, (bool, str)):
-            continue
-        if not (math.isfinite(v) and v >= (1 if k in positive else 0)):
-            sys.exit(f"retrieval.py: error: --{k}={v} must be {'at least 1' if k in positive else 'finite and >= 0'}")
+    kinds = {bool: BOOLEAN, str: str, float: number(float, lambda x: 0 <= x < float("inf"), "finite and >= 0")}
+    for f in fields(RetrievalTrainConfig):
+        kind = type(f.default)
+        tp = int if f.name == "seed" else POSITIVE if f.name in positive else NONNEGATIVE if kind is int else kinds[kind]
+        p.add_argument(f"--{f.name}", type=tp, default=f.default)
+    a = vars(p.parse_args(argv))
     if a.pop("show"):
         for e in examples(a["lines"], 1):
             print(e["prompt"] + " " + e["answer"])

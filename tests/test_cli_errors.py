@@ -23,11 +23,14 @@ import torch
 
 import bench
 import bench_cache
+import ablate_clla
+import bench_model
 import bench_train
 import diagnose
 import eval as E
 import generate as G
 import model as M
+import paired
 import retrieval
 import train
 import weights
@@ -372,9 +375,10 @@ ROWS = [
     ("train", ["{run_fresh}", "--val_frac=0"], "--val_frac=0.0 must be a fraction strictly between 0 and 1"),
     ("train", ["{run_fresh}", "--val_frac=1.5"], "--val_frac=1.5 must be a fraction strictly between 0 and 1"),
     ("train", ["{run_fresh}", "--max_iters=-1"], "--max_iters=-1 must be >= 0"),
-    ("retrieval", ["--batch_tokens", "0"], "--batch_tokens=0 must be at least 1"),
-    ("retrieval", ["--learning_rate", "nan"], "--learning_rate=nan must be finite and >= 0"),
-    ("retrieval", ["--max_iters", "-1"], "--max_iters=-1 must be finite and >= 0"),
+    ("retrieval", ["--batch_tokens", "0"], "argument --batch_tokens: 0 must be at least 1"),
+    ("retrieval", ["--learning_rate", "nan"], "argument --learning_rate: nan must be finite and >= 0"),
+    ("retrieval", ["--max_iters", "-1"], "argument --max_iters: -1 must be >= 0"),
+    ("retrieval", ["--tie_embeddings", "maybe"], "argument --tie_embeddings: 'maybe' is not true or false"),
     ("eval", ["--lines", "abc"], "argument --lines: 'abc' is not a number"),
     ("eval", ["--n", "0"], "argument --n: 0 must be at least 1"),
     ("eval", ["--ppl_windows", "0"], "argument --ppl_windows: 0 must be at least 1"),
@@ -396,6 +400,10 @@ ROWS = [
     ("bench_kernel", ["--interpret", "--heads", "8"], "argument --heads: '8': give 2 comma-separated numbers"),
     ("bench_kernel", ["--interpret", "--salient", "2"], "argument --salient: 2 must be a fraction in [0, 1]"),
     ("bench_kernel", ["--heads", "32,7"], "query heads must be a multiple of KV heads"),
+    ("bench_model", ["--tokens", "1024,x"], "argument --tokens: 'x' is not a number (in '1024,x'"),
+    ("bench_model", ["--threads", "-1"], "argument --threads: -1 must be >= 0"),
+    ("ablate_clla", ["--jobs", "0"], "argument --jobs: 0 must be at least 1"),
+    ("paired", ["{dir}/none.json"], "none.json: not a readable eval.py JSON"),
 ]
 
 
@@ -433,7 +441,8 @@ def test_bad_input(kind, argv, msg, paths, tmp_path, capsys, monkeypatch, reques
     else:
         fn = {"generate": _generate, "train": _train, "eval": E.main, "bench": bench_cache.main,
               "retrieval": retrieval.main, "diagnose": diagnose.main, "bench_train": bench_train.main,
-              "bench_kernel": bench.main}[kind]
+              "bench_kernel": bench.main, "bench_model": bench_model.main, "ablate_clla": ablate_clla.main,
+              "paired": paired.main}[kind]
         code, text = run_cli(fn, _expand(argv, paths, tmp_path), capsys)
     assert code != 0, f"accepted: {argv}"
     assert msg.format(**paths) in text, text
