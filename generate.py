@@ -73,16 +73,21 @@ def make_cache(name, config, **options):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHES = ["dense", "zipcache", "kivi", "h2o", "mikv"]
-# the default long-document question: the answer is in the section (README, "Generating")
-DOC_TOPIC = "typesmapping"
-DOC_QUESTION = "What does the dict method setdefault() do?"
-# fewer than recompress_every = 100, so the fp16 decode buffer stays small: real ratio >= 4.5x at this length (README)
-DOC_MAX_NEW_TOKENS = 64
+# The default long-document question (README, "Generating"): the section of Python's reference manual on str methods
+# (6.3k tokens in SmolLM2's chat format, long enough that ZipCache's real ratio passes 4.5x with the fp16 buffer
+# counted) and a question whose answer is one sentence in it, which the dense 135M model answers correctly.
+DOC_TOPIC = "string-methods"
+DOC_QUESTION = "What does the str.capitalize() method do?"
+DOC_EVIDENCE = "Return a copy of the string with its first character capitalized"   # the manual's answer
+DOC_ANSWER = "first character capitalized"   # a correct answer says this (whitespace-normalized)
+# fewer than recompress_every = 100, so no decode block is compressed while the answer is written
+DOC_MAX_NEW_TOKENS = 48
 CODE_PROMPT = "import os\n\n\ndef main("     # the default for models without a chat template (ckpt/stdlib-byte)
 
 
 def document_prompt():
-    """A long real document and a question about it (3,420 tokens in SmolLM2's chat format)."""
+    """A long real document and a question about it (Python's own manual, shipped with every Python as
+    pydoc_data.topics, so nothing downloads)."""
     from pydoc_data.topics import topics
     # the question comes before the document as well as after it: a small model reads the text knowing what to look for
     return (f"Read the documentation below, then answer this question: {DOC_QUESTION}\n\n"
@@ -136,6 +141,14 @@ def get_args(argv=None, defaults=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (dense cache only)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--show_saliency", action="store_true",
+                   help="zipcache: print the prompt marked by how each token was stored (fp16 sink, 4-bit salient, "
+                        "2-bit regular) and write the Fig. 3-style PNG (--saliency_png); keeps the 1-bit salient mask "
+                        "in the cache (counted in its bytes)")
+    p.add_argument("--saliency_png", default=os.path.join("out", "saliency.png"),
+                   help="where --show_saliency writes its plot (default out/saliency.png)")
+    p.add_argument("--saliency_layer", type=int, default=None, help="the layer the plot's attention scores come "
+                   "from (default: the middle one)")
     g = p.add_argument_group("cache")
     g.add_argument("--cache", default="dense", choices=CACHES)
     g.add_argument("--compare", action="store_true", help="also run the dense cache and count agreeing tokens")
@@ -275,6 +288,150 @@ def kv_summary(cache):
                 paper_ratio=r["paper"], info=cache.info())
 
 
+# -----------------------------------------------------------------------------
+# saliency you can see (--show_saliency): how ZipCache stored each prompt token (paper Fig. 3)
+
+def stored_precision(cache, n_prompt):
+    """From the cache's own salient mask (keep_saliency_mask), per prompt position [n_prompt]: the share of
+    (layer, KV head) pairs that stored it at high_bits, and whether it is an fp16 sink (never quantized)."""
+    masks = [cache.salient_mask(layer)[0, :, :n_prompt].float() for layer in range(cache.n_layers)]  # [H_kv, n]
+    share = torch.cat(masks).mean(0)                                                   # [n_prompt]
+    sink = torch.arange(n_prompt) < min(cache.cfg.n_sink, n_prompt - 1)
+    return share, sink
+
+
+def token_spans(tok, ids, text):
+    """Token positions [start, end) of every occurrence of `text` in the decoded ids (byte offsets, so a multi-byte
+    character split across tokens still maps)."""
+    pieces = [tok.decode_bytes([t]) for t in ids]
+    ends = torch.tensor([len(p) for p in pieces]).cumsum(0)                           # byte end of each token
+    blob, needle, spans, at = b"".join(pieces), text.encode(), [], 0
+    while needle and (at := blob.find(needle, at)) >= 0:
+        first = int((ends <= at).sum())                                                 # the token holding byte `at`
+        last = int((ends < at + len(needle)).sum())
+        spans.append((first, last + 1))
+        at += len(needle)
+    return spans
+
+
+SHADES = (236, 239, 243, 247, 251)   # ANSI 256-colour greys, dark (mostly 2-bit) to light (mostly 4-bit)
+
+
+def render_saliency(tok, ids, share, sink, marked=(), color=False):
+    """The prompt, each token marked by how it was stored. color: the background shade is the share of (layer, KV
+    head) pairs at 4 bits (5 steps), sinks blue, `marked` spans underlined. Plain: {sink}, [mostly 4-bit] (share
+    >= 0.5), bare = mostly 2-bit, and the marked spans between >> and <<."""
+    inside = torch.zeros(len(ids), dtype=torch.bool)
+    for a, b in marked:
+        inside[a:b] = True
+    out = []
+    for i, t in enumerate(ids):
+        text = tok.decode([t])
+        if color:
+            bg = 27 if sink[i] else SHADES[min(int(share[i] * len(SHADES)), len(SHADES) - 1)]
+            out.append(f"\033[48;5;{bg}m\033[38;5;16m{chr(27) + '[4m' if inside[i] else ''}{text}\033[0m")
+        else:
+            opening = ">>" if inside[i] and (i == 0 or not inside[i - 1]) else ""
+            closing = "<<" if inside[i] and (i + 1 == len(ids) or not inside[i + 1]) else ""
+            body = f"{{{text}}}" if sink[i] else f"[{text}]" if share[i] >= 0.5 else text
+            out.append(opening + body + closing)
+    return "".join(out)
+
+
+def saliency_report(tok, ids, share, sink, spans):
+    """Lines: the mean 4-bit share of the whole prompt and of each named span (the question, the answer...)."""
+    lines = [f"4-bit share  whole prompt {share.mean():.0%} of (layer, KV head) pairs; {int(sink.sum())} fp16 sinks"]
+    for name, where in spans.items():
+        for a, b in where:
+            words = tok.decode(ids[a:b]).strip().replace("\n", " ")
+            lines.append(f"             {name} at tokens {a}-{b - 1}: {share[a:b].mean():.0%}  "
+                         f"({words[:70]}{'...' if len(words) > 70 else ''})")
+    return lines
+
+
+class Recorder:
+    """Wraps a cache and keeps one layer's prefill q, k (for the Fig. 3 plot); everything else goes to the cache."""
+
+    def __init__(self, cache, layer):
+        self.cache, self.layer, self.qk = cache, layer, None
+
+    def attend(self, layer, q, k, v):
+        if layer == self.layer and self.qk is None:
+            self.qk = (q.detach().float(), k.detach().float())                          # [B, H, L, D], [B, H_kv, L, D]
+        return self.cache.attend(layer, q, k, v)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def show_stored(tok, ids, zc, demo, args, layer):
+    """--show_saliency: the marked prompt, the 4-bit share of the question and the answer's evidence, the PNG."""
+    share, sink = stored_precision(zc.cache, len(ids))
+    spans = {}
+    if demo:                                                                 # we know where to look
+        spans = dict(question=token_spans(tok, ids, DOC_QUESTION), answer=token_spans(tok, ids, DOC_EVIDENCE))
+    print("---------- how ZipCache stored the prompt: " + ("shade = share of (layer, KV head) pairs at 4 bits (light = "
+          "all), blue = fp16 sink, underlined = the answer's evidence" if sys.stdout.isatty() else
+          "{fp16 sink}, [4-bit in >= half the (layer, KV head) pairs], 2-bit otherwise, >>answer's evidence<<"))
+    print(render_saliency(tok, ids, share, sink, spans.get("answer", ()), color=sys.stdout.isatty()))
+    print("----------")
+    for line in saliency_report(tok, ids, share, sink, spans):
+        print(line)
+    if plot_saliency(args.saliency_png, *zc.qk, share, spans, layer):
+        print(f"wrote       {args.saliency_png} (Fig. 3 style: accumulated vs normalized attention, layer {layer})")
+    else:
+        print("note        matplotlib is not installed (pip install matplotlib); skipped the plot")
+
+
+def prefill_estimate(n_tokens, cfg, device):
+    """Seconds a prefill of n_tokens takes, roughly: weight matmuls 2 * params * tokens, attention 2 * L^2 * H * D
+    per layer (causal half of QK^T and PV counted whole), at a throughput measured on a 2-core CPU (README)."""
+    d, ff = cfg.dim, cfg.hidden_dim
+    params = cfg.n_layers * (2 * d * cfg.n_heads * cfg.head_dim + 2 * d * cfg.n_kv_heads * cfg.head_dim + 3 * d * ff)
+    flops = 2 * params * n_tokens + cfg.n_layers * 2 * n_tokens ** 2 * cfg.n_heads * cfg.head_dim
+    rate = 2e12 if device.type == "cuda" else 30e9 * torch.get_num_threads()
+    return flops / rate
+
+
+def plot_saliency(path, q, k, share, spans, layer):
+    """A PNG in the spirit of the paper's Fig. 3: the exact accumulated and normalized attention scores of one layer
+    (all query rows, mean over KV heads) over positions, the share of pairs that stored each token at 4 bits, and
+    the named spans (question, answer) shaded. Returns False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    L = k.shape[2]
+    rows = torch.arange(L)
+    scores = {s: saliency.probe_scores(q, k, rows, s)[0].mean(0) for s in ("accumulated", "normalized")}   # [L]
+    fig, axes = plt.subplots(3, 1, figsize=(11, 7), sharex=True)
+    panels = [(scores["accumulated"], f"accumulated attention (layer {layer})"),
+              (scores["normalized"], f"normalized attention (layer {layer})"),
+              (share, "share of (layer, KV head) pairs at 4 bits")]
+    colors = dict(question="tab:orange", answer="tab:green")
+    for ax, (y, title) in zip(axes, panels):
+        ax.plot(y.numpy(), lw=0.6, color="tab:blue")
+        ax.set_title(title, fontsize=9, loc="left")
+        for name, where in spans.items():
+            for i, (a, b) in enumerate(where):
+                ax.axvspan(a, b, color=colors.get(name, "tab:red"), alpha=0.35, label=name if i == 0 else None)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    if spans:
+        axes[0].legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("token position")
+    fig.suptitle("Accumulated vs normalized attention over positions (ZipCache Fig. 3) and what was stored at 4 bits",
+                 fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)                      # whole or not at all
+    return True
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -304,7 +461,8 @@ def main(argv=None):
     model, tok = load_model_and_tokenizer(args.checkpoint, args.tokenizer, device, dtype)
     cfg = model.config
     prompt, chat = args.prompt, args.chat
-    if prompt is None and tok.chat_template:
+    demo = prompt is None and bool(tok.chat_template)     # the long-document question: we know its answer
+    if demo:
         prompt, chat = document_prompt(), True
         # a factual question is answered greedily (so --compare counts what compression changes, not sampling noise)
         # and briefly, unless --temperature / --max_new_tokens are on the command line
@@ -343,13 +501,25 @@ def main(argv=None):
             raise ValueError("--compile is supported with --cache dense only (compressed caches change shape per step)")
         model = torch.compile(model, dynamic=True)
 
+    show_saliency = args.show_saliency and args.cache == "zipcache"
+    if args.show_saliency and not show_saliency:
+        raise ValueError(f"--show_saliency shows how ZipCache stored the prompt; use it with --cache zipcache, not "
+                         f"--cache {args.cache}")
+    layer = cfg.n_layers // 2 if args.saliency_layer is None else args.saliency_layer
+    if not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"--saliency_layer {layer} is not a layer of this model; use 0..{cfg.n_layers - 1}")
+
     def run(name, opts):
         cache = make_cache(name, cfg, **opts)
         if isinstance(cache, ZipCache) and cache.cfg.probe_strategy == "special":   # probes at newline/colon/?/.
             cache.set_special_positions(saliency.special_positions(torch.tensor([ids]), special_probe_ids(tok)))
-        out, stats = generate(model, ids, cache, max_new, args.temperature, args.top_k, args.top_p, args.seed,
+        seen = Recorder(cache, layer) if name == "zipcache" and show_saliency else cache
+        print(f"prefill     {len(ids):,} tokens x {args.num_samples} through {cfg.n_layers} layers, {name} cache: "
+              f"about {prefill_estimate(len(ids) * args.num_samples, cfg, device):.0f} s ...", file=sys.stderr,
+              flush=True)
+        out, stats = generate(model, ids, seen, max_new, args.temperature, args.top_k, args.top_p, args.seed,
                               tok.stop_ids, args.num_samples)
-        return out, stats, kv_summary(cache)
+        return out, stats, kv_summary(cache), seen
 
     def show(name, rows):
         for i, row in enumerate(rows):
@@ -358,10 +528,13 @@ def main(argv=None):
             print(tok.decode(row) if chat else shown(prompt) + tok.decode(row))
         print("----------")
 
-    out, stats, kv = run(args.cache, cache_options(args))
+    opts = cache_options(args)
+    if show_saliency:
+        opts["keep_saliency_mask"] = True
+    out, stats, kv, zc = run(args.cache, opts)
     ref = None
     if args.compare and args.cache != "dense":
-        ref, _, _ = run("dense", {})
+        ref, _, _, _ = run("dense", {})
     if not args.quiet:
         if chat:
             print(f"---------- prompt (chat, user message)\n{shown(prompt)}")
@@ -375,6 +548,8 @@ def main(argv=None):
     print(f"time        prefill {stats['prefill_ms']:.1f} ms (first token), decode {stats['decode_tok_s']:.1f} tok/s")
     print(f"kv cache    {kv['info']}: {kv['kv_bytes']:,} B real, {kv['dense_fp16_bytes']:,} B as dense fp16 -> "
           f"real ratio {kv['real_ratio']:.2f}x, paper-formula ratio {kv['paper_ratio']:.2f}x")
+    if show_saliency:
+        show_stored(tok, ids, zc, demo, args, layer)
     if ref is not None:
         agree = total = 0
         for a, b in zip(out, ref):
@@ -383,6 +558,14 @@ def main(argv=None):
             agree += first
             total += len(b)
         print(f"vs dense    {agree}/{total} generated tokens identical before the first divergence")
+    if demo:   # checked by reading: a correct answer says the manual's words (README, "Generating")
+        said = lambda row: DOC_ANSWER in " ".join(tok.decode(row).lower().split())
+        verdict = lambda row: "correct" if said(row) else "does not say it"
+        line = f"answer      the manual: '{DOC_EVIDENCE} ...'; {args.cache}: {verdict(out[0])}"
+        if ref is not None:
+            line += f", dense: {verdict(ref[0])} -> " + ("ZipCache kept the answer" if said(out[0]) else
+                                                        "compression lost it" if said(ref[0]) else "neither has it")
+        print(line)
     return out, stats, kv
 
 

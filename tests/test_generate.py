@@ -143,3 +143,28 @@ def test_gguf_checkpoint_with_its_tokenizer(tmp_path):
     out, _, kv = run_main("--checkpoint", p, "--chat", "--prompt", "hello", "--cache", "zipcache", "--compare",
                           "--max_new_tokens", "5", "--temperature", "0")
     assert len(out[0]) >= 1 and kv["real_ratio"] > 0
+
+
+def test_show_saliency_marks_equal_the_cache_mask(tmp_path, capsys):
+    # the marks --show_saliency prints come from the cache's own salient mask: recompute them from a second,
+    # identical run's mask and compare position by position (plain marking: stdout is not a terminal here)
+    ck = tiny_ckpt(tmp_path)
+    prompt = "the quick brown fox jumps over the lazy dog; " * 2
+    png = tmp_path / "sal.png"
+    G.main(["--checkpoint", ck, "--cache", "zipcache", "--max_new_tokens", "3", "--temperature", "0",
+            "--prompt", prompt, "--show_saliency", "--saliency_png", str(png), "--n_sink", "2"])
+    text = capsys.readouterr().out
+    marked = text.split("---------- how ZipCache stored the prompt:")[1].split("\n", 1)[1].split("\n----------")[0]
+    model, tok = G.load_model_and_tokenizer(ck, None, torch.device("cpu"), torch.float32)
+    ids = tok.encode(prompt, bos=True)
+    cache = G.make_cache("zipcache", model.config, keep_saliency_mask=True, n_sink=2)
+    G.generate(model, ids, cache, 3)
+    mask = torch.stack([cache.salient_mask(l)[0, :, :len(ids)] for l in range(model.config.n_layers)])  # [L, H, n]
+    share = mask.float().mean((0, 1))
+    expect = "".join("{%s}" % tok.decode([t]) if i < 2 else "[%s]" % tok.decode([t]) if share[i] >= 0.5
+                     else tok.decode([t]) for i, t in enumerate(ids))
+    assert marked == expect
+    assert 0 < (share[2:] >= 0.5).sum() < len(ids) - 2            # both kinds appear: the test can tell them apart
+    assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="--show_saliency shows how ZipCache stored"):
+        G.main(["--checkpoint", ck, "--cache", "kivi", "--show_saliency", "--prompt", "abc"])
