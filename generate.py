@@ -25,7 +25,7 @@ from baselines import H2OCache, KIVICache, MiKVCache, OfficialZipCache, SimQuant
 from cache import DenseCache, ZipCache, check_prompt_lengths
 from latent import CLACache, LatentCache
 from tokenizer import special_probe_ids
-from weights import default_checkpoint, load_model_and_tokenizer
+from weights import atomic_write, default_checkpoint, load_model_and_tokenizer
 
 # -----------------------------------------------------------------------------
 # the caches by name. Each class lists the options it takes (options: its constructor's arguments and its own
@@ -425,10 +425,8 @@ def plot_saliency(path, q, k, share, spans, layer):
     fig.suptitle("Accumulated vs normalized attention over positions (ZipCache Fig. 3) and what was stored at 4 bits",
                  fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))   # whole or not at all
     plt.close(fig)
-    os.replace(tmp, path)                      # whole or not at all
     return True
 
 
