@@ -2,7 +2,8 @@
 written or changed on disk (file hashes of the run's folders and of the repo's ckpt/ and results/ before and after).
 
 Most rows call the scripts' main(argv) in-process (fast); one runs train.py as a user does, to check that no traceback
-reaches the terminal.
+reaches the terminal. The last tests interrupt writes: SIGKILL at random moments of `eval.py --merge` and of checkpoint
+saves, and `ulimit -f` under a merge, each leaving the previous files whole.
 """
 import contextlib
 import hashlib
