@@ -60,3 +60,23 @@ def test_paired_report_pairs_the_same_records(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="not paired"):
         paired.main([str(path)])
+
+
+def test_frontier_pools_the_shared_lengths(tmp_path):
+    import json
+    import frontier
+    rec = lambda cs: [[(i + 0.5) / len(cs), c] for i, c in enumerate(cs)]
+    row = lambda label, cache, opts, group, recs, ratio, ppl=None: dict(
+        label=label, cache=cache, opts=opts, group=group, records=recs, real_at={L: ratio for L in recs}, ppl=ppl)
+    run = {"rows": [
+        row("dense fp16", "dense", {}, "main", {"1024": rec([True] * 4)}, 1.0),
+        row("ZipCache default", "zipcache", {}, "main", {"1024": rec([True, True, False, True]),
+                                                         "4096": rec([False] * 4)}, 4.6, 12.0),
+        row("KIVI-2", "kivi", {"bits": 2}, "main", {"1024": rec([True, False, False, True])}, 3.9, 15.0),
+        row("H2O (10% kept)", "h2o", {"keep_ratio": 0.1}, "sweep", {"1024": rec([False] * 4)}, 9.8)]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    shared, pts = frontier.main([str(path), "--out", str(tmp_path / "f")])
+    assert shared == ["1024"]                                   # 4096 is not shared by every row: left out
+    assert [(p[0], p[3], p[4]) for p in pts] == [("H2O", 0, 4), ("KIVI", 2, 4), ("ZipCache", 3, 4)]
+    assert (tmp_path / "f.md").read_text().count("|") > 10 and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
