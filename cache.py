@@ -498,16 +498,15 @@ class ZipGroup:
     def nbytes(self, allocated=False):
         return _stores_nbytes((self.codes, self.params, self.rows, self.base), allocated)
 
-    def segment(self, bits, parent):
-        """The group as the decode kernel reads it, with one fp16 key (scale, min) per sub-block, [Bs, n_sub, H, D].
-        Nested statistics are expanded to that here, for this step only (a transient workspace, not cache bytes)."""
-        t = self.codes.full
-        if self.base is not None:
-            k_scale, k_min = quant.dequantize_nested(self.params["k_stat"], self.base["k_base"][:, parent])
-        else:
-            k_scale, k_min = self.params.full["k_scale"], self.params.full["k_min"]
-        return decode_kernel.ZipSegment(bits, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"], k_scale, k_min,
-                                        self.rows.full["rows"])
+    def segment(self, bits):
+        """The group as stored, for the decode view (full-capacity tensors, read in place): fp16 key (scale, min)
+        per sub-block, or the nested codes and their per-block (base, step) (decode_kernel.ZipSegment)."""
+        t, p = self.codes.full, self.params.full
+        nested = self.base is not None
+        return decode_kernel.ZipSegment(bits, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
+                                        None if nested else p["k_scale"], None if nested else p["k_min"],
+                                        self.rows.full["rows"], k_stat=p["k_stat"] if nested else None,
+                                        k_base=self.base.full["k_base"] if nested else None)
 
     def paper_terms(self, bits, H, D):
         """(quantized K/V elements, their code bits, fp16 parameters); a nested pair is 8 bits, half a parameter."""
@@ -546,15 +545,15 @@ class ZipState(LayerState):
         return _stores_nbytes((self.buf, self.v_chan, self.parent, self.mask), allocated) + groups + counters
 
     def view(self, bits, tables=None):
-        """The layout decode_kernel.decode_attention reads: full-capacity tensors + valid counts; bits = (high, low).
-        The kernel reads one CST normalizer per sub-block: the per-block one is expanded for this step only."""
+        """The layout decode_kernel.decode_attention reads, as stored: full-capacity tensors + valid counts, the
+        per-block CST normalizer and key statistics with the sub-blocks' parent table; bits = (high, low).
+        view(...).expand() is the Triton kernel's form (statistics per sub-block, decoded for that call)."""
         if self.hi is None:
             return decode_kernel.dense_view(self.buf["k"], self.buf["v"])
-        parent = self.parent["parent"][0].long()                                         # [n_sub_total]
-        hi, lo = (g.segment(b, parent) for g, b in zip((self.hi, self.lo), bits))
-        return decode_kernel.ZipLayerView(hi=hi, lo=lo, v_chan=self.v_chan["v_chan"][:, parent],
-                                          k_buf=self.buf.full["k"], v_buf=self.buf.full["v"], n_buf=self.buf.n,
-                                          n_blocks=self.parent.n, tables=tables)
+        hi, lo = (g.segment(b) for g, b in zip((self.hi, self.lo), bits))
+        return decode_kernel.ZipLayerView(hi=hi, lo=lo, v_chan=self.v_chan.full["v_chan"], k_buf=self.buf.full["k"],
+                                          v_buf=self.buf.full["v"], n_buf=self.buf.n, n_blocks=self.parent.n,
+                                          tables=tables, parent=self.parent.full["parent"][0])
 
     def paper_terms(self, bits):
         """(quantized K/V elements, their code bits, fp16 parameters) for the paper ratio: codes and parameters only."""
@@ -727,7 +726,8 @@ class ZipCache(Cache):
         # the Triton kernel takes fp16/bf16 queries (its dots run on fp16 tensor-core operands); an fp32 model (CPU)
         # hands it q rounded to fp16, the precision the keys are stored at anyway
         qk = q1.half() if c.kernel == "triton" and q1.dtype == torch.float32 else q1
-        out, lse = decode_kernel.decode_attention(qk, self.layer_view(layer), kernel=c.kernel, return_lse=True)
+        view = st.view(self.bits, self.split_tables[layer])                              # as stored
+        out, lse = decode_kernel.decode_attention(qk, view, kernel=c.kernel, return_lse=True)
         out = out.to(q1.dtype)
         if self.quantized:
             full = st.buf.n - (st.n_sink or 0) == c.recompress_every    # the flush rule: N rows past the sinks
@@ -764,13 +764,14 @@ class ZipCache(Cache):
 
     # reading what is stored ----------------------------------------------------------------------
     def layer_view(self, layer):
-        """The layout decode_kernel.decode_attention consumes: full-capacity tensors + valid counts."""
-        return self.state(layer, "layer_view(layer)").view(self.bits, self.split_tables[layer])
+        """The layer in the decode kernel's expanded form (ZipLayerView.expand: fp16 statistics per sub-block), for
+        tests and analysis; decoding reads ZipState.view, the stored form."""
+        return self.state(layer, "layer_view(layer)").view(self.bits, self.split_tables[layer]).expand()
 
     def _dequantized(self, st):
         """[(K̂, V̂) of hi, (K̂, V̂) of lo], fp32 [B, H, n_p, D] in storage order, each block with its own
         parameters."""
-        view = st.view(self.bits)
+        view = st.view(self.bits).expand()
         return [decode_kernel.dequantize_segment(seg, view.v_chan, decode_kernel.row_blocks(seg.rows[0], view.n_blocks),
                                                  torch.float32) for seg in view.segments]   # rows equal per sequence
 

@@ -22,11 +22,11 @@ the score that the fp16 rounding of q⊙a multiplies; and sm_scale·log2(e) mult
 of being folded into q, so the fp16 buffer's scores use the query exactly as given.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from quant import unpack
+from quant import dequantize_nested, unpack
 
 try:  # triton is optional: without it the torch paths still work and kernel="triton" says what to install
     import triton
@@ -43,7 +43,13 @@ LOG2E = 1.4426950408889634
 
 
 # -----------------------------------------------------------------------------
-# the layer view: q-independent, built by ZipCache.layer_view(i); nothing else is accepted
+# the layer view: q-independent, built by ZipState.view (cache.py); nothing else is accepted. Two forms of it:
+#   stored    what ZipCache stores, read in place: per-block CST normalizer and nested key statistics, with the
+#             sub-blocks' parent table (parent is set). The CPU path (zip_decode_attention_torch) reads this form.
+#   expanded  one fp16 key (scale, min) and one normalizer per sub-block (parent is None): the Triton kernel's ABI,
+#             and what the reference reads. view.expand() turns the stored form into it (a per-call workspace).
+# A "block" below is a sub-block of the row tables: a block of the cache cut by key groups (ZipCacheConfig.k_group)
+# into runs of rows with their own key statistics; without key groups the two are the same.
 
 @dataclass
 class ZipSegment:
@@ -53,16 +59,29 @@ class ZipSegment:
     v_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W]
     v_scale: torch.Tensor  # fp16  [B, Hv, CAP]        Hv = H_kv ("head" scope) or 1 ("row" scope, broadcast)
     v_min: torch.Tensor    # fp16  [B, Hv, CAP]
-    k_scale: torch.Tensor  # fp16  [Bs, NB_CAP, H_kv, D] channelwise per block; Bs = B, or 1 when pooled
-    k_min: torch.Tensor    # fp16  [Bs, NB_CAP, H_kv, D]
+    k_scale: torch.Tensor | None  # fp16 [Bs, NB_CAP, H_kv, D] channelwise per block; Bs = B, or 1 when pooled;
+    k_min: torch.Tensor | None    # fp16 [Bs, NB_CAP, H_kv, D]  None in a stored view with nested statistics
     rows: torch.Tensor     # int32 [B, NB_CAP+1]       block k of sequence b = rows [rows[b,k], rows[b,k+1])
+    # nested key statistics as stored (quant.quantize_nested), stored views only: k_stat uint8 [Bs, NB_CAP, H_kv, D]
+    # (min code | scale code << 4 per block), k_base fp16 [Bs, NP_CAP, H_kv, 4, D] (per parent, view.parent)
+    k_stat: torch.Tensor | None = None
+    k_base: torch.Tensor | None = None
+
+    def key_stats(self, blocks, parents):
+        """(scale, min) fp16 [Bs, *blocks' shape, H_kv, D] of the given blocks (index tensors or slices into dim 1;
+        parents: their parents', for nested statistics): the stored fp16 pair, or the nested one decoded exactly
+        (quant.dequantize_nested)."""
+        if self.k_stat is None:
+            return self.k_scale[:, blocks], self.k_min[:, blocks]
+        return dequantize_nested(self.k_stat[:, blocks], self.k_base[:, parents])
 
 
 @dataclass
 class ZipLayerView:
     hi: ZipSegment
     lo: ZipSegment
-    v_chan: torch.Tensor   # fp16 [Bs, NB_CAP, H_kv, D]  CST channel normalizer per block (shared by hi and lo)
+    v_chan: torch.Tensor   # fp16 [Bs, NB_CAP, H_kv, D]  CST channel normalizer per block (shared by hi and lo);
+                           # per parent [Bs, NP_CAP, H_kv, D] in a stored view
     k_buf: torch.Tensor    # fp16 [B, H_kv, NBUF_CAP, D] raw post-RoPE keys of the unfinished block
     v_buf: torch.Tensor    # fp16 [B, H_kv, NBUF_CAP, D]
     n_buf: int             # valid buffer rows (same for every sequence)
@@ -70,10 +89,26 @@ class ZipLayerView:
     # the owner's store for the split tables the Triton launcher derives from the row tables: ZipCache passes a dict
     # it empties whenever it appends a block, so a table is built once per block, not per step; None = build per call
     tables: dict | None = None
+    # stored view: int32 [NB_CAP], the parent (cache block) of each block, nondecreasing; v_chan and k_base are per
+    # parent. None: the expanded view, every block its own parent
+    parent: torch.Tensor | None = None
 
     @property
     def segments(self):
         return (self.hi, self.lo)
+
+    def expand(self):
+        """The expanded form (the kernel's ABI): fp16 key (scale, min) and v_chan per block, [Bs, n_blocks, H_kv, D],
+        decoded from the stored form for this call only. An expanded view is returned as it is."""
+        if self.parent is None and self.hi.k_stat is None and self.lo.k_stat is None:
+            return self
+        nb = self.n_blocks
+        par = self.parent[:nb].long() if self.parent is not None else torch.arange(nb, device=self.k_buf.device)
+        segs = []
+        for seg in self.segments:
+            scale, mn = seg.key_stats(slice(0, nb), par)
+            segs.append(replace(seg, k_scale=scale, k_min=mn, k_stat=None, k_base=None))
+        return replace(self, hi=segs[0], lo=segs[1], v_chan=self.v_chan[:, par], parent=None)
 
 
 def dense_view(k, v):
@@ -172,26 +207,30 @@ def dequantize_segment(seg, v_chan, blk, dt):
     return a * x + mu, c * (sig * y + nu)                          # K̂ = a·x + μ, V̂ = c·(σ·y + ν)
 
 
-def _sequence(seg, v_chan, b):
-    """Sequence b of a segment (and its channel normalizer) as a one-sequence segment; pooled params stay shared."""
-    pick = lambda t: t[b:b + 1] if t.shape[0] > 1 else t                               # noqa: E731
-    return ZipSegment(seg.bits, seg.k_codes[b:b + 1], seg.v_codes[b:b + 1], seg.v_scale[b:b + 1],
-                      seg.v_min[b:b + 1], pick(seg.k_scale), pick(seg.k_min), seg.rows[b:b + 1]), pick(v_chan)
+def _sequence_view(view, b):
+    """Sequence b of a view as a one-sequence view; pooled parameters (Bs = 1) stay shared."""
+    pick = lambda t: t[b:b + 1] if t is not None and t.shape[0] > 1 else t                # noqa: E731
+    one = lambda s: replace(s, k_codes=s.k_codes[b:b + 1], v_codes=s.v_codes[b:b + 1],     # noqa: E731
+                            v_scale=s.v_scale[b:b + 1], v_min=s.v_min[b:b + 1], rows=s.rows[b:b + 1],
+                            k_scale=pick(s.k_scale), k_min=pick(s.k_min), k_stat=pick(s.k_stat), k_base=pick(s.k_base))
+    return replace(view, hi=one(view.hi), lo=one(view.lo), v_chan=pick(view.v_chan), k_buf=view.k_buf[b:b + 1],
+                   v_buf=view.v_buf[b:b + 1], tables=None)
 
 
 def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False):
     """Oracle: out [B, H_q, D] in q.dtype (+ natural-log lse [B, H_q] fp32). Math in fp32 (fp64 for fp64 q).
     num_splits and block_n are accepted for a common signature and ignored. Slow (loops over the batch)."""
     B, Hq, Hkv, G, D = _shapes(q, view)
+    view = view.expand()
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.empty(B, Hq, D, dtype=dt, device=q.device)
     lse = torch.empty(B, Hq, dtype=dt, device=q.device)
     for b in range(B):
+        vb = _sequence_view(view, b)
         parts = []
-        for seg in view.segments:
-            seg_b, chan_b = _sequence(seg, view.v_chan, b)
-            K, V = dequantize_segment(seg_b, chan_b, row_blocks(seg_b.rows[0], view.n_blocks), dt)
+        for seg in vb.segments:
+            K, V = dequantize_segment(seg, vb.v_chan, row_blocks(seg.rows[0], view.n_blocks), dt)
             parts.append((K[0], V[0]))                                    # [H_kv, n_b, D]
         parts.append((view.k_buf[b, :, :view.n_buf].to(dt), view.v_buf[b, :, :view.n_buf].to(dt)))
         K = torch.cat([k for k, _ in parts], 1).repeat_interleave(G, 0)   # [H_q, L, D]
@@ -204,93 +243,134 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
 
 
 # -----------------------------------------------------------------------------
-# CPU fast path: the kernel's algorithm in torch. Consecutive blocks of a segment are taken together, padded to the
-# longest of them, so that one gather, one unpack and two batched matmuls score a group of up to `chunk` rows (a block
-# longer than `chunk` is cut into chunks of rows); each block's scales still fold into q and p, so no dequantized copy
-# of the cache is made. Vectorised over batch, heads, blocks and rows; the only Python loop is over these groups, so
-# the many small blocks of key groups (ZipCacheConfig.k_group) cost one step, not one step each. Ragged row counts per
-# sequence are handled by gathering each sequence's rows and masking the padding.
+# CPU path: the kernel's algebra in torch, over the stored view, in whole tensors. The row tables cut a segment into
+# runs of consecutive parents (cache blocks) of one shape: the prompt's block, then the decode blocks, which all have
+# recompress_every rows split alike. Inside a parent, the key groups come in at most two sizes (tensor_split's runs
+# differ by one row), so every piece of a run is a plain view [B, H_kv, R, P, S, W] of the codes (R parents, P blocks
+# of S rows each): no gather, no padding, no masking.
+#   scores   q' = q ⊙ a per block (the key scale folded into q), one batched matmul per piece, + q·μ per block
+#   softmax  over the whole layer at once (its scores are a few KB): max, exp, sum; lse = m + log l
+#   values   p' = p ⊙ σ, one batched matmul per run (Σ_t p'_t y_t per parent), + Σ_t p_t ν_t, times c per parent
+#   codes    unpacked in a few whole-tensor integer ops straight to the math dtype (unpack_codes)
+# Per step it reads the row and parent tables on the host (O(blocks) integers); nothing derived from the stored blocks
+# is kept between steps, and the nested key statistics are decoded per run, broadcasting each parent's (base, step).
 
-def _online_update(state, s, valid):
-    """One online-softmax step (natural log). state = (m, l, acc); s [B, H_kv, G, n] scores; valid [B, n]."""
-    m, l, acc = state
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m_new = torch.maximum(m, s.amax(-1))
-    m_use = torch.where(m_new == float("-inf"), 0.0, m_new)         # fully masked so far: no NaN from -inf - -inf
-    alpha = torch.exp(m - m_use)                                     # [B, H_kv, G]
-    p = torch.exp(s - m_use[..., None])                              # [B, H_kv, G, n]
-    return m_new, l * alpha + p.sum(-1), acc * alpha[..., None], p
+def unpack_codes(packed, bits, dt):
+    """uint8 [..., W] (quant.pack's planar bytes, any strides) -> codes [..., W*8/bits] in dtype dt, contiguous:
+    one masked shift per part into a uint8 buffer, then one conversion pass."""
+    parts = 8 // bits
+    if parts == 1:
+        return packed.to(dt)
+    mask = (1 << bits) - 1
+    u = torch.empty(*packed.shape[:-1], parts, packed.shape[-1], dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, mask, out=u[..., 0, :])
+    for i in range(1, parts - 1):
+        torch.bitwise_and(packed >> (bits * i), mask, out=u[..., i, :])
+    torch.bitwise_right_shift(packed, bits * (parts - 1), out=u[..., parts - 1, :])
+    return u.flatten(-2).to(dt)
 
 
-def _block_groups(max_len, chunk):
-    """[(k0, k1, t0, n)]: blocks k0..k1-1 taken together, rows [t0, t0 + n) of each, (k1 - k0)·n <= chunk rows a group
-    (a block longer than chunk alone, in chunks of rows); blocks empty in every sequence are skipped."""
-    out, k, nb = [], 0, len(max_len)
-    while k < nb:
-        if max_len[k] == 0:
-            k += 1
-        elif max_len[k] > chunk // 2:                                # a big block: its rows in chunks
-            out += [(k, k + 1, t0, min(chunk, max_len[k] - t0)) for t0 in range(0, max_len[k], chunk)]
-            k += 1
-        else:
-            k1, n = k + 1, max_len[k]
-            while k1 < nb and 0 < max_len[k1] <= chunk // 2 and (k1 + 1 - k) * max(n, max_len[k1]) <= chunk:
-                n = max(n, max_len[k1])
-                k1 += 1
-            out.append((k, k1, 0, n))
-            k = k1
+def _runs(rows, parent):
+    """One segment's row table rows [n_blocks + 1] and parents [n_blocks] (nondecreasing; host lists) -> runs
+    [(p0, R, j0, J, r0, M, parts)]: R consecutive parents p0.. of one shape, each of J blocks and M > 0 rows (blocks
+    j0.., rows r0.. in the first), and the run's pieces parts [(j, P, S, t)]: P blocks of S > 0 rows each, from block
+    j and row t of every parent. Parents with no rows here, and empty blocks, are left out."""
+    shapes = []                                                       # (parent, first block, first row, sizes)
+    j = 0
+    while j < len(parent):
+        j1 = j
+        while j1 < len(parent) and parent[j1] == parent[j]:
+            j1 += 1
+        shapes.append((parent[j], j, rows[j], tuple(b - a for a, b in zip(rows[j:j1], rows[j + 1:j1 + 1]))))
+        j = j1
+    runs = []
+    for p, j, r, sizes in shapes:
+        if not runs or runs[-1][0] + runs[-1][1] != p or runs[-1][-1] != sizes:
+            runs.append([p, 0, j, len(sizes), r, sum(sizes), sizes])
+        runs[-1][1] += 1
+    out = []
+    for p0, R, j0, J, r0, M, sizes in runs:
+        if M == 0:
+            continue
+        parts, j, t = [], 0, 0
+        while j < J:
+            j1 = j
+            while j1 < J and sizes[j1] == sizes[j]:
+                j1 += 1
+            if sizes[j]:
+                parts.append((j, j1 - j, sizes[j], t))
+            t += (j1 - j) * sizes[j]
+            j = j1
+        out.append((p0, R, j0, J, r0, M, parts))
     return out
 
 
-def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False,
-                               chunk=4096):
-    """Same contract as zip_decode_attention_ref, without a dequantized copy of the cache: per group of rows
-    (<= `chunk`), only its codes are unpacked; scales fold into q and p (comment above)."""
+def _run_key_stats(seg, p0, R, j0, J):
+    """fp16 (scale, min) [Bs, R, J, H_kv, D] of a run's blocks; nested: each parent's (base, step) broadcast over
+    its J blocks, decoded exactly as quant.dequantize_nested does."""
+    if seg.k_stat is None:
+        return seg.k_scale[:, j0:j0 + R * J].unflatten(1, (R, J)), seg.k_min[:, j0:j0 + R * J].unflatten(1, (R, J))
+    return dequantize_nested(seg.k_stat[:, j0:j0 + R * J].unflatten(1, (R, J)), seg.k_base[:, p0:p0 + R, None])
+
+
+def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False):
+    """Same contract as zip_decode_attention_ref, on a stored or expanded view, without a dequantized copy of the
+    cache (comment above). Sequences whose row tables differ (a ragged view) are run one at a time."""
     B, Hq, Hkv, G, D = _shapes(q, view)
+    nb, n_buf, dev = view.n_blocks, view.n_buf, q.device
+    if B > 1 and nb > 0 and any(not torch.equal(s.rows[1:, :nb + 1], s.rows[:1, :nb + 1].expand(B - 1, -1))
+                                for s in view.segments):
+        res = [zip_decode_attention_torch(q[b:b + 1], _sequence_view(view, b), sm_scale=sm_scale, return_lse=True)
+               for b in range(B)]
+        out, lse = torch.cat([o for o, _ in res]), torch.cat([x for _, x in res])
+        return (out, lse) if return_lse else out
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dev = q.device
     scale = D ** -0.5 if sm_scale is None else sm_scale
-    qf = q.to(dt).view(B, Hkv, G, 1, D) * scale                      # [B, H_kv, G, 1, D], softmax scale folded in
-    m = torch.full((B, Hkv, G), float("-inf"), dtype=dt, device=dev)
-    l = torch.zeros(B, Hkv, G, dtype=dt, device=dev)
+    qf = q.to(dt).view(B, Hkv, G, D) * scale                          # [B, H_kv, G, D], softmax scale folded in
+    parent = view.parent[:nb].tolist() if view.parent is not None else list(range(nb))
+    plan = [(seg, _runs(seg.rows[0, :nb + 1].tolist(), parent)) for seg in view.segments] if nb else []
+    N = sum(R * M for _, runs in plan for _, R, _, _, _, M, _ in runs) + n_buf
+    if N == 0:
+        out = torch.zeros(B, Hq, D, dtype=dt, device=dev)
+        return _finish(out, torch.full((B, Hq), float("-inf"), device=dev, dtype=torch.float32
+                                       if dt != torch.float64 else dt), q, return_lse)
+    s = torch.empty(B, Hkv, G, N, dtype=dt, device=dev)               # every row's score, then its probability
+    off = 0
+    for seg, runs in plan:                                            # scores of the quantized rows
+        for p0, R, j0, J, r0, M, parts in runs:
+            a, mu = (t.to(dt).permute(0, 3, 1, 2, 4)[:, :, :, :, None] for t in _run_key_stats(seg, p0, R, j0, J))
+            qa = qf[:, :, None, None] * a                              # q ⊙ a   [B, H_kv, R, J, G, D]
+            qmu = (qf[:, :, None, None] * mu).sum(-1)                  # q · μ   [B, H_kv, R, J, G]
+            codes = seg.k_codes[:, :, r0:r0 + R * M].unflatten(2, (R, M))                  # [B, H_kv, R, M, W]
+            sv = s[..., off:off + R * M].unflatten(-1, (R, M))                              # [B, H_kv, G, R, M]
+            for j, P, S, t in parts:
+                x = unpack_codes(codes[:, :, :, t:t + P * S], seg.bits, dt).unflatten(3, (P, S))  # [B,H,R,P,S,D]
+                sp = qa[:, :, :, j:j + P] @ x.transpose(-1, -2)                            # [B, H_kv, R, P, G, S]
+                torch.add(sp.permute(0, 1, 4, 2, 3, 5), qmu[:, :, :, j:j + P].permute(0, 1, 4, 2, 3)[..., None],
+                          out=sv[..., t:t + P * S].unflatten(-1, (P, S)))
+            off += R * M
+    if n_buf:                                                         # the fp16 buffer
+        s[..., N - n_buf:] = qf @ view.k_buf[:, :, :n_buf].to(dt).transpose(-1, -2)
+    m = s.amax(-1, keepdim=True)                                      # [B, H_kv, G, 1]
+    p = s.sub_(m).exp_()                                              # in place: s holds the probabilities now
+    l = p.sum(-1)                                                     # [B, H_kv, G]
     acc = torch.zeros(B, Hkv, G, D, dtype=dt, device=dev)
-    nb = view.n_blocks
-    for seg in view.segments if nb > 0 else ():
-        rows = seg.rows[:, :nb + 1].long()                            # [B, nb+1]
-        cap, W = seg.k_codes.shape[2], seg.k_codes.shape[-1]
-        max_len = (rows[:, 1:] - rows[:, :-1]).amax(0).tolist()       # longest block k over the batch (host sync)
-        for k0, k1, t0, n in _block_groups(max_len, chunk):
-            K = k1 - k0                                               # blocks in this group
-            per = lambda t: t[:, k0:k1].to(dt).transpose(1, 2)[:, :, None]           # [Bs, H_kv, 1, K, D]
-            a, mu, c = per(seg.k_scale), per(seg.k_min), per(view.v_chan)
-            qa = qf * a                                               # q ⊙ a_k            [B, H_kv, G, K, D]
-            qmu = (qf * mu).sum(-1)                                   # q · μ_k            [B, H_kv, G, K]
-            idx = rows[:, k0:k1, None] + t0 + torch.arange(n, device=dev)          # [B, K, n] rows of the group
-            valid = idx < rows[:, k0 + 1:k1 + 1, None]                             # padding and tails masked
-            idx = idx.clamp(max=cap - 1).flatten(1)                                # [B, K·n]
-            gi = idx[:, None, :, None].expand(B, Hkv, K * n, W)
-            x = unpack(torch.gather(seg.k_codes, 2, gi), seg.bits).to(dt).view(B, Hkv, K, n, D)   # codes
-            y = unpack(torch.gather(seg.v_codes, 2, gi), seg.bits).to(dt).view(B, Hkv, K, n, D)
-            vi = idx[:, None, :].expand(B, seg.v_scale.shape[1], K * n)
-            fl = valid.flatten(1)
-            sig = torch.gather(seg.v_scale, 2, vi).to(dt).masked_fill(~fl[:, None], 0)   # [B, Hv, K·n]
-            nu = torch.gather(seg.v_min, 2, vi).to(dt).masked_fill(~fl[:, None], 0)
-            s = torch.einsum("bhgkd,bhknd->bhgkn", qa, x) + qmu[..., None]       # [B, H_kv, G, K, n]
-            m, l, acc, p = _online_update((m, l, acc), s.flatten(3), fl)
-            p = p.view(B, Hkv, G, K, n)
-            ps = p * sig.view(B, -1, 1, K, n)                                      # p ⊙ σ
-            pv = torch.einsum("bhgkn,bhknd->bhgkd", ps, y) + (p * nu.view(B, -1, 1, K, n)).sum(-1, keepdim=True)
-            # a sequence with no rows in block k may have no (i.e. garbage) params there: that block adds nothing
-            has = valid.any(-1)[:, None, None, :, None]                            # [B, 1, 1, K, 1]
-            acc = acc + torch.where(has, c * pv, 0.0).sum(3)                       # [B, H_kv, G, D]
-    if view.n_buf > 0:
-        kb = view.k_buf[:, :, :view.n_buf].to(dt)                                  # [B, H_kv, n_buf, D]
-        vb = view.v_buf[:, :, :view.n_buf].to(dt)
-        valid = torch.ones(B, view.n_buf, dtype=torch.bool, device=dev)
-        m, l, acc, p = _online_update((m, l, acc), qf[:, :, :, 0] @ kb.transpose(-1, -2), valid)
-        acc = acc + p @ vb
-    out = torch.where(l[..., None] > 0, acc / l.clamp_min(1e-30)[..., None], 0.0).reshape(B, Hq, D)
-    lse = (m + torch.log(l)).reshape(B, Hq)                                         # l = 0 -> -inf
+    off = 0
+    for seg, runs in plan:                                            # Σ_t p_t V̂_t over the quantized rows
+        for p0, R, j0, J, r0, M, parts in runs:
+            pr = p[..., off:off + R * M]                              # [B, H_kv, G, R·M]
+            sig = seg.v_scale[:, :, None, r0:r0 + R * M].to(dt)      # [B, Hv, 1, R·M]
+            nu = seg.v_min[:, :, None, r0:r0 + R * M].to(dt)
+            y = unpack_codes(seg.v_codes[:, :, r0:r0 + R * M], seg.bits, dt).unflatten(2, (R, M))  # [B,H,R,M,D]
+            w = (pr * sig).unflatten(-1, (R, M)).transpose(2, 3) @ y                       # Σ p σ y  [B,H,R,G,D]
+            w += (pr * nu).unflatten(-1, (R, M)).sum(-1).transpose(2, 3)[..., None]       # + Σ p ν
+            c = view.v_chan[:, p0:p0 + R].to(dt).transpose(1, 2)[:, :, :, None]           # [Bs, H_kv, R, 1, D]
+            acc += (c * w).sum(2)
+            off += R * M
+    if n_buf:
+        acc += p[..., N - n_buf:] @ view.v_buf[:, :, :n_buf].to(dt)
+    out = (acc / l[..., None]).reshape(B, Hq, D)
+    lse = (m[..., 0] + torch.log(l)).reshape(B, Hq)
     return _finish(out, lse.float() if dt != torch.float64 else lse, q, return_lse)
 
 
@@ -306,6 +386,7 @@ def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=Non
     if not HAS_TRITON:
         raise RuntimeError("the Triton kernel needs the triton package: pip install triton, or use kernel='torch'")
     B, Hq, Hkv, G, D = _shapes(q, view)
+    view = view.expand()                                              # the kernel reads fp16 statistics per block
     BLOCK_G = max(16, triton.next_power_of_2(G))
     if block_n is None:  # [BLOCK_G, BLOCK_N] tiles: at G > 16, 64-row tiles spill registers on sm_90 (AOT check)
         block_n = 64 if BLOCK_G <= 16 else 32

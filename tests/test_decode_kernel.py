@@ -130,22 +130,19 @@ TORCH_CASES = [
     (2, 8, 2, 128, ((5, 0, 70), (64, 1, 2)), ((3, 9, 0), (0, 65, 100)), 99, False, True),
     (2, 6, 2, 64, ((1, 63), (0, 64)), ((65, 0), (2, 3)), 0, True, False),
     (2, 8, 1, 64, ((0,), (0,)), ((0,), (0,)), 1, True, True),
-    # many small ragged blocks (key groups): the torch path scores several blocks per group, padded to the longest
+    # many small ragged blocks (key groups): unequal row tables, so the torch path runs one sequence at a time
     (2, 6, 3, 64, ((3, 5, 0, 7, 2, 8, 1, 4, 6), (4, 0, 6, 1, 8, 3, 2, 5, 0)),
      ((8, 1, 4, 0, 6, 2, 7, 3, 5), (0, 8, 2, 6, 1, 7, 3, 5, 4)), 5, False, True),
 ]
 
 
-@pytest.mark.parametrize("chunk", [16, 4096])
 @pytest.mark.parametrize("case", TORCH_CASES)
-def test_torch_path_matches_reference(case, chunk):
+def test_torch_path_matches_reference(case):
     B, Hq, Hkv, D, hi, lo, n_buf, pooled, row_scope = case
     view = make_view(B, Hkv, D, hi, lo, n_buf, pooled, row_scope)
     q = make_q(B, Hq, D, torch.float64)
     ref, ref_lse = decode_kernel.zip_decode_attention_ref(q, view, return_lse=True)
-    # chunk 16: big blocks span several chunks (the online softmax across chunks), small ones group by twos or
-    # threes; 4096: every segment's blocks in one group
-    out, lse = decode_kernel.zip_decode_attention_torch(q, view, return_lse=True, chunk=chunk)
+    out, lse = decode_kernel.zip_decode_attention_torch(q, view, return_lse=True)
     # fp64 on both sides: only summation order differs
     assert torch.allclose(out, ref, rtol=0, atol=1e-10) and torch.allclose(lse, ref_lse, rtol=0, atol=1e-10)
     out16, lse16 = decode_kernel.decode_attention(q.half(), view, kernel="torch", return_lse=True)
@@ -153,15 +150,28 @@ def test_torch_path_matches_reference(case, chunk):
     check_close(out16, lse16, ref, ref_lse, rel=1e-3, mx=2e-3, dl=1e-5)  # output rounding to fp16 only
 
 
-def test_block_groups_cover_every_row_once():
-    # blocks of 3, 0, 70, 5, 5, 9, 0, 2, 40 rows (the longest over the batch), groups of at most 16 rows
-    max_len = [3, 0, 70, 5, 5, 9, 0, 2, 40]
-    groups = decode_kernel._block_groups(max_len, 16)
-    assert groups == [(0, 1, 0, 3), (2, 3, 0, 16), (2, 3, 16, 16), (2, 3, 32, 16), (2, 3, 48, 16), (2, 3, 64, 6),
-                      (3, 5, 0, 5), (5, 6, 0, 9), (7, 8, 0, 2), (8, 9, 0, 16), (8, 9, 16, 16), (8, 9, 32, 8)]
-    covered = [(k, t) for k0, k1, t0, n in groups for k in range(k0, k1) for t in range(t0, t0 + n)]
-    assert all((k1 - k0) * n <= 16 for k0, k1, _, n in groups) and len(covered) == len(set(covered))
-    assert {(k, t) for k, t in covered if t < max_len[k]} == {(k, t) for k, L in enumerate(max_len) for t in range(L)}
+def test_runs_cut_a_segment_into_plain_views():
+    # parents 0 (a prompt: blocks of 3, 3, 2 rows), 1 and 2 (decode blocks of 2, 2, 1 rows: one run of two), 3 (no
+    # rows in this segment: left out), 4 (blocks of 0 and 4 rows: the empty one is left out)
+    sizes = [3, 3, 2, 2, 2, 1, 2, 2, 1, 0, 0, 4]
+    parent = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 4, 4]
+    rows = [0] + torch.tensor(sizes).cumsum(0).tolist()
+    runs = decode_kernel._runs(rows, parent)
+    assert runs == [(0, 1, 0, 3, 0, 8, [(0, 2, 3, 0), (2, 1, 2, 6)]),
+                    (1, 2, 3, 3, 8, 5, [(0, 2, 2, 0), (2, 1, 1, 4)]),
+                    (4, 1, 10, 2, 18, 4, [(1, 1, 4, 0)])]
+    # every row of the segment is in exactly one piece, and block j of parent p holds the rows the table says
+    seen = []
+    for p0, R, j0, J, r0, M, parts in runs:
+        for r in range(R):
+            assert parent[j0 + r * J] == p0 + r
+            for j, P, S, t in parts:
+                for i in range(P):
+                    blk = j0 + r * J + j + i
+                    first = r0 + r * M + t + i * S
+                    assert rows[blk] == first and sizes[blk] == S
+                    seen += range(first, first + S)
+    assert sorted(seen) == list(range(rows[-1]))
 
 
 def test_reference_matches_dense_attention_on_dequantized_cache():
@@ -339,9 +349,9 @@ def test_moving_a_token_from_lo_to_the_buffer_changes_nothing():
     lo, k, n = view.lo, view.n_blocks - 1, view.n_buf
     for b in range(2):
         r = int(lo.rows[b, k + 1]) - 1                      # last row of the last lo block
-        seg_b, chan_b = decode_kernel._sequence(lo, view.v_chan, b)
-        K, V = decode_kernel.dequantize_segment(seg_b, chan_b, decode_kernel.row_blocks(seg_b.rows[0], view.n_blocks),
-                                          torch.float32)
+        vb = decode_kernel._sequence_view(view, b)
+        K, V = decode_kernel.dequantize_segment(vb.lo, vb.v_chan, decode_kernel.row_blocks(vb.lo.rows[0], view.n_blocks),
+                                                torch.float32)
         kh, vh = K[0, :, r], V[0, :, r]                      # [H_kv, D]
         assert torch.equal(kh.half().float(), kh) and torch.equal(vh.half().float(), vh)   # fp16-exact
         view.k_buf[b, :, n], view.v_buf[b, :, n] = kh.half(), vh.half()
