@@ -113,7 +113,7 @@ def write_gguf(path, drop=(), **meta):
     """A tiny llama GGUF (test_weights' random Q8_0 weights, 300 tokens) with a byte-level tokenizer and a ChatML
     template. meta: {key with dots as __: (GGUFWriter method, value)} replaces or adds a field; drop leaves keys out."""
     from gguf import GGMLQuantizationType as Q, GGUFWriter
-    from test_weights import CFG, random_llama
+    from test_weights import CFG, finish_gguf, random_llama
     from tokenizer import bytes_to_unicode
     b2u = bytes_to_unicode()
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [b2u[b] for b in range(256)]
@@ -135,13 +135,7 @@ def write_gguf(path, drop=(), **meta):
     for key, (method, value) in fields.items():
         if key not in drop:
             getattr(w, method)(key, value)
-    for name, (data, raw) in random_llama(Q.Q8_0)[0].items():
-        w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return finish_gguf(w, random_llama(Q.Q8_0)[0], path)
 
 
 @pytest.fixture(scope="module")

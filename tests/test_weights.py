@@ -82,6 +82,11 @@ def write_gguf(path, tensors, arch="llama", tokenizer=None):
     w.add_vocab_size(CFG.vocab_size)
     for k, v in (tokenizer or {}).items():
         getattr(w, k)(v)
+    return finish_gguf(w, tensors, path)
+
+
+def finish_gguf(w, tensors, path):
+    """Add the tensors {name: (data, raw dtype)} to a GGUFWriter that holds its metadata, and write the file."""
     for name, (data, raw) in tensors.items():
         w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()
