@@ -22,7 +22,9 @@ the score that the fp16 rounding of q⊙a multiplies; and sm_scale·log2(e) mult
 of being folded into q, so the fp16 buffer's scores use the query exactly as given.
 """
 import os
+import sys
 from dataclasses import dataclass, replace
+from itertools import groupby
 
 import torch
 
@@ -243,31 +245,73 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
 
 
 # -----------------------------------------------------------------------------
-# CPU path: the kernel's algebra in torch, over the stored view, in whole tensors. The row tables cut a segment into
-# runs of consecutive parents (cache blocks) of one shape: the prompt's block, then the decode blocks, which all have
-# recompress_every rows split alike. Inside a parent, the key groups come in at most two sizes (tensor_split's runs
-# differ by one row), so every piece of a run is a plain view [B, H_kv, R, P, S, W] of the codes (R parents, P blocks
-# of S rows each): no gather, no padding, no masking.
-#   scores   q' = q ⊙ a per block (the key scale folded into q), one batched matmul per piece, + q·μ per block
+# CPU path: the kernel's algebra in torch, over the stored view, in whole tensors and few of them (on a CPU each torch
+# call costs microseconds, so the layer is done in ~80 calls, whatever its length).
+#
+# Pieces. The row tables cut a segment into runs of consecutive parents (cache blocks) of one shape: the prompt's
+# block, then the decode blocks, which all have recompress_every rows split alike. Inside a parent the key groups come
+# in at most two sizes (tensor_split's runs differ by one row), so every piece of a run is a plain view
+# [B, H_kv, R, P, S, ...] of the segment (R parents, P blocks of S rows each): no gather, no padding, no masking.
+#
+# Codes. swar_codes unpacks a segment in three whole-tensor integer ops (SWAR: one multiply copies a packed byte into
+# each byte of a wider integer, one AND keeps each part's bits). The codes come out byte-major, d' = j·parts + i for
+# channel d = i·W + j, and scaled by lane(d') = 2^(bits·i), which costs nothing: q is permuted to that order, the
+# key statistics are permuted and divided by the lane scales (exact: powers of two), and each value sum is mapped
+# back by one small matmul with the scaled permutation matrix.
+#
+#   scores   K̂' = x'·(a/lane) + μ per piece (one broadcast addcmul straight from the uint8 codes into a workspace),
+#            then one matmul q'·K̂'ᵀ per segment
 #   softmax  over the whole layer at once (its scores are a few KB): max, exp, sum; lse = m + log l
-#   values   p' = p ⊙ σ, one batched matmul per run (Σ_t p'_t y_t per parent), + Σ_t p_t ν_t, times c per parent
-#   codes    unpacked in a few whole-tensor integer ops straight to the math dtype (unpack_codes)
+#   values   p' = p ⊙ σ folded into the probabilities: Σ_t p'_t y'_t by one batched matmul per run (R parents), mapped
+#            back to channel order, + Σ_t p_t ν_t, then c once per parent, hi and lo together
 # Per step it reads the row and parent tables on the host (O(blocks) integers); nothing derived from the stored blocks
-# is kept between steps, and the nested key statistics are decoded per run, broadcasting each parent's (base, step).
+# is kept between steps: the nested key statistics are decoded per run (broadcasting each parent's (base, step)),
+# the workspaces are freed when the call returns.
 
-def unpack_codes(packed, bits, dt):
-    """uint8 [..., W] (quant.pack's planar bytes, any strides) -> codes [..., W*8/bits] in dtype dt, contiguous:
-    one masked shift per part into a uint8 buffer, then one conversion pass."""
+_CONSTS = {}   # (bits, D, device, dtype) -> _Consts: fixed tables of the layout, built once (no cache contents)
+
+
+class _Consts:
+    def __init__(self, bits, D, device, dt):
+        parts = 8 // bits
+        W = D // parts
+        i = torch.arange(D, device=device) % parts                    # the part of byte-major channel d'
+        self.perm = (i * W + torch.arange(D, device=device) // parts)  # natural channel of d'  [D]
+        self.parts = parts
+        self.lane = (2.0 ** (bits * i)).to(dt)                           # lane(d')  [D]
+        self.lane_wp = self.lane.view(W, parts)
+        self.unperm = torch.zeros(D, D, dtype=dt, device=device)       # [D', D]: y'[d'] / lane(d') -> channel perm(d')
+        self.unperm[torch.arange(D, device=device), self.perm] = 1.0 / self.lane
+        if bits in (2, 4):                                               # SWAR multiplier and mask (two's complement)
+            self.int_dtype = torch.int32 if bits == 2 else torch.int16
+            mul, mask, width = (0x01010101, 0xC0300C03, 32) if bits == 2 else (0x0101, 0xF00F, 16)
+            self.mul = torch.tensor(mul, dtype=self.int_dtype, device=device)
+            self.mask = torch.tensor(mask - (1 << width), dtype=self.int_dtype, device=device)
+        self.step = torch.tensor([1.0, 1.0 / 16], device=device)       # (d_mn, d_s) scaled to the codes (c_mn, 16 c_s)
+
+
+def _consts(bits, D, device, dt):
+    key = (bits, D, str(device), dt)
+    if key not in _CONSTS:
+        _CONSTS[key] = _Consts(bits, D, device, dt)
+    return _CONSTS[key]
+
+
+def swar_codes(packed, bits):
+    """uint8 [..., W] (quant.pack's planar bytes, any strides) -> contiguous uint8 [..., 8W/bits]: the codes in
+    byte-major order (byte j·parts + i holds x[i·W + j], channel d = i·W + j) times lane 2^(bits·i). Three integer ops
+    on a little-endian machine: replicate each byte into a wider integer by a multiply, keep part i's bits in byte i
+    by an AND (the multiply wraps in two's complement, as torch's integer ops do)."""
     parts = 8 // bits
     if parts == 1:
-        return packed.to(dt)
-    mask = (1 << bits) - 1
-    u = torch.empty(*packed.shape[:-1], parts, packed.shape[-1], dtype=torch.uint8, device=packed.device)
-    torch.bitwise_and(packed, mask, out=u[..., 0, :])
-    for i in range(1, parts - 1):
-        torch.bitwise_and(packed >> (bits * i), mask, out=u[..., i, :])
-    torch.bitwise_right_shift(packed, bits * (parts - 1), out=u[..., parts - 1, :])
-    return u.flatten(-2).to(dt)
+        return packed.contiguous()
+    if sys.byteorder != "little":                                       # the same result, the long way
+        x = unpack(packed, bits).unflatten(-1, (parts, -1)).transpose(-1, -2)
+        return (x << torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)).flatten(-2).contiguous()
+    k = _consts(bits, packed.shape[-1] * parts, packed.device, torch.float32)
+    x = packed.to(k.int_dtype)
+    x.mul_(k.mul).bitwise_and_(k.mask)
+    return x.view(torch.uint8)
 
 
 def _runs(rows, parent):
@@ -275,42 +319,64 @@ def _runs(rows, parent):
     [(p0, R, j0, J, r0, M, parts)]: R consecutive parents p0.. of one shape, each of J blocks and M > 0 rows (blocks
     j0.., rows r0.. in the first), and the run's pieces parts [(j, P, S, t)]: P blocks of S > 0 rows each, from block
     j and row t of every parent. Parents with no rows here, and empty blocks, are left out."""
-    shapes = []                                                       # (parent, first block, first row, sizes)
-    j = 0
-    while j < len(parent):
-        j1 = j
-        while j1 < len(parent) and parent[j1] == parent[j]:
-            j1 += 1
-        shapes.append((parent[j], j, rows[j], tuple(b - a for a, b in zip(rows[j:j1], rows[j + 1:j1 + 1]))))
-        j = j1
-    runs = []
-    for p, j, r, sizes in shapes:
-        if not runs or runs[-1][0] + runs[-1][1] != p or runs[-1][-1] != sizes:
-            runs.append([p, 0, j, len(sizes), r, sum(sizes), sizes])
-        runs[-1][1] += 1
+    sizes = [b - a for a, b in zip(rows, rows[1:])]
+    runs, j = [], 0
+    for p, blocks in groupby(parent):                                 # a parent's blocks are consecutive
+        J = len(list(blocks))
+        shape = tuple(sizes[j:j + J])
+        if runs and runs[-1][0] + runs[-1][1] == p and runs[-1][-1] == shape:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1, j, J, rows[j], sum(shape), shape])
+        j += J
     out = []
-    for p0, R, j0, J, r0, M, sizes in runs:
-        if M == 0:
-            continue
-        parts, j, t = [], 0, 0
-        while j < J:
-            j1 = j
-            while j1 < J and sizes[j1] == sizes[j]:
-                j1 += 1
-            if sizes[j]:
-                parts.append((j, j1 - j, sizes[j], t))
-            t += (j1 - j) * sizes[j]
-            j = j1
-        out.append((p0, R, j0, J, r0, M, parts))
+    for p0, R, j0, J, r0, M, shape in runs:
+        if M:
+            parts, j, t = [], 0, 0
+            for S, group in groupby(shape):                           # blocks of equal size in a row
+                P = len(list(group))
+                if S:
+                    parts.append((j, P, S, t))
+                j, t = j + P, t + P * S
+            out.append((p0, R, j0, J, r0, M, parts))
     return out
 
 
-def _run_key_stats(seg, p0, R, j0, J):
-    """fp16 (scale, min) [Bs, R, J, H_kv, D] of a run's blocks; nested: each parent's (base, step) broadcast over
-    its J blocks, decoded exactly as quant.dequantize_nested does."""
+def _byte_major(t, k, dt):
+    """t [..., D] in channel order -> a new contiguous [..., D] in the codes' byte-major order, dtype dt (one strided
+    copy: for the few per-parent and fp16 per-block statistics)."""
+    out = torch.empty(t.shape, dtype=dt, device=t.device)
+    out.unflatten(-1, (-1, k.parts)).copy_(t.unflatten(-1, (k.parts, -1)).transpose(-1, -2))
+    return out
+
+
+def _interleave_bytes(t, parts):
+    """uint8 [..., D] in channel order -> a new contiguous uint8 [..., D] in byte-major order: the planes
+    [..., parts, W] interleaved by Horner's rule in a wider integer, a few whole-tensor ops (the nested statistics,
+    one byte per channel and block, are too many for a strided copy)."""
+    if parts == 1:
+        return t.contiguous()
+    planes = t.unflatten(-1, (parts, -1))
+    z = torch.empty(planes[..., 0, :].shape, dtype=torch.int16 if parts == 2 else torch.int32, device=t.device)
+    z.copy_(planes[..., parts - 1, :])
+    for i in range(parts - 2, -1, -1):
+        z <<= 8
+        z |= planes[..., i, :].to(z.dtype)
+    return z.view(torch.uint8)
+
+
+def _run_key_stats(seg, k, p0, R, j0, J, dt):
+    """(a, μ) in byte-major channel order, dtype dt, [Bs, H_kv, R·J, D], of a run's blocks: the stored fp16 pair, or
+    the nested one decoded exactly as quant.dequantize_nested does (fp16(base + code·step) with code·step exact in
+    fp32), each parent's (base, step) broadcast over its J blocks. k: the segment's _Consts."""
+    blocks = slice(j0, j0 + R * J)
     if seg.k_stat is None:
-        return seg.k_scale[:, j0:j0 + R * J].unflatten(1, (R, J)), seg.k_min[:, j0:j0 + R * J].unflatten(1, (R, J))
-    return dequantize_nested(seg.k_stat[:, j0:j0 + R * J].unflatten(1, (R, J)), seg.k_base[:, p0:p0 + R, None])
+        return (_byte_major(t[:, blocks].transpose(1, 2), k, dt) for t in (seg.k_scale, seg.k_min))
+    st = _interleave_bytes(seg.k_stat[:, blocks].transpose(1, 2), k.parts).unflatten(2, (R, J))  # [Bs, H, R, J, D']
+    base = _byte_major(seg.k_base[:, p0:p0 + R].permute(0, 2, 1, 3, 4)[:, :, :, None], k, torch.float32)
+    a = torch.addcmul(base[..., 2, :], (st >> 4).float(), base[..., 3, :]).half()  # s0 + c_s·ds  [Bs, H, R, J, D']
+    mu = torch.addcmul(base[..., 0, :], (st & 15).float(), base[..., 1, :]).half()  # mn0 + c_mn·dmn
+    return a.to(dt).flatten(2, 3), mu.to(dt).flatten(2, 3)
 
 
 def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False):
@@ -329,24 +395,30 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
     qf = q.to(dt).view(B, Hkv, G, D) * scale                          # [B, H_kv, G, D], softmax scale folded in
     parent = view.parent[:nb].tolist() if view.parent is not None else list(range(nb))
     plan = [(seg, _runs(seg.rows[0, :nb + 1].tolist(), parent)) for seg in view.segments] if nb else []
-    N = sum(R * M for _, runs in plan for _, R, _, _, _, M, _ in runs) + n_buf
-    if N == 0:
+    plan = [(seg, runs, _consts(seg.bits, D, dev, dt)) for seg, runs in plan if runs]
+    N = sum(R * M for _, runs, _ in plan for _, R, _, _, _, M, _ in runs) + n_buf
+    if N == 0:                                                        # an empty cache
         out = torch.zeros(B, Hq, D, dtype=dt, device=dev)
-        return _finish(out, torch.full((B, Hq), float("-inf"), device=dev, dtype=torch.float32
-                                       if dt != torch.float64 else dt), q, return_lse)
+        lse = torch.full((B, Hq), float("-inf"), dtype=dt, device=dev)
+        return _finish(out, lse.float() if dt != torch.float64 else lse, q, return_lse)
     s = torch.empty(B, Hkv, G, N, dtype=dt, device=dev)               # every row's score, then its probability
     off = 0
-    for seg, runs in plan:                                            # scores of the quantized rows
+    for seg, runs, k in plan:                                         # scores of the quantized rows, per segment
+        n = sum(R * M for _, R, _, _, _, M, _ in runs)
+        x = swar_codes(seg.k_codes[:, :, runs[0][4]:runs[0][4] + n], seg.bits)              # [B, H_kv, n, D'] uint8
+        qp = qf[..., k.perm]                                          # q in byte-major order  [B, H_kv, G, D']
+        ql = qp / k.lane                                              # and over the lane scales of the codes
         for p0, R, j0, J, r0, M, parts in runs:
-            a, mu = (t.to(dt).permute(0, 3, 1, 2, 4)[:, :, :, :, None] for t in _run_key_stats(seg, p0, R, j0, J))
-            qa = qf[:, :, None, None] * a                              # q ⊙ a   [B, H_kv, R, J, G, D]
-            qmu = (qf[:, :, None, None] * mu).sum(-1)                  # q · μ   [B, H_kv, R, J, G]
-            codes = seg.k_codes[:, :, r0:r0 + R * M].unflatten(2, (R, M))                  # [B, H_kv, R, M, W]
-            sv = s[..., off:off + R * M].unflatten(-1, (R, M))                              # [B, H_kv, G, R, M]
-            for j, P, S, t in parts:
-                x = unpack_codes(codes[:, :, :, t:t + P * S], seg.bits, dt).unflatten(3, (P, S))  # [B,H,R,P,S,D]
-                sp = qa[:, :, :, j:j + P] @ x.transpose(-1, -2)                            # [B, H_kv, R, P, G, S]
-                torch.add(sp.permute(0, 1, 4, 2, 3, 5), qmu[:, :, :, j:j + P].permute(0, 1, 4, 2, 3)[..., None],
+            xo = r0 - runs[0][4]                                                           # the run's first row in x
+            a, mu = _run_key_stats(seg, k, p0, R, j0, J, dt)                              # [Bs, H_kv, R·J, D']
+            a = a.unflatten(2, (R, J))[:, :, :, :, None]                                    # [Bs, H_kv, R, J, 1, D']
+            qmu = (qp @ mu.transpose(-1, -2)).unflatten(-1, (R, J))                         # q·μ  [B, H_kv, G, R, J]
+            xr = x[:, :, xo:xo + R * M].unflatten(2, (R, M))                               # [B, H_kv, R, M, D']
+            sv = s[..., off:off + R * M].unflatten(-1, (R, M))                             # [B, H_kv, G, R, M]
+            for j, P, S, t in parts:                                  # (q ⊙ a)·x per block of S rows, + q·μ
+                qa = ql[:, :, None, None] * a[:, :, :, j:j + P]                            # [B, H_kv, R, P, G, D']
+                sp = qa @ xr[:, :, :, t:t + P * S].unflatten(3, (P, S)).to(dt).transpose(-1, -2)  # [B,H,R,P,G,S]
+                torch.add(sp.permute(0, 1, 4, 2, 3, 5), qmu[..., j:j + P, None],
                           out=sv[..., t:t + P * S].unflatten(-1, (P, S)))
             off += R * M
     if n_buf:                                                         # the fp16 buffer
@@ -354,21 +426,31 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
     m = s.amax(-1, keepdim=True)                                      # [B, H_kv, G, 1]
     p = s.sub_(m).exp_()                                              # in place: s holds the probabilities now
     l = p.sum(-1)                                                     # [B, H_kv, G]
-    acc = torch.zeros(B, Hkv, G, D, dtype=dt, device=dev)
+    sums = {}                                                         # (p0, R) -> Σ_t p_t (σ_t y_t + ν_t), channel order
     off = 0
-    for seg, runs in plan:                                            # Σ_t p_t V̂_t over the quantized rows
+    for seg, runs, k in plan:                                         # Σ_t p_t V̂_t over the quantized rows
+        n = sum(R * M for _, R, _, _, _, M, _ in runs)
+        r_first = runs[0][4]
+        y = swar_codes(seg.v_codes[:, :, r_first:r_first + n], seg.bits).to(dt)             # [B, H_kv, n, D']
         for p0, R, j0, J, r0, M, parts in runs:
-            pr = p[..., off:off + R * M]                              # [B, H_kv, G, R·M]
-            sig = seg.v_scale[:, :, None, r0:r0 + R * M].to(dt)      # [B, Hv, 1, R·M]
-            nu = seg.v_min[:, :, None, r0:r0 + R * M].to(dt)
-            y = unpack_codes(seg.v_codes[:, :, r0:r0 + R * M], seg.bits, dt).unflatten(2, (R, M))  # [B,H,R,M,D]
-            w = (pr * sig).unflatten(-1, (R, M)).transpose(2, 3) @ y                       # Σ p σ y  [B,H,R,G,D]
-            w += (pr * nu).unflatten(-1, (R, M)).sum(-1).transpose(2, 3)[..., None]       # + Σ p ν
-            c = view.v_chan[:, p0:p0 + R].to(dt).transpose(1, 2)[:, :, :, None]           # [Bs, H_kv, R, 1, D]
-            acc += (c * w).sum(2)
-            off += R * M
+            rr = slice(r0 - r_first, r0 - r_first + R * M)
+            pr = p[..., off + rr.start:off + rr.stop]                                     # [B, H_kv, G, R·M]
+            ps = (pr * seg.v_scale[:, :, None, r0:r0 + R * M].to(dt)).unflatten(-1, (R, M))  # p ⊙ σ
+            w = (ps.transpose(2, 3) @ y[:, :, rr].unflatten(2, (R, M))) @ k.unperm        # [B, H_kv, R, G, D]
+            nu = (pr * seg.v_min[:, :, None, r0:r0 + R * M].to(dt)).unflatten(-1, (R, M)).sum(-1)  # Σ p ν [B,H,G,R]
+            w += nu.transpose(2, 3)[..., None]
+            if (p0, R) in sums:
+                sums[(p0, R)] += w
+            else:
+                sums[(p0, R)] = w
+        off += n
+    acc = None
+    for (p0, R), w in sums.items():                                   # c once per parent: [Bs, H_kv, R, 1, D]
+        cw = (view.v_chan[:, p0:p0 + R].to(dt).transpose(1, 2)[:, :, :, None] * w).sum(2)
+        acc = cw if acc is None else acc + cw
     if n_buf:
-        acc += p[..., N - n_buf:] @ view.v_buf[:, :, :n_buf].to(dt)
+        pv = p[..., N - n_buf:] @ view.v_buf[:, :, :n_buf].to(dt)
+        acc = pv if acc is None else acc + pv
     out = (acc / l[..., None]).reshape(B, Hq, D)
     lse = (m[..., 0] + torch.log(l)).reshape(B, Hq)
     return _finish(out, lse.float() if dt != torch.float64 else lse, q, return_lse)
