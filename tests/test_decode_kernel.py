@@ -228,6 +228,86 @@ def test_dispatch_errors():
     assert torch.equal(decode_kernel.decode_attention(q, view), decode_kernel.decode_attention(q, view, kernel="torch"))
 
 
+# -----------------------------------------------------------------------------
+# the CPU path on the view as ZipCache stores it (nested statistics, per-block normalizer, parent table, runs of
+# decode blocks) against the dequantize-everything reference
+
+STORED_CASES = {
+    "default": {},                                                    # key groups of 16, nested stats, 4 sinks
+    "paper": dict(paper=True),                                        # one key pair per block, no sinks, 60% salient
+    "fp16 stats": dict(k_group=4, k_stat_bits=16),
+    "8/4 bits": dict(high_bits=8, low_bits=4, k_group=8),
+    "2/2 bits": dict(high_bits=2, low_bits=2, k_group=5, n_sink=1),
+    "8/8 bits": dict(high_bits=8, low_bits=8, k_group=0, k_stat_bits=16),
+    "pooled, head scope, recent": dict(pool_batch_stats=True, v_token_scope="head", n_recent=3, k_group=7),
+    "all salient": dict(salient_ratio=1.0),                           # the lo segment holds no rows
+    "none salient": dict(salient_ratio=0.0, k_group=3),               # the hi segment holds no rows
+}
+
+
+def _stored_views(opts, B=2, Hq=8, Hkv=2, D=64, L=150, steps=47, every=20, seed=0):
+    """A one-layer ZipCache (recompress_every=20) fed random K/V: its stored view after the prefill, after a few
+    decode steps, and after two flushes (three parents: the prompt's block and a run of two decode blocks)."""
+    from types import SimpleNamespace
+    from generate import make_cache
+    cfg = SimpleNamespace(n_layers=1, max_seq_len=L + steps + 1, head_dim=D)
+    c = make_cache("zipcache", cfg, recompress_every=every, kernel="torch", **opts)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hkv, L + steps, D, generator=g)
+    k[..., 5] = k[..., 5] * 3 + 7                                     # an outlier key channel
+    v = torch.randn(B, Hkv, L + steps, D, generator=g)
+    q = torch.randn(B, Hq, L + steps, D, generator=g)
+    c.attend(0, q[:, :, :L], k[:, :, :L], v[:, :, :L])
+    views = [c.layers[0].view(c.bits)]
+    for t in range(L, L + steps):
+        c.attend(0, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        if t - L in (5, steps - 1):
+            views.append(c.layers[0].view(c.bits))
+    return views
+
+
+@pytest.mark.parametrize("name", list(STORED_CASES))
+def test_stored_view_torch_path_matches_reference(name):
+    for i, view in enumerate(_stored_views(STORED_CASES[name])):
+        assert view.parent is not None                                # the stored form, read in place
+        B, Hkv = view.k_buf.shape[:2]
+        q = make_q(B, 4 * Hkv, view.k_buf.shape[-1], torch.float64, seed=i)
+        ref, ref_lse = decode_kernel.zip_decode_attention_ref(q, view, return_lse=True)
+        out, lse = decode_kernel.zip_decode_attention_torch(q, view, return_lse=True)
+        # fp64 on both sides, the same stored numbers: only the order of the sums differs (~1e-15 relative here)
+        assert torch.allclose(out, ref, rtol=0, atol=1e-10) and torch.allclose(lse, ref_lse, rtol=0, atol=1e-10)
+        # fp32 math (what the model runs): ~n·D fp32 roundings of O(1) terms, well under 1e-5 relative on ~200 rows
+        out32, lse32 = decode_kernel.zip_decode_attention_torch(q.float(), view, return_lse=True)
+        assert rel_err(out32, ref) <= 1e-5 and (lse32 - ref_lse).abs().max() <= 1e-5
+        # and the expanded form (the Triton kernel's) gives the same result on the same path
+        out_e = decode_kernel.zip_decode_attention_torch(q, view.expand())
+        assert torch.allclose(out_e, ref, rtol=0, atol=1e-10)
+
+
+def test_cpu_decode_never_expands_the_view(monkeypatch):
+    # the per-block statistics are read as stored every step; only the Triton kernel and the reference expand them
+    views = _stored_views({}, steps=3)
+    monkeypatch.setattr(decode_kernel.ZipLayerView, "expand", lambda self: pytest.fail("expanded on the CPU path"))
+    q = make_q(2, 8, 64, torch.float32)
+    decode_kernel.decode_attention(q, views[-1], kernel="torch")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_swar_codes_every_byte(bits):
+    # every packed byte value in every position: the SWAR codes are the planar codes, byte-major, times the lane scale
+    D = 64
+    W = D * bits // 8
+    packed = torch.arange(256, dtype=torch.uint8).repeat(W).view(-1, W)[:, torch.randperm(W)]
+    packed = torch.cat([packed, torch.randint(0, 256, (37, W), dtype=torch.uint8)])[None, None]   # [1, 1, n, W]
+    got = decode_kernel.swar_codes(packed[:, :, 3:], bits)            # a row slice: not the tensor's start
+    k = decode_kernel._consts(bits, D, torch.device("cpu"), torch.float64)
+    x = quant.unpack(packed[:, :, 3:], bits)                          # channel order
+    assert torch.equal(got, (x[..., k.perm].double() * k.lane).to(torch.uint8))
+    assert torch.equal(got.double() @ k.unperm, x.double())           # and back to channel order
+    assert torch.equal(decode_kernel._interleave_bytes(x, k.parts), x[..., k.perm])
+    assert torch.equal(decode_kernel._byte_major(x.half(), k, torch.float32), x[..., k.perm].float())
+
+
 def test_pick_num_splits():
     assert decode_kernel.pick_num_splits(64, 8, 32768, 132) == 1          # B·H_kv fills the GPU
     assert decode_kernel.pick_num_splits(1, 8, 32768, 132) == 64          # long context, few heads: many splits
