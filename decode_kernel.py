@@ -3,10 +3,12 @@ Decode attention over the ZipCache layer layout: one new query token per sequenc
 [4-bit blocks | 2-bit blocks | fp16 buffer] without ever materializing a dequantized cache (README "The decode
 kernel"). In reading order:
 
-    ZipLayerView                the per-layer layout cache.py stores, and dense_view (a plain fp16 cache as a view)
+    ZipLayerView                the per-layer layout cache.py stores (as stored, or expanded: the kernel's ABI), and
+                                dense_view (a plain fp16 cache as a view)
     decode_attention            the one dispatch cache.py calls: kernel="auto" | "triton" | "torch"
     zip_decode_attention_ref    oracle: dequantize everything (dequantize_segment), fp32 softmax attention
-    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch, a group of blocks at a time
+    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch on the stored view, SWAR-unpacked codes,
+                                a few whole-tensor ops per run of equal-shape blocks
     zip_decode_attention        the fused Triton kernel's launcher: split-K flash-decoding + a combine kernel
     _zip_decode_stage1, ...     the Triton kernels themselves
 
@@ -245,8 +247,9 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
 
 
 # -----------------------------------------------------------------------------
-# CPU path: the kernel's algebra in torch, over the stored view, in whole tensors and few of them (on a CPU each torch
-# call costs microseconds, so the layer is done in ~80 calls, whatever its length).
+# CPU path: the kernel's algebra in torch, over the stored view, in whole tensors and few of them: on a CPU each torch
+# call costs microseconds, so a layer is done in ~100 calls whatever its length, and every big one reads or writes
+# each code once or twice.
 #
 # Pieces. The row tables cut a segment into runs of consecutive parents (cache blocks) of one shape: the prompt's
 # block, then the decode blocks, which all have recompress_every rows split alike. Inside a parent the key groups come
@@ -255,43 +258,42 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
 #
 # Codes. swar_codes unpacks a segment in three whole-tensor integer ops (SWAR: one multiply copies a packed byte into
 # each byte of a wider integer, one AND keeps each part's bits). The codes come out byte-major, d' = j·parts + i for
-# channel d = i·W + j, and scaled by lane(d') = 2^(bits·i), which costs nothing: q is permuted to that order, the
-# key statistics are permuted and divided by the lane scales (exact: powers of two), and each value sum is mapped
-# back by one small matmul with the scaled permutation matrix.
+# channel d = i·W + j, and scaled by lane(d') = 2^(bits·i). That costs no pass over the codes: q and the per-block key
+# statistics are put in that order (a gather of q, a stack of the statistics' planes), the lane scales are divided
+# out of q (exact: powers of two), and each value sum goes back to channel order by one small matmul (unperm).
 #
-#   scores   K̂' = x'·(a/lane) + μ per piece (one broadcast addcmul straight from the uint8 codes into a workspace),
-#            then one matmul q'·K̂'ᵀ per segment
+#   scores   per piece, q' = q ⊙ a per block of S rows (the key scale folded into q): one batched matmul q'·x'ᵀ over
+#            the piece's blocks, + q·μ per block; the nested statistics decoded per run, each parent's (base, step)
+#            broadcast over its blocks
 #   softmax  over the whole layer at once (its scores are a few KB): max, exp, sum; lse = m + log l
-#   values   p' = p ⊙ σ folded into the probabilities: Σ_t p'_t y'_t by one batched matmul per run (R parents), mapped
-#            back to channel order, + Σ_t p_t ν_t, then c once per parent, hi and lo together
-# Per step it reads the row and parent tables on the host (O(blocks) integers); nothing derived from the stored blocks
-# is kept between steps: the nested key statistics are decoded per run (broadcasting each parent's (base, step)),
-# the workspaces are freed when the call returns.
+#   values   p' = p ⊙ σ (the value scale folded into the probabilities): Σ_t p'_t y'_t by one batched matmul per run
+#            (R parents), back to channel order, + Σ_t p_t ν_t, then c once per parent for hi and lo together
+# Per step it reads the row and parent tables on the host (O(blocks) integers) and keeps nothing derived from the
+# stored blocks: its workspaces are freed when the call returns.
 
 _CONSTS = {}   # (bits, D, device, dtype) -> _Consts: fixed tables of the layout, built once (no cache contents)
 
 
 class _Consts:
+    """A segment's fixed tables (bits, head size D): byte-major channel d' -> channel perm[d'] and lane[d'], the
+    matrix unperm [D', D] that maps a byte-major, lane-scaled row back to channel order, and the SWAR constants."""
+
     def __init__(self, bits, D, device, dt):
-        parts = 8 // bits
-        W = D // parts
-        i = torch.arange(D, device=device) % parts                    # the part of byte-major channel d'
-        self.perm = (i * W + torch.arange(D, device=device) // parts)  # natural channel of d'  [D]
-        self.parts = parts
-        self.lane = (2.0 ** (bits * i)).to(dt)                           # lane(d')  [D]
-        self.lane_wp = self.lane.view(W, parts)
-        self.unperm = torch.zeros(D, D, dtype=dt, device=device)       # [D', D]: y'[d'] / lane(d') -> channel perm(d')
+        self.parts = parts = 8 // bits
+        i = torch.arange(D, device=device) % parts                      # the part of byte-major channel d'
+        self.perm = i * (D // parts) + torch.arange(D, device=device) // parts
+        self.lane = (2.0 ** (bits * i)).to(dt)
+        self.unperm = torch.zeros(D, D, dtype=dt, device=device)
         self.unperm[torch.arange(D, device=device), self.perm] = 1.0 / self.lane
-        if bits in (2, 4):                                               # SWAR multiplier and mask (two's complement)
+        if parts > 1:                                                   # multiplier and mask, as two's complement
             self.int_dtype = torch.int32 if bits == 2 else torch.int16
             mul, mask, width = (0x01010101, 0xC0300C03, 32) if bits == 2 else (0x0101, 0xF00F, 16)
             self.mul = torch.tensor(mul, dtype=self.int_dtype, device=device)
             self.mask = torch.tensor(mask - (1 << width), dtype=self.int_dtype, device=device)
-        self.step = torch.tensor([1.0, 1.0 / 16], device=device)       # (d_mn, d_s) scaled to the codes (c_mn, 16 c_s)
 
 
 def _consts(bits, D, device, dt):
-    key = (bits, D, str(device), dt)
+    key = (bits, D, device, dt)
     if key not in _CONSTS:
         _CONSTS[key] = _Consts(bits, D, device, dt)
     return _CONSTS[key]
@@ -342,27 +344,12 @@ def _runs(rows, parent):
     return out
 
 
-def _byte_major(t, k, dt):
-    """t [..., D] in channel order -> a new contiguous [..., D] in the codes' byte-major order, dtype dt (one strided
-    copy: for the few per-parent and fp16 per-block statistics)."""
-    out = torch.empty(t.shape, dtype=dt, device=t.device)
-    out.unflatten(-1, (-1, k.parts)).copy_(t.unflatten(-1, (k.parts, -1)).transpose(-1, -2))
-    return out
-
-
-def _interleave_bytes(t, parts):
-    """uint8 [..., D] in channel order -> a new contiguous uint8 [..., D] in byte-major order: the planes
-    [..., parts, W] interleaved by Horner's rule in a wider integer, a few whole-tensor ops (the nested statistics,
-    one byte per channel and block, are too many for a strided copy)."""
+def _byte_major(t, parts):
+    """t [..., D] in channel order -> a new contiguous [..., D] in the codes' byte-major order (swar_codes): the
+    parts planes [..., parts, W] interleaved, one stack."""
     if parts == 1:
         return t.contiguous()
-    planes = t.unflatten(-1, (parts, -1))
-    z = torch.empty(planes[..., 0, :].shape, dtype=torch.int16 if parts == 2 else torch.int32, device=t.device)
-    z.copy_(planes[..., parts - 1, :])
-    for i in range(parts - 2, -1, -1):
-        z <<= 8
-        z |= planes[..., i, :].to(z.dtype)
-    return z.view(torch.uint8)
+    return torch.stack(t.unflatten(-1, (parts, -1)).unbind(-2), -1).flatten(-2)
 
 
 def _run_key_stats(seg, k, p0, R, j0, J, dt):
@@ -371,9 +358,9 @@ def _run_key_stats(seg, k, p0, R, j0, J, dt):
     fp32), each parent's (base, step) broadcast over its J blocks. k: the segment's _Consts."""
     blocks = slice(j0, j0 + R * J)
     if seg.k_stat is None:
-        return (_byte_major(t[:, blocks].transpose(1, 2), k, dt) for t in (seg.k_scale, seg.k_min))
-    st = _interleave_bytes(seg.k_stat[:, blocks].transpose(1, 2), k.parts).unflatten(2, (R, J))  # [Bs, H, R, J, D']
-    base = _byte_major(seg.k_base[:, p0:p0 + R].permute(0, 2, 1, 3, 4)[:, :, :, None], k, torch.float32)
+        return (_byte_major(t[:, blocks].transpose(1, 2), k.parts).to(dt) for t in (seg.k_scale, seg.k_min))
+    st = _byte_major(seg.k_stat[:, blocks].transpose(1, 2), k.parts).unflatten(2, (R, J))  # [Bs, H, R, J, D']
+    base = _byte_major(seg.k_base[:, p0:p0 + R].permute(0, 2, 1, 3, 4), k.parts).float()[:, :, :, None]
     a = torch.addcmul(base[..., 2, :], (st >> 4).float(), base[..., 3, :]).half()  # s0 + c_s·ds  [Bs, H, R, J, D']
     mu = torch.addcmul(base[..., 0, :], (st & 15).float(), base[..., 1, :]).half()  # mn0 + c_mn·dmn
     return a.to(dt).flatten(2, 3), mu.to(dt).flatten(2, 3)
