@@ -755,6 +755,8 @@ def main_real(args, model, tok, device, log, write):
     """The real-model run: line retrieval, perplexity, then passkey at each length (shortest first, the part most
     likely to be cut short last); `write(rows, meta)` after each step, so a stopped run leaves its finished parts."""
     specs = [s for s in configurations(args.quick, real=True) if s["group"] in args.groups]
+    if args.labels:   # a subset of rows, e.g. the ones a paired test needs (one prefill still serves them all)
+        specs = [s for s in specs if s["label"] in args.labels]
     rows = [dict(s, passkey={}, depth={}, real_at={}, paper_at={}, prefill_ms={}, decode_tok_s={}, lines={},
                  lines_real={}, records={}) for s in specs]
     special = special_probe_ids(tok)
@@ -887,6 +889,9 @@ def get_args(argv=None):
                    "decode steps")
     p.add_argument("--chat", action="store_true", help="line retrieval as a user turn of the tokenizer's chat "
                    "template (default plain text, the format SmolLM2-135M answers)")
+    p.add_argument("--labels", default=None, type=lambda t: [x.strip() for x in t.split(";")],
+                   help="real model: only the rows with these labels, separated by ';' (e.g. \"dense fp16;ZipCache "
+                        "default;KIVI-2\", the rows a paired test needs)")
     p.add_argument("--groups", type=names(GROUPS), default=list(GROUPS),
                    help="configuration groups: main, sweep, probe, score, granularity, holdback (toy model: main "
                         "again with the prompt's last token fed through the cache)")
@@ -929,6 +934,10 @@ def get_args(argv=None):
         a.sweep_at = [1024] if a.quick else [1024, 2048]
     if "main" not in a.groups:
         p.error(f"--groups={','.join(a.groups)}: main is always needed (add it)")
+    known = {c["label"] for c in configurations(a.quick, real=True) if c["group"] in a.groups}
+    if a.labels and set(a.labels) - known:
+        p.error(f"--labels: {'; '.join(sorted(set(a.labels) - known))} is not a row of --groups "
+                f"{','.join(a.groups)}; choose from: {'; '.join(sorted(known))}")
     try:
         pick_device(a.device)          # a bad or unavailable --device is one line now, before any work
     except ValueError as e:

@@ -379,6 +379,7 @@ ROWS = [
     ("eval", ["--ppl_windows", "0"], "argument --ppl_windows: 0 must be at least 1"),
     ("eval", ["--ppl_groups", "holdback"], "argument --ppl_groups: holdback: choose from main, sweep"),
     ("eval", ["--lengths", ""], "argument --lengths: '': give comma-separated numbers"),
+    ("eval", ["--labels", "dense fp16;ZipCache nope"], "--labels: ZipCache nope is not a row of --groups"),
     ("eval", ["--merge", ""], "argument --merge: '': give comma-separated JSON files"),
     ("eval", ["--tokenizer", "bytes", "--groups", "main"], "--tokenizer bytes has 257 tokens but the model"),
     pytest.param("eval", ["--device", "cuda"], "no CUDA GPU is visible", marks=CUDA_SKIP),
