@@ -395,6 +395,8 @@ class ZipCacheConfig:
     n_sink: int = 4                        # first positions kept fp16, never compressed: attention sinks (StreamingLLM)
                                            # take a large share of every query's attention
     n_recent: int = 0                      # last prompt tokens kept fp16 until the first flush (KIVI's residual window)
+    score_pool: int = 0                    # w > 0: the prompt's scores averaged over 2w+1 neighbouring positions before
+                                           # the split, so a span (a needle's sentence) is salient together (SnapKV)
     # implementation
     v_token_scope: str = "row"             # value (min, scale) per row over all KV heads ("row", official): 4.94x at
                                            # D=64 where "head" (per token and KV head) stores 4.62x, more accurately
@@ -436,6 +438,8 @@ class ZipCacheConfig:
             raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
         if self.k_stat_bits not in (4, 16):
             raise ValueError(f"k_stat_bits={self.k_stat_bits} must be 4 (nested key statistics) or 16 (fp16)")
+        if self.score_pool < 0:
+            raise ValueError(f"score_pool={self.score_pool} must be >= 0 (half-width of the score smoothing; 0 = off)")
         if self.k_group < 0:
             raise ValueError(f"k_group={self.k_group} must be >= 0 (0 = one key (min, scale) per block, the paper)")
 
@@ -447,7 +451,7 @@ class ZipCacheConfig:
     def paper(self):
         """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
         60% salient; our storage and statistics choices stay (per-sequence statistics, scale clamp)."""
-        return replace(self, k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, salient_ratio=0.6)
+        return replace(self, k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, score_pool=0, salient_ratio=0.6)
 
     def official(self):
         """The official code's behaviour where it changes numbers: the paper preset plus pooled
@@ -656,6 +660,8 @@ class ZipCache(Cache):
         # saliency: normalized attention from the probe rows
         rows = saliency.probe_positions(L, c.probe_strategy, c.probe_recent, c.probe_random, self.gen, self.special)
         scores = saliency.probe_scores(q, k, rows, c.score, c.norm)                     # [B, H_kv, L]
+        if c.score_pool:
+            scores = saliency.pool_scores(scores, c.score_pool)                         # [B, H_kv, L]
         hi, lo = self._split(scores[..., S:L - R])
         self._append_block(st, k[:, :, S:L - R], v[:, :, S:L - R], hi, lo)              # the prompt = block 0
         if c.keep_saliency_mask:

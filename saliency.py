@@ -159,6 +159,15 @@ def normalize_block(acc, n_tail=0):
 # -----------------------------------------------------------------------------
 # the split
 
+def pool_scores(scores, w):
+    """scores [..., L] -> their mean over the 2w+1 positions around each one (fewer at the ends), so that the tokens
+    next to a salient one score high too (SnapKV pools its scores the same way before picking tokens)."""
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])                                                  # [N, 1, L]
+    summed = torch.nn.functional.avg_pool1d(x, 2 * w + 1, stride=1, padding=w, count_include_pad=False)
+    return summed.reshape(shape)
+
+
 def n_regular(n, salient_ratio):
     """n_lo = floor((1 - r) * n), guarded against float error (1 - 0.9 = 0.0999...)."""
     return min(n, max(0, math.floor((1.0 - salient_ratio) * n + 1e-9)))

@@ -80,6 +80,8 @@ def configurations(quick, real=False):
         # the default with its key statistics in fp16 instead of nested 4-bit codes (README "Closing the gap"):
         # what the nested statistics cost in accuracy, and save in bytes
         add("main", "ZipCache default, fp16 key stats", "zipcache", k_stat_bits=16)
+        # a candidate switch (README "Beyond the paper"): the prompt's scores averaged over 7 neighbours (SnapKV)
+        add("main", "ZipCache default, pooled scores", "zipcache", score_pool=3)
     else:
         add("main", "ZipCache 4/2 (60% salient)", "zipcache", salient_ratio=0.6)
     add("main", "KIVI-2", "kivi", bits=2)

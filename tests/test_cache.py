@@ -666,3 +666,20 @@ def test_bench_cache_runs_and_compares_to_dense():
     assert by["dense"]["prefill_x"] == by["dense"]["decode_x"] == 1.0
     assert by["zipcache"]["real"] > 2 and all(r["prefill_ms"] > 0 and r["decode_ms"] > 0 for r in rows)
     assert 0 < by["zipcache"]["probe_ms"] < by["zipcache"]["prefill_ms"]     # a part of ZipCache's own prefill
+
+
+def test_score_pool_changes_only_the_split():
+    # the pooled scores pick other salient tokens, never another number of them: the bytes stay to the byte
+    import generate
+    from model import ModelConfig
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, max_seq_len=512, head_dim=16)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    plain, pooled = (generate.make_cache("zipcache", cfg, score_pool=w, keep_saliency_mask=True) for w in (0, 3))
+    for c in (plain, pooled):
+        c.attend(0, q, k, v)
+    assert plain.nbytes() == pooled.nbytes()
+    assert not torch.equal(plain.salient_mask(0), pooled.salient_mask(0))
+    assert generate.make_cache("zipcache", cfg, paper=True).cfg.score_pool == 0       # the paper preset: off
+    with pytest.raises(ValueError, match="score_pool=-1 must be >= 0"):
+        generate.make_cache("zipcache", cfg, score_pool=-1)

@@ -158,3 +158,13 @@ def test_normalize_block_divides_by_the_queries_that_saw_each_row():
     torch.testing.assert_close(saliency.normalize_block(acc)[0, 0], 1 / torch.tensor([5., 4, 3, 2, 1]))
     # two prompt-tail rows in front: both were seen by all 3 decode queries
     torch.testing.assert_close(saliency.normalize_block(acc, n_tail=2)[0, 0], 1 / torch.tensor([3., 3, 3, 2, 1]))
+
+
+def test_pool_scores_hand_computed():
+    s = torch.tensor([[0.0, 0.0, 9.0, 0.0, 3.0]])
+    # w = 1: the mean over each position's neighbours that exist (the ends average two values)
+    want = torch.tensor([[0.0, 3.0, 3.0, 4.0, 1.5]])
+    assert torch.allclose(saliency.pool_scores(s, 1), want)
+    x = torch.rand(2, 3, 17)
+    assert saliency.pool_scores(x, 2).shape == x.shape
+    assert torch.allclose(saliency.pool_scores(x, 0), x)
