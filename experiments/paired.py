@@ -19,7 +19,8 @@ import stats
 import weights
 from experiment_flags import Parser
 
-PAIRS = (("ZipCache default", "dense fp16"), ("ZipCache default", "KIVI-2"))
+PAIRS = (("ZipCache default", "dense fp16"), ("ZipCache default", "KIVI-2"),
+         ("ZipCache default, pooled scores", "ZipCache default"))   # a candidate switch against the default
 
 
 def load(path):
