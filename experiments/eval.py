@@ -757,8 +757,8 @@ def main_real(args, model, tok, device, log, write):
     """The real-model run: line retrieval, perplexity, then passkey at each length (shortest first, the part most
     likely to be cut short last); `write(rows, meta)` after each step, so a stopped run leaves its finished parts."""
     specs = [s for s in configurations(args.quick, real=True) if s["group"] in args.groups]
-    if args.labels:   # a subset of rows, e.g. the ones a paired test needs (one prefill still serves them all)
-        specs = [s for s in specs if s["label"] in args.labels]
+    if args.labels:   # a subset of rows, e.g. the ones a paired test needs; dense always runs (every report's reference)
+        specs = [s for s in specs if s["label"] in args.labels or s["cache"] == "dense"]
     rows = [dict(s, passkey={}, depth={}, real_at={}, paper_at={}, prefill_ms={}, decode_tok_s={}, lines={},
                  lines_real={}, records={}) for s in specs]
     special = special_probe_ids(tok)
@@ -825,11 +825,11 @@ def main_real(args, model, tok, device, log, write):
                     row["prefill_ms"][L], row["decode_tok_s"][L] = mean(a_["prefill_ms"]), mean(a_["decode_tok_s"])
                 meta.setdefault("passkey_records", {})[L] = len(done)
                 if t["done"] == len(t["exs"]):
-                    z = next(rows[i] for i in t["idx"] if rows[i]["label"] == "ZipCache default")
+                    z = next((rows[i] for i in t["idx"] if rows[i]["label"] == "ZipCache default"), None)
                     lens = sorted(len(e["ids"]) for e in t["exs"])
                     log(f"passkey {L} ({lens[0]}-{lens[-1]} tokens, {len(done)} records, {len(t['idx'])} caches): "
-                        f"{t['t']:.0f} s; dense {rows[0]['passkey'][L]:.1f}%, ZipCache default "
-                        f"{z['passkey'][L]:.1f}% at {z['real_at'][L]:.2f}x")
+                        f"{t['t']:.0f} s; dense {rows[0]['passkey'][L]:.1f}%" + (f", ZipCache default "
+                        f"{z['passkey'][L]:.1f}% at {z['real_at'][L]:.2f}x" if z else ""))
                 else:
                     print(f"  passkey {L}: {len(done)}/{len(t['exs'])} records, {t['t']:.0f} s", flush=True)
                 write(rows, meta)
@@ -892,7 +892,7 @@ def get_args(argv=None):
     p.add_argument("--chat", action="store_true", help="line retrieval as a user turn of the tokenizer's chat "
                    "template (default plain text, the format SmolLM2-135M answers)")
     p.add_argument("--labels", default=None, type=lambda t: [x.strip() for x in t.split(";")],
-                   help="real model: only the rows with these labels, separated by ';' (e.g. \"dense fp16;ZipCache "
+                   help="real model: only the rows with these labels, separated by ';', and dense (e.g. \"ZipCache "
                         "default;KIVI-2\", the rows a paired test needs)")
     p.add_argument("--groups", type=names(GROUPS), default=list(GROUPS),
                    help="configuration groups: main, sweep, probe, score, granularity, holdback (toy model: main "

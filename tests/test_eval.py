@@ -366,3 +366,11 @@ def test_merge_accepts_shards_written_before_run_ids(tiny_byte_ckpt, tmp_path):
     E.main(base + ["--shard", "1/2", "--run_id", "run7", "--name", "s1named"])
     with pytest.raises(ValueError, match="shards of different runs.*--run_id"):
         E.main(["--merge", f"{tmp_path}/s0.json,{tmp_path}/s1named.json", "--out_dir", str(tmp_path)])
+
+
+def test_labels_run_only_those_rows_and_dense(tiny_byte_ckpt, tmp_path):
+    rows, meta = E.main(["--checkpoint", str(tiny_byte_ckpt), "--lengths", "400", "--tasks", "passkey",
+                         "--groups", "main", "--labels", "KIVI-2", "--n", "2", "--batch_tokens", "400",
+                         "--out_dir", str(tmp_path)])
+    assert [r["label"] for r in rows] == ["dense fp16", "KIVI-2"] and meta["done"]
+    assert all(len(r["records"][400]) == 2 for r in rows)
