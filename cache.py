@@ -401,7 +401,7 @@ class ZipCacheConfig:
     v_token_scope: str = "row"             # value (min, scale) per row over all KV heads ("row", official): 4.94x at
                                            # D=64 where "head" (per token and KV head) stores 4.62x, more accurately
     keep_saliency_mask: bool = False       # a 1-bit salient mask per (seq, KV head, position), for analysis (counted)
-    kernel: str = "auto"                   # decode attention: auto | triton | torch
+    kernel: str = "auto"                   # decode attention: auto | triton | c | torch (decode_kernel.decode_attention)
     seed: int = 0                          # the random probes' generator
     scale_eps: float = 2 ** -14            # scale clamp: constant groups stay finite (official: 0, NaN there)
     pool_batch_stats: bool = False         # official: key statistics and V normalizer pooled over the batch
@@ -422,7 +422,7 @@ class ZipCacheConfig:
             _check_ratio(name, getattr(self, name))
         choices = dict(probe_strategy=saliency.PROBE_MODES, score=saliency.SCORES, norm=saliency.NORMS,
                        decode_score=("normalized", "last_query"), v_token_scope=("head", "row"),
-                       lo_order=("position", "score"), kernel=("auto", "triton", "torch"))
+                       lo_order=("position", "score"), kernel=("auto", "triton", "c", "torch"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {allowed}")

@@ -30,6 +30,7 @@ from itertools import groupby
 
 import torch
 
+import decode_cpu
 from quant import dequantize_nested, unpack
 
 try:  # triton is optional: without it the torch paths still work and kernel="triton" says what to install
@@ -164,8 +165,16 @@ def decode_attention(q, view, kernel="auto", **kw):
     if kernel == "torch":
         return zip_decode_attention_torch(q, view, **kw)
     if kernel == "auto":
-        use = HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_D and q.dtype in (torch.float16, torch.bfloat16)
-        return (zip_decode_attention if use else zip_decode_attention_torch)(q, view, **kw)
+        if HAS_TRITON and q.is_cuda and q.shape[-1] in SUPPORTED_D and q.dtype in (torch.float16, torch.bfloat16):
+            return zip_decode_attention(q, view, **kw)
+        if decode_cpu.supports(q, view):
+            return zip_decode_attention_c(q, view, **kw)
+        return zip_decode_attention_torch(q, view, **kw)
+    if kernel == "c":
+        if not decode_cpu.supports(q, view):
+            raise RuntimeError("kernel='c' needs CPU tensors, a non-fp64 query and a C compiler (decode_cpu.py); "
+                               "use --kernel auto or torch")
+        return zip_decode_attention_c(q, view, **kw)
     if kernel == "triton":
         if not HAS_TRITON:
             raise RuntimeError("kernel='triton' needs the triton package: pip install triton (Linux), "
@@ -174,7 +183,7 @@ def decode_attention(q, view, kernel="auto", **kw):
             raise RuntimeError("kernel='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing "
                                "decode_kernel.py, for CPU tests); use --kernel torch or --kernel auto on this machine")
         return zip_decode_attention(q, view, **kw)
-    raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton' or 'torch'")
+    raise ValueError(f"unknown kernel={kernel!r}; use 'auto', 'triton', 'c' or 'torch'")
 
 
 def pick_num_splits(B, H_kv, n_tokens, n_sm):
@@ -441,6 +450,15 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
     out = (acc / l[..., None]).reshape(B, Hq, D)
     lse = (m[..., 0] + torch.log(l)).reshape(B, Hq)
     return _finish(out, lse.float() if dt != torch.float64 else lse, q, return_lse)
+
+
+def zip_decode_attention_c(q, view, *, sm_scale=None, num_splits=None, block_n=None, return_lse=False):
+    """Same contract as zip_decode_attention_ref: the fused C loop (decode_cpu.c) on the stored or expanded view,
+    fp32 math; kernel="auto" takes it on the CPU wherever decode_cpu.supports(q, view)."""
+    B, Hq, Hkv, G, D = _shapes(q, view)
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    out, lse = decode_cpu.decode(q.float().view(B, Hkv, G, D) * scale, view)      # [B, H_kv, G, D], [B, H_kv, G]
+    return _finish(out.view(B, Hq, D), lse.view(B, Hq), q, return_lse)
 
 
 # -----------------------------------------------------------------------------

@@ -171,8 +171,9 @@ def get_args(argv=None, defaults=None):
                    help="zipcache: key group statistics as nested 4-bit codes (default) or fp16 pairs")
     g.add_argument("--n_sink", type=int, help="zipcache: first tokens kept in fp16 (0 = paper)")
     g.add_argument("--keep_ratio", type=float, help="h2o: fraction of tokens kept (half heavy hitters, half recent)")
-    g.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"],
-                   help="zipcache decode attention: Triton on CUDA, PyTorch elsewhere")
+    g.add_argument("--kernel", default="auto", choices=["auto", "triton", "c", "torch"],
+                   help="zipcache decode attention: auto = Triton on CUDA, the fused C loop on a CPU (decode_cpu.c, built "
+                        "with the system C compiler on first use), else PyTorch")
     p.set_defaults(**(defaults or {}))
     return p.parse_args(argv)
 
