@@ -5,10 +5,12 @@ kernel"). In reading order:
 
     ZipLayerView                the per-layer layout cache.py stores (as stored, or expanded: the kernel's ABI), and
                                 dense_view (a plain fp16 cache as a view)
-    decode_attention            the one dispatch cache.py calls: kernel="auto" | "triton" | "torch"
+    decode_attention            the one dispatch cache.py calls: kernel="auto" | "triton" | "c" | "torch"
     zip_decode_attention_ref    oracle: dequantize everything (dequantize_segment), fp32 softmax attention
-    zip_decode_attention_torch  CPU fast path: the kernel's algebra in torch on the stored view, SWAR-unpacked codes,
-                                a few whole-tensor ops per run of equal-shape blocks
+    zip_decode_attention_torch  the kernel's algebra in torch on the stored view, SWAR-unpacked codes, a few
+                                whole-tensor ops per run of equal-shape blocks (the CPU path without a C compiler)
+    zip_decode_attention_c      the CPU fast path: the same algebra as fused loops in decode_cpu.c, compiled on first
+                                use (decode_cpu.py), reading the stored view in place
     zip_decode_attention        the fused Triton kernel's launcher: split-K flash-decoding + a combine kernel
     _zip_decode_stage1, ...     the Triton kernels themselves
 
@@ -50,7 +52,7 @@ LOG2E = 1.4426950408889634
 # -----------------------------------------------------------------------------
 # the layer view: q-independent, built by ZipState.view (cache.py); nothing else is accepted. Two forms of it:
 #   stored    what ZipCache stores, read in place: per-block CST normalizer and nested key statistics, with the
-#             sub-blocks' parent table (parent is set). The CPU path (zip_decode_attention_torch) reads this form.
+#             sub-blocks' parent table (parent is set). The CPU paths (zip_decode_attention_c, _torch) read this form.
 #   expanded  one fp16 key (scale, min) and one normalizer per sub-block (parent is None): the Triton kernel's ABI,
 #             and what the reference reads. view.expand() turns the stored form into it (a per-call workspace).
 # A "block" below is a sub-block of the row tables: a block of the cache cut by key groups (ZipCacheConfig.k_group)
@@ -160,8 +162,9 @@ def _finish(out, lse, q, return_lse):
 def decode_attention(q, view, kernel="auto", **kw):
     """out [B, H_q, D] (+ lse if return_lse=True) of one decode step over a ZipLayerView.
 
-    kernel="auto": the Triton kernel on CUDA when D is supported, else the torch fast path;
-    "triton": force the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1); "torch": force the torch path."""
+    kernel="auto": the Triton kernel on CUDA when D is supported, else the fused C loop on a CPU where it is built
+    (decode_cpu.supports), else the torch path; "triton": force the kernel (CUDA, or CPU tensors under
+    TRITON_INTERPRET=1); "c": force the C loop; "torch": force the torch path (the readable one)."""
     if kernel == "torch":
         return zip_decode_attention_torch(q, view, **kw)
     if kernel == "auto":
@@ -256,9 +259,9 @@ def zip_decode_attention_ref(q, view, *, sm_scale=None, num_splits=None, block_n
 
 
 # -----------------------------------------------------------------------------
-# CPU path: the kernel's algebra in torch, over the stored view, in whole tensors and few of them: on a CPU each torch
-# call costs microseconds, so a layer is done in ~100 calls whatever its length, and every big one reads or writes
-# each code once or twice.
+# The torch CPU path (where no C compiler is; decode_cpu.c is the same algebra in loops): over the stored view, in
+# whole tensors and few of them: on a CPU each torch call costs microseconds, so a layer is done in ~100 calls whatever
+# its length, and every big one reads or writes each code once or twice.
 #
 # Pieces. The row tables cut a segment into runs of consecutive parents (cache blocks) of one shape: the prompt's
 # block, then the decode blocks, which all have recompress_every rows split alike. Inside a parent the key groups come

@@ -69,8 +69,8 @@ def configurations(quick, real=False):
     rows are ZipCache's default and its paper preset (README, "Closing the gap on a real model")."""
     C = []
 
-    def add(group, label, cache, **opts):
-        C.append(dict(group=group, label=label, cache=cache, opts=opts))
+    def add(row_group, label, cache, **opts):   # (opts may hold a cache's own "group", as KIVI's)
+        C.append(dict(group=row_group, label=label, cache=cache, opts=opts))
 
     # the comparison (Fig. 1 / Fig. 5 analogue); H2O keeps ~20% (about ZipCache's ~5x byte budget)
     add("main", "dense fp16", "dense")
@@ -103,6 +103,11 @@ def configurations(quick, real=False):
         add("sweep", f"MiKV {r:.0%} salient", "mikv", salient_ratio=r)
     for kr in hr:
         add("sweep", f"H2O ({kr:.0%} kept)", "h2o", keep_ratio=kr)
+    if real and not quick:   # the other knob of two methods: KIVI's group size, ZipCache's key-group size
+        for g in (16, 64):
+            add("sweep", f"KIVI-2 (group {g})", "kivi", bits=2, group=g)
+        for kg in (32, 64):
+            add("sweep", f"ZipCache key groups of {kg}", "zipcache", k_group=kg)
     # Table 2: probe strategy at 10% probes and 40% salient
     for mode in ("random", "special", "recent", "recent+random"):
         add("probe", mode, "zipcache", salient_ratio=0.4, probe_strategy=mode, probe_ratio=0.1)
@@ -434,14 +439,15 @@ def run_ppl(model, tok, ids, specs, args, log):
     ref_nll = F.cross_entropy(ref[:, P:W - 1].flatten(0, 1), x[:, P + 1:].flatten())
     out = []
     for s, c in enumerate(caches):
-        nll, t = 0.0, time.perf_counter()
+        nll, t = torch.zeros(x.shape[0], dtype=torch.float64), time.perf_counter()     # per window  [B]
         for j in range(P, W - 1):           # feed token j, score the prediction of token j + 1
             logits, _ = model(x[:, j:j + 1], cache=c)
-            nll += F.cross_entropy(logits[:, -1], x[:, j + 1], reduction="sum").item()
+            nll += F.cross_entropy(logits[:, -1].float(), x[:, j + 1], reduction="none").double().cpu()
         sync(device)
         dt = time.perf_counter() - t
-        out.append(dict(ppl=math.exp(nll / ((W - 1 - P) * x.shape[0])), ppl_real=c.ratios()["real"],
-                        ppl_decode_tok_s=(W - 1 - P) * x.shape[0] / dt))
+        per_window = nll / (W - 1 - P)      # mean NLL per token of each window: paired.py's bootstrap resamples these
+        out.append(dict(ppl=math.exp(per_window.mean().item()), ppl_window_nll=per_window.tolist(),
+                        ppl_real=c.ratios()["real"], ppl_decode_tok_s=(W - 1 - P) * x.shape[0] / dt))
     log(f"  perplexity: {x.shape[0]} windows x ({P} prefilled + {Q - 1} teacher-forced decode tokens); no-cache "
         f"reference {math.exp(ref_nll.item()):.3f}")
     return out, math.exp(ref_nll.item())

@@ -1,9 +1,14 @@
 """
 The accuracy-vs-bytes frontier: each method's passkey accuracy (pooled over the lengths every row ran, with its 95%
-Wilson interval) and perplexity against its real compression ratio, over the settings of its own knob that one
-eval.py run holds (ZipCache's salient ratio, KIVI's bits, MiKV's salient ratio, H2O's keep ratio).
+Wilson interval) and perplexity against its real compression ratio, over the settings of its own knobs that the
+eval.py runs hold (ZipCache's salient ratio and key-group size, KIVI's bits and group, MiKV's salient ratio, H2O's
+keep ratio).
 
     python experiments/frontier.py results/real/eval.json --out results/real/frontier
+    python experiments/frontier.py results/real/eval.json,results/real/sweep2.json --out results/real/frontier
+
+Several runs join only when they ran the same records (their dense rows' records agree at the shared lengths); a
+label held by two runs is taken from the first.
 
 writes FRONTIER.md (the table) and FRONTIER.png (the two panels). The claim it tests: ZipCache's points lie above
 every other method's at every ratio from 3.5x to 6x.
@@ -33,10 +38,34 @@ def points(rows):
             continue
         if r["cache"] == "zipcache" and (r["opts"].get("paper") or r["opts"].get("k_stat_bits")):
             method = "ZipCache paper preset" if r["opts"].get("paper") else "ZipCache fp16 key stats"
+        elif r["cache"] == "zipcache" and r["opts"].get("k_group"):
+            method = "ZipCache key-group sweep"
         rec = [c for L in shared for _, c in r["records"][L]]
         ratio = sum(r["real_at"][L] for L in shared) / len(shared)
         out.append((method, r["label"], ratio, sum(rec), len(rec), r.get("ppl")))
     return shared, sorted(out, key=lambda p: (p[0], p[2]))
+
+
+def joined_rows(paths):
+    """The rows of one or more eval.py runs on the same passkey records, each label once (the first run's)."""
+    rows, dense = {}, None
+    for path in paths:
+        try:
+            with open(path) as f:
+                run = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable eval.py JSON ({e})")
+        d = next((r for r in run.get("rows", []) if r.get("cache") == "dense" and r.get("records")), None)
+        if dense is not None and d is not None:
+            for L in set(dense["records"]) & set(d["records"]):
+                n = min(len(dense["records"][L]), len(d["records"][L]))
+                if [x for x, _ in dense["records"][L][:n]] != [x for x, _ in d["records"][L][:n]]:
+                    raise ValueError(f"{path}: its passkey records at {L} are not those of {paths[0]} (depths "
+                                     f"differ); join runs made with the same --n and --seed")
+        dense = dense or d
+        for r in run.get("rows", []):
+            rows.setdefault(r["label"], r)
+    return list(rows.values())
 
 
 def table(shared, pts, path):
@@ -80,15 +109,10 @@ def plot(pts, path):
 
 def main(argv=None):
     p = Parser(prog="frontier.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("json", help="an eval.py results JSON (real model)")
+    p.add_argument("json", help="an eval.py results JSON (real model), or a comma list of runs on the same records")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.png (atomically)")
     args = p.parse_args(argv)
-    try:
-        with open(args.json) as f:
-            run = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{args.json}: not a readable eval.py JSON ({e})")
-    shared, pts = points(run.get("rows", []))
+    shared, pts = points(joined_rows(args.json.split(",")))
     if not pts:
         raise ValueError(f"{args.json}: no compressed cache has passkey records; run experiments/eval.py first")
     text = table(shared, pts, args.json)

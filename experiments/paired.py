@@ -1,15 +1,18 @@
 """
-Passkey accuracy with its evidence: every cell with its 95% Wilson interval, and the paired exact McNemar test of
-ZipCache's default against dense and against KIVI-2 (the baseline at its real ratio), on the same records.
+Accuracy with its evidence: every passkey cell with its 95% Wilson interval, the paired exact McNemar test of
+ZipCache's default against dense and against KIVI-2 (the baseline at its real ratio) on the same records, and each
+cache's perplexity change with a paired bootstrap interval over the same text windows.
 
     python experiments/paired.py results/real/run3.json                 # prints the tables (markdown)
     python experiments/paired.py results/real/run3.json --out results/real/paired.md
 
-It reads an eval.py JSON (each row's `records`: per length, [depth, correct] per record in run order). The same
-records go to every cache in one eval.py run (one prefill serves them all), so rows pair record by record; the
-script checks that the depths agree before pairing.
+It reads an eval.py JSON (each row's `records`: per length, [depth, correct] per record in run order; its
+`ppl_window_nll`: the mean NLL per token of each perplexity window). The same records and windows go to every cache
+in one eval.py run (one prefill serves them all), so rows pair record by record and window by window; the script
+checks that the depths agree before pairing.
 """
 import json
+import math
 import os
 import sys
 
@@ -29,15 +32,16 @@ def load(path):
             run = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable eval.py JSON ({e}); give a results/.../*.json that eval.py wrote")
-    rows = [r for r in run.get("rows", []) if r.get("records")]
+    rows = [r for r in run.get("rows", []) if r.get("records") or r.get("ppl_window_nll")]
     if not rows:
-        raise ValueError(f"{path}: no row has per-record passkey results; run eval.py with --tasks passkey")
+        raise ValueError(f"{path}: no row has per-record passkey or per-window perplexity results; run eval.py with "
+                         f"--tasks passkey or ppl")
     return run, rows
 
 
 def records(row, length):
     """[(depth, correct)] of one row at one length, or [] when the row did not run it."""
-    return [tuple(r) for r in row["records"].get(str(length), [])]
+    return [tuple(r) for r in row.get("records", {}).get(str(length), [])]
 
 
 def paired(a, b, where):
@@ -48,9 +52,42 @@ def paired(a, b, where):
     return [c for _, c in a[:n]], [c for _, c in b[:n]]
 
 
+def ppl_change(x, y):
+    """Perplexity of x over y's, as a percent change, with its 95% paired bootstrap interval over the windows:
+    the ratio is exp(mean over windows of the NLL difference), so resampling windows resamples the differences."""
+    if len(x) != len(y):
+        raise ValueError(f"perplexity rows over {len(x)} and {len(y)} windows are not paired; compare one run's rows")
+    d = [a - b for a, b in zip(x, y)]
+    lo, hi = stats.bootstrap_mean(d)
+    pct = lambda v: 100 * (math.exp(v) - 1)                                                   # noqa: E731
+    return pct(sum(d) / len(d)), pct(lo), pct(hi)
+
+
+def ppl_report(rows):
+    """The perplexity table: each cache against dense, and the ZipCache default against KIVI-2, on the same windows."""
+    by_label = {r["label"]: r for r in rows if r.get("ppl_window_nll")}
+    if "dense fp16" not in by_label:
+        return []
+    dense = by_label["dense fp16"]["ppl_window_nll"]
+    out = ["", f"Perplexity over {len(dense)} windows (the same windows for every cache): change against dense, "
+               f"[95% paired bootstrap interval over windows].", "",
+           "| cache | real ratio | perplexity | vs dense |", "|---|---|---|---|"]
+    for label, r in by_label.items():
+        c, lo, hi = ppl_change(r["ppl_window_nll"], dense)
+        out.append(f"| {label} | {r.get('ppl_real', 1.0):.2f}x | {r['ppl']:.3f} | {c:+.1f}% [{lo:+.1f}, {hi:+.1f}] |")
+    for x, y in PAIRS[1:2]:
+        if x in by_label and y in by_label:
+            c, lo, hi = ppl_change(by_label[x]["ppl_window_nll"], by_label[y]["ppl_window_nll"])
+            out += ["", f"{x} against {y}, same windows: {c:+.1f}% [{lo:+.1f}, {hi:+.1f}] perplexity."]
+    return out
+
+
 def report(run, rows, path):
-    lengths = sorted({int(k) for r in rows for k in r["records"]})
+    lengths = sorted({int(k) for r in rows for k in r.get("records", {})})
     by_label = {r["label"]: r for r in rows}
+    if not lengths:
+        return "\n".join([f"# Perplexity with paired bootstrap intervals\n", f"Source: `{path}` "
+                          f"({run.get('meta', {}).get('command', 'eval.py')}).", *ppl_report(rows)]) + "\n"
     out = [f"# Passkey with 95% Wilson intervals and paired McNemar tests\n",
            f"Source: `{path}` ({run.get('meta', {}).get('command', 'eval.py')}). Each cell: correct/records = rate "
            f"[95% Wilson interval]; the real ratio at the longest length after the cache name.\n",
@@ -74,7 +111,7 @@ def report(run, rows, path):
             if a:
                 won, lost, p = stats.mcnemar(a, b)
                 out.append(f"| {x} vs {y} | {L} | {len(a)} | {won} | {lost} | {p:.3g} |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + ppl_report(rows)) + "\n"
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """retrieval.py (task generator + scorer) and eval.py (every cache, end to end on a tiny random model)."""
 import json
+import math
 import os
 import random
 import re
@@ -256,6 +257,8 @@ def test_eval_real_mode_end_to_end(tiny_byte_ckpt, tmp_path):
         assert set(r["lines"]) == (set() if ablation else {3})
         # --quick scores perplexity for the main group's reference rows only
         assert (r.get("ppl", 0) > 1) == (r["group"] == "main" and r["label"] in E.QUICK_PPL)
+        if r.get("ppl"):   # one mean NLL per window (paired.py's bootstrap), and the perplexity is their mean's exp
+            assert len(r["ppl_window_nll"]) == 2 and r["ppl"] == pytest.approx(math.exp(sum(r["ppl_window_nll"]) / 2))
     assert set(E.QUICK_PPL) <= {r["label"] for r in rows}      # every quick perplexity row exists
     dense = rows[0]
     assert dense["cache"] == "dense" and abs(dense["real_at"][600] - 1) < 0.05

@@ -62,6 +62,30 @@ def test_paired_report_pairs_the_same_records(tmp_path):
         paired.main([str(path)])
 
 
+def test_paired_perplexity_bootstrap(tmp_path):
+    import json
+    import math
+    import paired
+    import pytest
+    dense = [2.0, 2.2, 1.9, 2.1]
+    zip_ = [x + 0.05 for x in dense]                                  # +0.05 nats in every window: exactly +5.13%
+    kivi = [x + d for x, d in zip(dense, [0.1, 0.3, 0.2, 0.0])]        # +0.15 nats on average, spread
+    run = {"meta": {"command": "test"}, "rows": [
+        {"label": "dense fp16", "ppl": math.exp(sum(dense) / 4), "ppl_window_nll": dense, "ppl_real": 1.0},
+        {"label": "ZipCache default", "ppl": math.exp(sum(zip_) / 4), "ppl_window_nll": zip_, "ppl_real": 4.5},
+        {"label": "KIVI-2", "ppl": math.exp(sum(kivi) / 4), "ppl_window_nll": kivi, "ppl_real": 4.7}]}
+    path = tmp_path / "ppl.json"
+    path.write_text(json.dumps(run))
+    text = paired.main([str(path)])
+    assert "| ZipCache default | 4.50x | 8.166 | +5.1% [+5.1, +5.1] |" in text   # a constant difference: no spread
+    c, lo, hi = paired.ppl_change(kivi, dense)
+    assert c == pytest.approx(100 * (math.exp(0.15) - 1)) and lo < c < hi
+    assert lo >= 100 * (math.exp(0.0) - 1) and hi <= 100 * (math.exp(0.3) - 1)   # within the windows' own range
+    assert "ZipCache default against KIVI-2, same windows: -9.5% [" in text
+    with pytest.raises(ValueError, match="not paired"):
+        paired.ppl_change(dense[:3], zip_)
+
+
 def test_frontier_pools_the_shared_lengths(tmp_path):
     import json
     import frontier
@@ -80,3 +104,21 @@ def test_frontier_pools_the_shared_lengths(tmp_path):
     assert shared == ["1024"]                                   # 4096 is not shared by every row: left out
     assert [(p[0], p[3], p[4]) for p in pts] == [("H2O", 0, 4), ("KIVI", 2, 4), ("ZipCache", 3, 4)]
     assert (tmp_path / "f.md").read_text().count("|") > 10 and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run on the same records joins (its dense row is dropped: the first run's label wins); one on other
+    # records is refused
+    run2 = {"rows": [row("dense fp16", "dense", {}, "main", {"1024": rec([True] * 4)}, 1.0),
+                     row("KIVI-2 (group 64)", "kivi", {"bits": 2, "group": 64}, "sweep",
+                         {"1024": rec([True, False, True, True])}, 4.9),
+                     row("ZipCache key groups of 64", "zipcache", {"k_group": 64}, "sweep",
+                         {"1024": rec([True] * 4)}, 4.8)]}
+    path2 = tmp_path / "run2.json"
+    path2.write_text(json.dumps(run2))
+    shared, pts = frontier.main([f"{path},{path2}"])
+    assert [(p[0], p[1], p[3]) for p in pts if p[1] != "H2O (10% kept)"] == [
+        ("KIVI", "KIVI-2", 2), ("KIVI", "KIVI-2 (group 64)", 3), ("ZipCache", "ZipCache default", 3),
+        ("ZipCache key-group sweep", "ZipCache key groups of 64", 4)]
+    run2["rows"][0]["records"]["1024"][1][0] = 0.99
+    path2.write_text(json.dumps(run2))
+    import pytest
+    with pytest.raises(ValueError, match="not those of"):
+        frontier.main([f"{path},{path2}"])
