@@ -640,6 +640,12 @@ class ZipCache(Cache):
     def info(self):
         return self.cfg.describe()
 
+    def nbytes(self, allocated=False):
+        """Cache.nbytes plus the Triton launcher's split tables (int32 [B, 2, S, 4] per layer), which are kept between
+        steps and derived from the row tables, so they count while held; a CPU run never builds them."""
+        tables = sum(t.numel() * t.element_size() for d in self.split_tables for t in d.values())
+        return super().nbytes(allocated) + tables
+
     # prefill: exact output, then the prompt becomes block 0 ---------------------------------------
     def _prefill(self, layer, q, k, v):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # the output never changes

@@ -102,6 +102,10 @@ def supports(q, view):
                                                        (s.v_scale, s.v_min, s.k_base, s.k_scale, s.k_min) if t is not None]
     if any(t.dtype != torch.float16 for t in halves) or view.k_buf.stride() != view.v_buf.stride():
         return False
+    for s in view.segments:                  # pairs read with one set of strides, rows of bytes contiguous
+        if s.k_codes.stride()[-1] != 1 or s.k_codes.stride() != s.v_codes.stride() or \
+                s.v_scale.stride() != s.v_min.stride() or (s.k_stat is None and s.k_scale.stride() != s.k_min.stride()):
+            return False
     return library() is not None
 
 
@@ -112,8 +116,9 @@ def _strides(t, dims):
 
 
 def decode(qs, view):
-    """qs fp32 [B, H_kv, G, D] (softmax scale folded in), a view -> (out fp32 [B, H_kv, G, D], lse fp32 natural
-    log [B, H_kv, G]). The tensors are read where they are; none of them is copied or expanded."""
+    """qs fp32 [B, H_kv, G, D] (softmax scale folded in), a view that supports() accepts -> (out fp32
+    [B, H_kv, G, D], lse fp32 natural log [B, H_kv, G]). The tensors are read where they are; none of them is copied
+    or expanded (only the small int32 row and parent tables, when stored in another integer type)."""
     B, H, G, D = qs.shape
     qs = qs.contiguous()
     out = torch.empty(B, H, G, D)
@@ -128,12 +133,8 @@ def decode(qs, view):
     for s in view.segments:
         rows = s.rows.to(torch.int32).contiguous()
         keep.append(rows)
-        assert s.k_codes.stride()[-1] == 1 and s.k_codes.stride() == s.v_codes.stride()
-        assert s.v_scale.stride() == s.v_min.stride()
         nested = s.k_stat is not None
         st = s.k_stat if nested else s.k_scale
-        if not nested:
-            assert s.k_scale.stride() == s.k_min.stride()
         seg = Segment(bits=s.bits, nested=int(nested), k_codes=s.k_codes.data_ptr(), v_codes=s.v_codes.data_ptr(),
                       v_scale=s.v_scale.data_ptr(), v_min=s.v_min.data_ptr(), rows=rows.data_ptr(),
                       r_sb=rows.stride(0) if rows.shape[0] > 1 else 0)

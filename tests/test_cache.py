@@ -457,6 +457,10 @@ def test_kernel_triton_matches_torch_path():
         c = make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), recompress_every=5, kernel=kern)
         c.attend(0, *(t.half() for t in qkv(2, 4, 2, 37, 64, seed=0)))
         outs[kern] = torch.cat([c.attend(0, *s) for s in steps], 2).float()
+        # the launcher's split tables are kept between steps, so nbytes counts them; the CPU paths build none
+        tables = [t for t in c.split_tables[0].values()]
+        assert bool(tables) == (kern == "triton")
+        assert c.nbytes() == sum(s.nbytes() for s in c.layers) + sum(t.numel() * 4 for t in tables)
     # kernel tolerance: fp16 operands in every dot
     err = (outs["triton"] - outs["torch"]).norm() / outs["torch"].norm()
     assert err < 2e-3
