@@ -380,7 +380,7 @@ class ZipCacheConfig:
     # the paper's algorithm (paper() turns off what follows it)
     high_bits: int = 4                     # salient tokens: attention depends on them most
     low_bits: int = 2                      # regular tokens: most of the saving
-    salient_ratio: float = 0.5             # r: the paper's 4.98x setting is 0.6; fewer 4-bit tokens pay for k_group
+    salient_ratio: float = 0.2             # r: the paper's 4.98x setting is 0.6; fewer 4-bit values pay for k_low_bits
     score: str = "normalized"              # normalized (ZipCache, Fig. 3) | accumulated (H2O/MiKV) | locality
     norm: str = "full"                     # the normalized score's divisor: L - j ("full", official) or probe count
     probe_strategy: str = "recent+random"  # recent | random | recent+random | special | all: which queries score
@@ -388,13 +388,15 @@ class ZipCacheConfig:
     probe_random: float = 0.05             # share used as random probes (with replacement, seeded)
     recompress_every: int = 100            # N: decode tokens per compressed block (the official recompress interval)
     # beyond the paper, one switch each (README "Beyond the paper")
-    k_group: int = 16                      # rows of a precision group per key (min, scale): passkey retrieval follows
-                                           # the positions one group spans (0 = one per block, the paper)
+    k_group: int = 64                      # rows of a precision group per key (min, scale): 2-bit keys need ~16, 4-bit
+                                           # keys hold passkey at 64 (0 = one per block, the paper)
     k_stat_bits: int = 4                   # 4: those statistics as codes under one fp16 (base, step) per block
                                            # (quant.quantize_nested), 0.5 bits a key element at 16 rows, not 2; 16: fp16
     n_sink: int = 4                        # first positions kept fp16, never compressed: attention sinks (StreamingLLM)
                                            # take a large share of every query's attention
     n_recent: int = 0                      # last prompt tokens kept fp16 until the first flush (KIVI's residual window)
+    k_low_bits: int = 4                    # regular tokens' keys at this width, their values at low_bits (0: low_bits,
+                                           # the paper): the real model's passkey misses came from 2-bit keys alone
     score_pool: int = 0                    # w > 0: the prompt's scores averaged over 2w+1 neighbouring positions before
                                            # the split, so a span (a needle's sentence) is salient together (SnapKV)
     # implementation
@@ -438,6 +440,10 @@ class ZipCacheConfig:
             raise ValueError(f"n_sink={self.n_sink} must be >= 0 (fp16 tokens kept at the start of the prompt)")
         if self.k_stat_bits not in (4, 16):
             raise ValueError(f"k_stat_bits={self.k_stat_bits} must be 4 (nested key statistics) or 16 (fp16)")
+        if self.k_low_bits and self.high_bits < 16:
+            _check_bits("k_low_bits", self.k_low_bits)
+            if self.k_low_bits == 16:
+                raise ValueError("k_low_bits=16 is not a code width; use 2, 4 or 8 (or 0 = low_bits)")
         if self.score_pool < 0:
             raise ValueError(f"score_pool={self.score_pool} must be >= 0 (half-width of the score smoothing; 0 = off)")
         if self.k_group < 0:
@@ -451,7 +457,8 @@ class ZipCacheConfig:
     def paper(self):
         """The paper's algorithm: one key (min, scale) per channel per block and precision group, no fp16 sinks,
         60% salient; our storage and statistics choices stay (per-sequence statistics, scale clamp)."""
-        return replace(self, k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, score_pool=0, salient_ratio=0.6)
+        return replace(self, k_group=0, k_stat_bits=16, n_sink=0, n_recent=0, score_pool=0, k_low_bits=0,
+                       salient_ratio=0.6)
 
     def official(self):
         """The official code's behaviour where it changes numbers: the paper preset plus pooled
@@ -472,6 +479,7 @@ class ZipCacheConfig:
         return (f"zipcache {self.high_bits}/{self.low_bits}-bit, {self.salient_ratio:.0%} salient, {self.score} score, "
                 f"probes {self.probe_strategy}{f' ({share})' if share else ''}, block {self.recompress_every}"
                 f"{', requantize' if self.requantize else ''}{', pooled stats' if self.pool_batch_stats else ''}"
+                f"{f', regular keys {self.k_low_bits}-bit' if self.k_low_bits else ''}"
                 f"{f', key groups {self.k_group}' if self.k_group else ''}"
                 f"{' (4-bit nested stats)' if self.nested else ''}"
                 f"{f', {self.n_sink} fp16 sinks' if self.n_sink else ''}"
@@ -504,21 +512,25 @@ class ZipGroup:
 
     def segment(self, bits):
         """The group as stored, for the decode view (full-capacity tensors, read in place): fp16 key (scale, min)
-        per sub-block, or the nested codes and their per-block (base, step) (decode_kernel.ZipSegment)."""
+        per sub-block, or the nested codes and their per-block (base, step) (decode_kernel.ZipSegment).
+        bits = (key bits, value bits)."""
         t, p = self.codes.full, self.params.full
         nested = self.base is not None
-        return decode_kernel.ZipSegment(bits, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
+        kb, vb = bits
+        return decode_kernel.ZipSegment(kb, t["k_codes"], t["v_codes"], t["v_scale"], t["v_min"],
                                         None if nested else p["k_scale"], None if nested else p["k_min"],
                                         self.rows.full["rows"], k_stat=p["k_stat"] if nested else None,
-                                        k_base=self.base.full["k_base"] if nested else None)
+                                        k_base=self.base.full["k_base"] if nested else None,
+                                        v_bits=None if vb == kb else vb)
 
     def paper_terms(self, bits, H, D):
-        """(quantized K/V elements, their code bits, fp16 parameters); a nested pair is 8 bits, half a parameter."""
+        """(quantized K/V elements, their code bits, fp16 parameters); a nested pair is 8 bits, half a parameter.
+        bits = (key bits, value bits)."""
         B, _, n, _ = self.codes["k_codes"].shape
-        e = 2 * B * H * n * D
+        e = B * H * n * D                                           # elements of K, and as many of V
         k_par = (self.params["k_stat"].numel() // 2 + self.base["k_base"].numel() if self.base is not None
                  else 2 * self.params["k_scale"].numel())
-        return e, e * bits, 2 * self.codes["v_scale"].numel() + k_par
+        return 2 * e, e * sum(bits), 2 * self.codes["v_scale"].numel() + k_par
 
 
 @dataclass(kw_only=True)
@@ -550,7 +562,8 @@ class ZipState(LayerState):
 
     def view(self, bits, tables=None):
         """The layout decode_kernel.decode_attention reads, as stored: full-capacity tensors + valid counts, the
-        per-block CST normalizer and key statistics with the sub-blocks' parent table; bits = (high, low).
+        per-block CST normalizer and key statistics with the sub-blocks' parent table; bits = ((key, value) bits of
+        hi, of lo), ZipCache.bits.
         view(...).expand() is the Triton kernel's form (statistics per sub-block, decoded for that call)."""
         if self.hi is None:
             return decode_kernel.dense_view(self.buf["k"], self.buf["v"])
@@ -592,6 +605,8 @@ class ZipCache(Cache):
         """ZipCacheConfig fields plus four shorthands: official / paper (the presets), bits (both precision groups)
         and probe_ratio (split over the probe kinds of probe_strategy)."""
         opts = _bits_shorthand(opts, bits)
+        if bits is not None and bits < 16:
+            opts.setdefault("k_low_bits", bits)     # "every token at `bits`" includes the regular keys
         if probe_ratio is not None:
             _check_ratio("probe_ratio", probe_ratio)
             if probe_ratio == 0:
@@ -610,8 +625,9 @@ class ZipCache(Cache):
                              f"not ZipCache's; build that class (generate.make_cache does for --official and these "
                              f"options)")
         self.quantized = self.cfg.high_bits < 16
-        self.bits = (self.cfg.high_bits, self.cfg.low_bits)
-        _check_pack_dim(config.head_dim, self.bits)
+        c = self.cfg                   # (key, value) bits of the salient group and of the regular group
+        self.bits = ((c.high_bits, c.high_bits), (c.k_low_bits or c.low_bits, c.low_bits))
+        _check_pack_dim(config.head_dim, sum(self.bits, ()))
         self.special = None
         super().__init__(config)
 
@@ -706,12 +722,12 @@ class ZipCache(Cache):
         st.parent.append(min_cap=4, parent=torch.full((1, n_sub), st.v_chan.n - 1, dtype=torch.int32,
                                                       device=k.device))                  # block of each sub-block
         v_dims = (-1,) if c.v_token_scope == "head" else (1, -1)    # a value (min, scale) per (token, head) or row
-        for g, bits, idx in zip((st.hi, st.lo), self.bits, (hi, lo)):
-            kc, k_stats = quant.quantize_runs(_gather_tokens(kf, idx), bits, n_sub, pool, eps, c.nested)
-            vc, vs, vm, _ = quant.quantize_cst(_gather_tokens(vf, idx), bits, v_dims, eps, chan=chan, check=False)
+        for g, (kb, vb), idx in zip((st.hi, st.lo), self.bits, (hi, lo)):
+            kc, k_stats = quant.quantize_runs(_gather_tokens(kf, idx), kb, n_sub, pool, eps, c.nested)
+            vc, vs, vm, _ = quant.quantize_cst(_gather_tokens(vf, idx), vb, v_dims, eps, chan=chan, check=False)
             k_stats = [s.transpose(1, 2) for s in k_stats]          # [Bs, n_sub, H, D] (a nested base [Bs, 1, H, 4, D])
             rows = g.codes.n + quant.run_sizes(idx.shape[-1], n_sub, k.device).cumsum(0).to(torch.int32)
-            g.codes.append(k_codes=quant.pack(kc, bits), v_codes=quant.pack(vc, bits),   # [B, H, m, D*bits/8]
+            g.codes.append(k_codes=quant.pack(kc, kb), v_codes=quant.pack(vc, vb),       # [B, H, m, D*bits/8]
                            v_scale=vs[..., 0], v_min=vm[..., 0])                         # [B, Hv, m]
             if g.base is not None:
                 g.params.append(min_cap=4, k_stat=k_stats[0])

@@ -25,9 +25,10 @@ typedef _Float16 f16;
 #define MAX_G 64
 
 typedef struct {            /* one precision group (hi or lo) of one layer */
-    int64_t bits, nested;
+    int64_t bits, v_bits, nested;               /* key and value code widths */
     const uint8_t *k_codes, *v_codes;
-    int64_t c_sb, c_sh, c_st;                   /* codes [B, H, CAP, W] (k and v alike) */
+    int64_t c_sb, c_sh, c_st;                   /* key codes [B, H, CAP, D·bits/8] */
+    int64_t w_sb, w_sh, w_st;                   /* value codes [B, H, CAP, D·v_bits/8] */
     const f16 *v_scale, *v_min;
     int64_t v_sb, v_sh, v_st;                   /* [B, Hv, CAP]; v_sh = 0 when one scale per row serves all heads */
     const int32_t *rows;
@@ -124,9 +125,9 @@ INLINE void segment_values(const Layer *L, const Segment *s, int64_t b, int64_t 
         k = k1;
         if (r1 == r0) continue;
         for (int64_t g = 0; g < G; g++) { nu[g] = 0.f; for (int64_t d = 0; d < D; d++) w[g][d] = 0.f; }
-        const uint8_t *row = s->v_codes + b * s->c_sb + h * s->c_sh + r0 * s->c_st;
+        const uint8_t *row = s->v_codes + b * s->w_sb + h * s->w_sh + r0 * s->w_st;
         const f16 *sig = s->v_scale + b * s->v_sb + h * s->v_sh, *vmn = s->v_min + b * s->v_sb + h * s->v_sh;
-        for (int64_t t = r0; t < r1; t++, row += s->c_st) {
+        for (int64_t t = r0; t < r1; t++, row += s->w_st) {
             unpack_row(row, bits, D, y);
             const float st = (float)sig[t * s->v_st], nt = (float)vmn[t * s->v_st];
             for (int64_t g = 0; g < G; g++) { ps[g] = p[g * N + t] * st; nu[g] += p[g * N + t] * nt; }
@@ -148,8 +149,8 @@ INLINE void scores_any(const Layer *L, const Segment *s, int64_t b, int64_t h, c
 
 INLINE void values_any(const Layer *L, const Segment *s, int64_t b, int64_t h, const float *p, int64_t N,
                        float *acc, const int64_t D) {
-    if (s->bits == 4) segment_values(L, s, b, h, p, N, acc, D, 4);
-    else if (s->bits == 2) segment_values(L, s, b, h, p, N, acc, D, 2);
+    if (s->v_bits == 4) segment_values(L, s, b, h, p, N, acc, D, 4);
+    else if (s->v_bits == 2) segment_values(L, s, b, h, p, N, acc, D, 2);
     else segment_values(L, s, b, h, p, N, acc, D, 8);
 }
 

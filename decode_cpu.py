@@ -31,8 +31,9 @@ i64, ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 class Segment(ctypes.Structure):   # decode_cpu.c's Segment, field for field
-    _fields_ = [("bits", i64), ("nested", i64), ("k_codes", ptr), ("v_codes", ptr),
-                ("c_sb", i64), ("c_sh", i64), ("c_st", i64), ("v_scale", ptr), ("v_min", ptr),
+    _fields_ = [("bits", i64), ("v_bits", i64), ("nested", i64), ("k_codes", ptr), ("v_codes", ptr),
+                ("c_sb", i64), ("c_sh", i64), ("c_st", i64), ("w_sb", i64), ("w_sh", i64), ("w_st", i64),
+                ("v_scale", ptr), ("v_min", ptr),
                 ("v_sb", i64), ("v_sh", i64), ("v_st", i64), ("rows", ptr), ("r_sb", i64),
                 ("k_stat", ptr), ("k_base", ptr), ("k_scale", ptr), ("k_min", ptr),
                 ("s_sb", i64), ("s_sk", i64), ("s_sh", i64), ("b_sb", i64), ("b_sp", i64), ("b_sh", i64), ("b_s4", i64)]
@@ -103,7 +104,7 @@ def supports(q, view):
     if any(t.dtype != torch.float16 for t in halves) or view.k_buf.stride() != view.v_buf.stride():
         return False
     for s in view.segments:                  # pairs read with one set of strides, rows of bytes contiguous
-        if s.k_codes.stride()[-1] != 1 or s.k_codes.stride() != s.v_codes.stride() or \
+        if s.k_codes.stride()[-1] != 1 or s.v_codes.stride()[-1] != 1 or \
                 s.v_scale.stride() != s.v_min.stride() or (s.k_stat is None and s.k_scale.stride() != s.k_min.stride()):
             return False
     return library() is not None
@@ -135,10 +136,11 @@ def decode(qs, view):
         keep.append(rows)
         nested = s.k_stat is not None
         st = s.k_stat if nested else s.k_scale
-        seg = Segment(bits=s.bits, nested=int(nested), k_codes=s.k_codes.data_ptr(), v_codes=s.v_codes.data_ptr(),
+        seg = Segment(bits=s.bits, v_bits=s.vbits, nested=int(nested), k_codes=s.k_codes.data_ptr(), v_codes=s.v_codes.data_ptr(),
                       v_scale=s.v_scale.data_ptr(), v_min=s.v_min.data_ptr(), rows=rows.data_ptr(),
                       r_sb=rows.stride(0) if rows.shape[0] > 1 else 0)
         seg.c_sb, seg.c_sh, seg.c_st = _strides(s.k_codes, (0, 1, 2))
+        seg.w_sb, seg.w_sh, seg.w_st = _strides(s.v_codes, (0, 1, 2))
         seg.v_sb, seg.v_sh, seg.v_st = _strides(s.v_scale, (0, 1, 2))
         if nb:
             seg.s_sb, seg.s_sk, seg.s_sh = _strides(st, (0, 1, 2))

@@ -60,10 +60,11 @@ LOG2E = 1.4426950408889634
 
 @dataclass
 class ZipSegment:
-    """One precision group (hi = 4-bit salient, lo = 2-bit regular) of one layer. W = D*bits/8."""
+    """One precision group (hi = 4-bit salient, lo = 2-bit regular) of one layer. W = D*bits/8 for the keys,
+    D*vbits/8 for the values (their own width where v_bits is set: ZipCacheConfig.k_low_bits)."""
     bits: int
     k_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W]   planar packing (quant.pack), rows grouped by block
-    v_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W]
+    v_codes: torch.Tensor  # uint8 [B, H_kv, CAP, W_v]
     v_scale: torch.Tensor  # fp16  [B, Hv, CAP]        Hv = H_kv ("head" scope) or 1 ("row" scope, broadcast)
     v_min: torch.Tensor    # fp16  [B, Hv, CAP]
     k_scale: torch.Tensor | None  # fp16 [Bs, NB_CAP, H_kv, D] channelwise per block; Bs = B, or 1 when pooled;
@@ -73,6 +74,11 @@ class ZipSegment:
     # (min code | scale code << 4 per block), k_base fp16 [Bs, NP_CAP, H_kv, 4, D] (per parent, view.parent)
     k_stat: torch.Tensor | None = None
     k_base: torch.Tensor | None = None
+    v_bits: int | None = None     # the values' width where it differs from the keys' (None: bits)
+
+    @property
+    def vbits(self):
+        return self.bits if self.v_bits is None else self.v_bits
 
     def key_stats(self, blocks, parents):
         """(scale, min) fp16 [Bs, *blocks' shape, H_kv, D] of the given blocks (index tensors or slices into dim 1;
@@ -217,7 +223,7 @@ def dequantize_segment(seg, v_chan, blk, dt):
     mu = seg.k_min[:, blk].to(dt).transpose(1, 2)
     c = v_chan[:, blk].to(dt).transpose(1, 2)
     x = unpack(seg.k_codes[:, :, :n], seg.bits).to(dt)             # [B, H_kv, n, D]
-    y = unpack(seg.v_codes[:, :, :n], seg.bits).to(dt)
+    y = unpack(seg.v_codes[:, :, :n], seg.vbits).to(dt)
     sig = seg.v_scale[:, :, :n].to(dt)[..., None]                  # [B, Hv, n, 1]
     nu = seg.v_min[:, :, :n].to(dt)[..., None]
     return a * x + mu, c * (sig * y + nu)                          # K̂ = a·x + μ, V̂ = c·(σ·y + ν)
@@ -394,15 +400,15 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
     qf = q.to(dt).view(B, Hkv, G, D) * scale                          # [B, H_kv, G, D], softmax scale folded in
     parent = view.parent[:nb].tolist() if view.parent is not None else list(range(nb))
     plan = [(seg, _runs(seg.rows[0, :nb + 1].tolist(), parent)) for seg in view.segments] if nb else []
-    plan = [(seg, runs, _consts(seg.bits, D, dev, dt)) for seg, runs in plan if runs]
-    N = sum(R * M for _, runs, _ in plan for _, R, _, _, _, M, _ in runs) + n_buf
+    plan = [(seg, runs, _consts(seg.bits, D, dev, dt), _consts(seg.vbits, D, dev, dt)) for seg, runs in plan if runs]
+    N = sum(R * M for _, runs, _, _ in plan for _, R, _, _, _, M, _ in runs) + n_buf
     if N == 0:                                                        # an empty cache
         out = torch.zeros(B, Hq, D, dtype=dt, device=dev)
         lse = torch.full((B, Hq), float("-inf"), dtype=dt, device=dev)
         return _finish(out, lse.float() if dt != torch.float64 else lse, q, return_lse)
     s = torch.empty(B, Hkv, G, N, dtype=dt, device=dev)               # every row's score, then its probability
     off = 0
-    for seg, runs, k in plan:                                         # scores of the quantized rows, per segment
+    for seg, runs, k, _ in plan:                                      # scores of the quantized rows, per segment
         n = sum(R * M for _, R, _, _, _, M, _ in runs)
         x = swar_codes(seg.k_codes[:, :, runs[0][4]:runs[0][4] + n], seg.bits)              # [B, H_kv, n, D'] uint8
         qp = qf[..., k.perm]                                          # q in byte-major order  [B, H_kv, G, D']
@@ -427,10 +433,10 @@ def zip_decode_attention_torch(q, view, *, sm_scale=None, num_splits=None, block
     l = p.sum(-1)                                                     # [B, H_kv, G]
     sums = {}                                                         # (p0, R) -> Σ_t p_t (σ_t y_t + ν_t), channel order
     off = 0
-    for seg, runs, k in plan:                                         # Σ_t p_t V̂_t over the quantized rows
+    for seg, runs, _, k in plan:                                      # Σ_t p_t V̂_t over the quantized rows
         n = sum(R * M for _, R, _, _, _, M, _ in runs)
         r_first = runs[0][4]
-        y = swar_codes(seg.v_codes[:, :, r_first:r_first + n], seg.bits).to(dt)             # [B, H_kv, n, D']
+        y = swar_codes(seg.v_codes[:, :, r_first:r_first + n], seg.vbits).to(dt)            # [B, H_kv, n, D']
         for p0, R, j0, J, r0, M, parts in runs:
             rr = slice(r0 - r_first, r0 - r_first + R * M)
             pr = p[..., off + rr.start:off + rr.stop]                                     # [B, H_kv, G, R·M]
@@ -509,6 +515,7 @@ def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=Non
         hv0 = seg.v_scale.shape[1] == 1                                       # one value pair per row: head stride 0
         ptrs = (seg.k_codes, seg.v_codes, seg.v_scale, seg.v_min, seg.k_scale, seg.k_min, seg.rows)
         strides = (seg.k_codes.stride(0), seg.k_codes.stride(1), seg.k_codes.stride(2),
+                   seg.v_codes.stride(0), seg.v_codes.stride(1), seg.v_codes.stride(2),
                    seg.v_scale.stride(0), 0 if hv0 else seg.v_scale.stride(1),
                    0 if bs0 else seg.k_scale.stride(0), seg.k_scale.stride(1), seg.k_scale.stride(2),
                    seg.rows.stride(0))
@@ -523,7 +530,7 @@ def zip_decode_attention(q, view, *, sm_scale=None, num_splits=None, block_n=Non
         tab, o_part, l_part, *s_o, l_part.stride(0), l_part.stride(1),
         Hkv, G, view.n_buf, scale * LOG2E,
         D4=D // 4, BLOCK_G=BLOCK_G, BLOCK_N=block_n,
-        HI_BITS=view.hi.bits, LO_BITS=view.lo.bits, SPLIT=S > 1,
+        HI_BITS=view.hi.bits, LO_BITS=view.lo.bits, HI_VBITS=view.hi.vbits, LO_VBITS=view.lo.vbits, SPLIT=S > 1,
         num_warps=num_warps, num_stages=num_stages)
     if S > 1:
         _zip_decode_combine[(B * Hq,)](
@@ -545,17 +552,19 @@ def _check_kernel_inputs(q, view, block_n):
         raise ValueError(f"block_n={block_n} must be a power of two >= 16")
     named = [("q", q), ("k_buf", view.k_buf), ("v_buf", view.v_buf), ("v_chan", view.v_chan)]
     for p, seg in zip(("hi", "lo"), view.segments):
-        if seg.bits not in (2, 4):
-            raise ValueError(f"the kernel reads 2- or 4-bit segments, got {p}.bits={seg.bits}; use kernel='torch'")
+        if seg.bits not in (2, 4) or seg.vbits not in (2, 4):
+            raise ValueError(f"the kernel reads 2- or 4-bit segments, got {p}.bits={seg.bits} (values "
+                             f"{seg.vbits}); use kernel='torch'")
         named += [(f"{p}.{f}", getattr(seg, f)) for f in ("k_codes", "v_codes", "v_scale", "v_min", "k_scale",
                                                             "k_min", "rows")]
-        if seg.k_codes.stride() != seg.v_codes.stride() or seg.v_scale.stride() != seg.v_min.stride() \
-                or seg.k_scale.stride() != seg.k_min.stride():
-            raise ValueError(f"segment {p}: k/v codes, v_scale/v_min and k_scale/k_min must have matching strides "
+        if seg.v_scale.stride() != seg.v_min.stride() or seg.k_scale.stride() != seg.k_min.stride():
+            raise ValueError(f"segment {p}: v_scale/v_min and k_scale/k_min must have matching strides "
                              f"(allocate them alike)")
-        if seg.k_codes.shape[-1] != D * seg.bits // 8:
-            raise ValueError(f"segment {p}: codes are {seg.k_codes.shape[-1]} bytes wide, expected D*bits/8 = "
-                             f"{D * seg.bits // 8}")
+        for f, b in (("k_codes", seg.bits), ("v_codes", seg.vbits)):
+            w = getattr(seg, f).shape[-1]
+            if w != D * b // 8 or getattr(seg, f).stride(-1) != 1:
+                raise ValueError(f"segment {p}: {f} are {w} bytes wide (stride {getattr(seg, f).stride(-1)}), "
+                                 f"expected D*bits/8 = {D * b // 8}, contiguous")
     want = {"k_codes": torch.uint8, "v_codes": torch.uint8, "rows": torch.int32, "q": q.dtype}
     for name, t in named:
         dt = want.get(name.split(".")[-1], torch.float16)
@@ -612,15 +621,16 @@ if HAS_TRITON:
     def _zip_decode_stage1(
             Q, s_q_b, s_q_h,
             HKC, HVC, HVS, HVM, HKS, HKM, HROWS,
-            hs_c_b, hs_c_h, hs_c_t, hs_v_b, hs_v_h, hs_p_b, hs_p_k, hs_p_h, hs_r_b,
+            hs_c_b, hs_c_h, hs_c_t, hs_w_b, hs_w_h, hs_w_t, hs_v_b, hs_v_h, hs_p_b, hs_p_k, hs_p_h, hs_r_b,
             LKC, LVC, LVS, LVM, LKS, LKM, LROWS,
-            ls_c_b, ls_c_h, ls_c_t, ls_v_b, ls_v_h, ls_p_b, ls_p_k, ls_p_h, ls_r_b,
+            ls_c_b, ls_c_h, ls_c_t, ls_w_b, ls_w_h, ls_w_t, ls_v_b, ls_v_h, ls_p_b, ls_p_k, ls_p_h, ls_r_b,
             VCH, s_n_b, s_n_k, s_n_h,
             KB, VB, s_kb_b, s_kb_h, s_kb_t, s_vb_b, s_vb_h, s_vb_t,
             TAB, O, LSE, s_o_b, s_o_h, s_o_s, s_l_b, s_l_h,
             H_kv, G, n_buf, qk_scale,
             D4: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-            HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, SPLIT: tl.constexpr):
+            HI_BITS: tl.constexpr, LO_BITS: tl.constexpr, HI_VBITS: tl.constexpr, LO_VBITS: tl.constexpr,
+            SPLIT: tl.constexpr):
         """Grid (B·H_kv, S): program (b, KV head h, split) runs the online softmax over its share of the hi
         segment, the lo segment and the fp16 buffer for all G query heads of the group (one K/V load serves G).
         SPLIT=False (S = 1): writes out (q.dtype) and the natural-log lse directly; else fp32 partials + log2 lse."""
@@ -649,13 +659,13 @@ if HAS_TRITON:
         m, l, a0, a1, a2, a3 = _segment_pass(
             m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
             HKC, HVC, HVS, HVM, HKS, HKM, VCH, HROWS, tab, b, h,
-            hs_c_b, hs_c_h, hs_c_t, hs_v_b, hs_v_h, hs_p_b, hs_p_k, hs_p_h, s_n_b, s_n_k, s_n_h, hs_r_b,
-            dq, D4, HI_BITS, BLOCK_N)
+            hs_c_b, hs_c_h, hs_c_t, hs_w_b, hs_w_h, hs_w_t, hs_v_b, hs_v_h, hs_p_b, hs_p_k, hs_p_h,
+            s_n_b, s_n_k, s_n_h, hs_r_b, dq, D4, HI_BITS, HI_VBITS, BLOCK_N)
         m, l, a0, a1, a2, a3 = _segment_pass(
             m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
             LKC, LVC, LVS, LVM, LKS, LKM, VCH, LROWS, tab + S * 4, b, h,
-            ls_c_b, ls_c_h, ls_c_t, ls_v_b, ls_v_h, ls_p_b, ls_p_k, ls_p_h, s_n_b, s_n_k, s_n_h, ls_r_b,
-            dq, D4, LO_BITS, BLOCK_N)
+            ls_c_b, ls_c_h, ls_c_t, ls_w_b, ls_w_h, ls_w_t, ls_v_b, ls_v_h, ls_p_b, ls_p_k, ls_p_h,
+            s_n_b, s_n_k, s_n_h, ls_r_b, dq, D4, LO_BITS, LO_VBITS, BLOCK_N)
 
         # the fp16 buffer, split like the segments: rows [r0, r1) of [0, n_buf)
         chunk = tl.cdiv(tl.cdiv(n_buf, S), BLOCK_N) * BLOCK_N
@@ -732,16 +742,18 @@ if HAS_TRITON:
     @triton.jit
     def _segment_pass(m, l, a0, a1, a2, a3, q0, q1, q2, q3, qk_scale,
                       KC, VC, VS, VM, KS, KM, VCH, ROWS, TAB, b, h,
-                      s_c_b, s_c_h, s_c_t, s_v_b, s_v_h, s_p_b, s_p_k, s_p_h, s_n_b, s_n_k, s_n_h, s_r_b,
-                      dq, D4: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+                      s_c_b, s_c_h, s_c_t, s_w_b, s_w_h, s_w_t, s_v_b, s_v_h, s_p_b, s_p_k, s_p_h,
+                      s_n_b, s_n_k, s_n_h, s_r_b, dq, D4: tl.constexpr, BITS: tl.constexpr, VBITS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
         """This program's share of one segment: its blocks blk_first..blk_last, clipped to rows [row_lo, row_hi)
-        (the launcher's table). q0..q3 are the raw fp32 query quarters."""
+        (the launcher's table). q0..q3 are the raw fp32 query quarters. Key codes are BITS wide (strides s_c_*),
+        value codes VBITS (strides s_w_*)."""
         blk_first = tl.load(TAB)
         blk_last = tl.load(TAB + 1)
         row_lo = tl.load(TAB + 2)
         row_hi = tl.load(TAB + 3)
         kc = KC + b * s_c_b + h * s_c_h                                       # int64 base offsets
-        vc = VC + b * s_c_b + h * s_c_h
+        vc = VC + b * s_w_b + h * s_w_h
         vsp = VS + b * s_v_b + h * s_v_h                                      # s_v_h = 0 for one pair per row
         vmp = VM + b * s_v_b + h * s_v_h
         for blk in range(blk_first, blk_last):
@@ -766,6 +778,7 @@ if HAS_TRITON:
             # Centred codes: K̂ = a·x + μ = a·(x - Z) + (μ + Z·a). The rounding error of q' now multiplies
             # |x - Z| <= Z instead of x <= 2Z, and its mean over tokens (a shift of the block's scores) is gone.
             Z: tl.constexpr = 1 << (BITS - 1)
+            ZV: tl.constexpr = 1 << (VBITS - 1)
             mu0 = mu0 + Z * a_0
             mu1 = mu1 + Z * a_1
             mu2 = mu2 + Z * a_2
@@ -779,9 +792,9 @@ if HAS_TRITON:
                 t = t0 + tl.arange(0, BLOCK_N)
                 valid = t < r1                                                # a tile never straddles a block
                 k0, k1, k2, k3 = _load_code_quarters(kc, t, valid, s_c_t, dq, D4, BITS)
-                v0, v1, v2, v3 = _load_code_quarters(vc, t, valid, s_c_t, dq, D4, BITS)
+                v0, v1, v2, v3 = _load_code_quarters(vc, t, valid, s_w_t, dq, D4, VBITS)
                 vs = tl.load(vsp + t, mask=valid, other=0.0).to(tl.float32)  # σ_t, ν_t
-                vm = tl.load(vmp + t, mask=valid, other=0.0).to(tl.float32) + Z * vs   # centred: ν + Z·σ
+                vm = tl.load(vmp + t, mask=valid, other=0.0).to(tl.float32) + ZV * vs  # centred: ν + Z_v·σ
                 m, l, a0, a1, a2, a3 = _attend_tile(m, l, a0, a1, a2, a3, qa0, qa1, qa2, qa3, qb,
                                                     k0, k1, k2, k3, v0, v1, v2, v3, vs, vm, c0, c1, c2, c3,
                                                     valid, qk_scale, True)

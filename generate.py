@@ -170,6 +170,8 @@ def get_args(argv=None, defaults=None):
     g.add_argument("--k_stat_bits", type=int, choices=[4, 16],
                    help="zipcache: key group statistics as nested 4-bit codes (default) or fp16 pairs")
     g.add_argument("--n_sink", type=int, help="zipcache: first tokens kept in fp16 (0 = paper)")
+    g.add_argument("--k_low_bits", type=int, choices=[0, 2, 4, 8],
+                   help="zipcache: regular tokens' keys at this width, their values at low_bits (0 = paper)")
     g.add_argument("--keep_ratio", type=float, help="h2o: fraction of tokens kept (half heavy hitters, half recent)")
     g.add_argument("--kernel", default="auto", choices=["auto", "triton", "c", "torch"],
                    help="zipcache decode attention: auto = Triton on CUDA, the fused C loop on a CPU (decode_cpu.c, built "
@@ -181,7 +183,7 @@ def get_args(argv=None, defaults=None):
 # the cache flags: each is named as the option make_cache takes (a ZipCacheConfig field, or a baseline's argument)
 CACHE_FLAGS = ("bits", "group", "high_bits", "low_bits", "salient_ratio", "probe_ratio", "probe_strategy",
                "recompress_every", "requantize", "official", "paper", "k_group", "k_stat_bits", "n_sink",
-               "keep_ratio")
+               "k_low_bits", "keep_ratio")
 
 
 def cache_options(args):

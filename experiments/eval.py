@@ -82,6 +82,9 @@ def configurations(quick, real=False):
         add("main", "ZipCache default, fp16 key stats", "zipcache", k_stat_bits=16)
         # a candidate switch (README "Beyond the paper"): the prompt's scores averaged over 7 neighbours (SnapKV)
         add("main", "ZipCache default, pooled scores", "zipcache", score_pool=3)
+        # the default before k_low_bits (README "Beyond the paper"): every regular token's key at 2 bits, 50% salient,
+        # key groups of 16: the paired "before" row of the default's passkey gain
+        add("main", "ZipCache default, 2-bit keys", "zipcache", k_low_bits=0, salient_ratio=0.5, k_group=16)
     else:
         add("main", "ZipCache 4/2 (60% salient)", "zipcache", salient_ratio=0.6)
     add("main", "KIVI-2", "kivi", bits=2)
@@ -810,6 +813,7 @@ def main_real(args, model, tok, device, log, write):
             if args.shard:
                 exs = [e for i, e in enumerate(exs) if i % args.shard[1] == args.shard[0]]
             exs = [exs[i] for i in spread_order(len(exs))][args.skip_records:]   # the order a stopped run took
+            exs = exs[:args.records or None]                                      # a middle part of a run
             todo[L] = dict(idx=idx, exs=exs, bs=max(1, args.batch_tokens // L), done=0, t=0.0,
                            acc={i: dict(hits=[], real=[], paper=[], prefill_ms=[], decode_tok_s=[]) for i in idx})
         while any(t["done"] < len(t["exs"]) for t in todo.values()):
@@ -923,6 +927,8 @@ def get_args(argv=None):
     p.add_argument("--skip_records", type=NONNEGATIVE, default=0, help="real model: skip the first N passkey records "
                    "of each length (after --shard), to continue a stopped run: a run stopped with N records at a "
                    "length goes on with --lengths L --skip_records N, and --merge joins the two")
+    p.add_argument("--records", type=NONNEGATIVE, default=0, help="real model: at most N passkey records of each "
+                   "length after --skip_records (0 = all): the same records as a stopped run's shards")
     p.add_argument("--merge", type=paths, default=None, help="comma list of real-model JSON files (shards of one run) "
                    "to join into OUT_DIR/NAME.md/.json/_fig1.png; runs no model. Refuses a file given twice, records "
                    "held by two files, and shards of different runs (see --run_id)")

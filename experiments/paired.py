@@ -5,11 +5,15 @@ cache's perplexity change with a paired bootstrap interval over the same text wi
 
     python experiments/paired.py results/real/run3.json                 # prints the tables (markdown)
     python experiments/paired.py results/real/run3.json --out results/real/paired.md
+    python experiments/paired.py results/real/run7.json --with results/real/run5.json \
+        --rename "ZipCache default=ZipCache default, 2-bit keys" --out results/real/paired.md
 
 It reads an eval.py JSON (each row's `records`: per length, [depth, correct] per record in run order; its
 `ppl_window_nll`: the mean NLL per token of each perplexity window). The same records and windows go to every cache
 in one eval.py run (one prefill serves them all), so rows pair record by record and window by window; the script
-checks that the depths agree before pairing.
+checks that the depths agree before pairing. --with adds the rows of earlier runs on the same records (records in
+the same run order: the same --n, seed and --skip_records), for caches the main file did not run; --rename relabels
+theirs first (a row whose cache's default has changed since).
 """
 import json
 import math
@@ -23,6 +27,7 @@ import weights
 from experiment_flags import Parser
 
 PAIRS = (("ZipCache default", "dense fp16"), ("ZipCache default", "KIVI-2"),
+         ("ZipCache default", "ZipCache default, 2-bit keys"),      # the default against the one before it
          ("ZipCache default, pooled scores", "ZipCache default"))   # a candidate switch against the default
 
 
@@ -36,6 +41,30 @@ def load(path):
     if not rows:
         raise ValueError(f"{path}: no row has per-record passkey or per-window perplexity results; run eval.py with "
                          f"--tasks passkey or ppl")
+    return run, rows
+
+
+def renames(text):
+    """--rename "A=B;C=D" -> {A: B, C: D}."""
+    out = {}
+    for part in filter(None, (t.strip() for t in text.split(";"))):
+        a, sep, b = part.partition("=")
+        if not sep or not a.strip() or not b.strip():
+            raise ValueError(f"--rename {text!r}: {part!r} is not OLD LABEL=NEW LABEL")
+        out[a.strip()] = b.strip()
+    return out
+
+
+def joined(path, others, rename):
+    """The main file's run and rows, plus the rows of `others` (renamed first) whose labels it lacks."""
+    run, rows = load(path)
+    have = {r["label"] for r in rows}
+    for o in others:
+        for r in load(o)[1]:
+            r = dict(r, label=rename.get(r["label"], r["label"]))
+            if r["label"] not in have:
+                rows.append(r)
+                have.add(r["label"])
     return run, rows
 
 
@@ -117,10 +146,15 @@ def report(run, rows, path):
 def main(argv=None):
     p = Parser(prog="paired.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("json", help="an eval.py results JSON")
+    p.add_argument("--with", dest="others", default="", help="comma list of earlier eval.py JSONs on the same records "
+                   "(same --n and seed): their rows join for the caches the main file lacks")
+    p.add_argument("--rename", default="", help="'OLD=NEW;...': relabel --with rows first (e.g. the default's row "
+                   "from before its default changed)")
     p.add_argument("--out", default=None, help="also write the markdown here (atomically)")
     args = p.parse_args(argv)
-    run, rows = load(args.json)
-    text = report(run, rows, args.json)
+    others = [x for x in args.others.split(",") if x]
+    run, rows = joined(args.json, others, renames(args.rename))
+    text = report(run, rows, ", ".join([args.json] + others))
     print(text, end="")
     if args.out:
         weights.atomic_write(args.out, text)       # whole or not at all: a stopped write leaves the old file

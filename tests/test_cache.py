@@ -55,7 +55,7 @@ def deq_view(view):
             if r1 == r0:
                 continue
             x = quant.unpack(seg.k_codes[:, :, r0:r1], seg.bits).double()
-            y = quant.unpack(seg.v_codes[:, :, r0:r1], seg.bits).double()
+            y = quant.unpack(seg.v_codes[:, :, r0:r1], seg.vbits).double()
             a = seg.k_scale[:, blk].double()[:, :, None, :]          # [Bs, H, 1, D]
             mu = seg.k_min[:, blk].double()[:, :, None, :]
             c = view.v_chan[:, blk].double()[:, :, None, :]
@@ -359,16 +359,17 @@ def test_zipcache_blocks_and_rows():
     assert v.hi.k_codes.dtype == torch.uint8 and v.v_chan.dtype == torch.float16
 
 
-@pytest.mark.parametrize("scope", ["row", "head"])
-def test_zipcache_nbytes_closed_form(scope):
+@pytest.mark.parametrize("scope,k_lo", [("row", 0), ("head", 0), ("row", 4)])
+def test_zipcache_nbytes_closed_form(scope, k_lo):
     # a worked layout: B = 2, H_kv = 2, D = 16, L = 37, N = 5, 12 steps (3 blocks: 23/14, 3/2, 3/2 rows; 2 buffered)
     B, H, D, nb = 2, 2, 16, 3
     Hv = H if scope == "head" else 1
-    c = make_cache("zipcache", mcfg(), paper=True, recompress_every=5, v_token_scope=scope)
+    c = make_cache("zipcache", mcfg(), paper=True, recompress_every=5, v_token_scope=scope, k_low_bits=k_lo)
     c.attend(0, *qkv(B, 4, H, 37, D, seed=0))
     run_steps(c, B, 4, H, D, 12, seed=1)
     n_hi, n_lo, n_buf = 29, 18, 2
-    codes = 2 * B * H * (n_hi * D * 4 // 8 + n_lo * D * 2 // 8)           # K and V codes
+    k_lo = k_lo or 2                                                        # the regular keys' width (0: low_bits)
+    codes = B * H * (n_hi * D * (4 + 4) // 8 + n_lo * D * (k_lo + 2) // 8)  # K and V codes
     v_params = 2 * 2 * B * Hv * (n_hi + n_lo)                               # fp16 v_scale, v_min per (token, head/row)
     k_params = 2 * 2 * 2 * B * nb * H * D                                   # 2 groups x (scale, min) x fp16
     v_chan = 2 * B * nb * H * D
@@ -447,14 +448,16 @@ def test_batch_statistics_per_sequence(pooled):
         assert b.hi.k_scale.shape[0] == 1 and b.v_chan.shape[0] == 1   # Bs = 1: one parameter set for the batch
 
 
-def test_kernel_triton_matches_torch_path():
+@pytest.mark.parametrize("k_low_bits", [0, 4])
+def test_kernel_triton_matches_torch_path(k_low_bits):
     # the fused kernel (README "The decode kernel") against the torch path; the Triton interpreter on CPU
     # fp16 model tensors: the kernel takes fp16/bf16 queries; fp16 so that output rounding (2^-11) stays below the bound
+    # k_low_bits=4: the regular group's key and value codes have different widths (and strides)
     outs = {}
     g = torch.Generator().manual_seed(1)
     steps = [[torch.randn(2, n, 1, 64, generator=g, dtype=torch.float16) for n in (4, 2, 2)] for _ in range(7)]
     for kern in ("torch", "triton"):
-        c = make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), recompress_every=5, kernel=kern)
+        c = make_cache("zipcache", mcfg(H=4, Hkv=2, D=64), recompress_every=5, kernel=kern, k_low_bits=k_low_bits)
         c.attend(0, *(t.half() for t in qkv(2, 4, 2, 37, 64, seed=0)))
         outs[kern] = torch.cat([c.attend(0, *s) for s in steps], 2).float()
         # the launcher's split tables are kept between steps, so nbytes counts them; the CPU paths build none
@@ -687,3 +690,30 @@ def test_score_pool_changes_only_the_split():
     assert generate.make_cache("zipcache", cfg, paper=True).cfg.score_pool == 0       # the paper preset: off
     with pytest.raises(ValueError, match="score_pool=-1 must be >= 0"):
         generate.make_cache("zipcache", cfg, score_pool=-1)
+
+
+def test_k_low_bits_stores_keys_of_one_width_and_values_of_another():
+    # k_low_bits=4: the regular group's keys byte for byte as a 4/4 cache stores them, its values as the 4/2 cache
+    # (the split depends on the scores, not on the widths); the salient group is the same in all three
+    import generate
+    from model import ModelConfig
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, max_seq_len=512, head_dim=16)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 300, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    mixed, k4, plain = (generate.make_cache("zipcache", cfg, recompress_every=7, **o) for o in
+                        (dict(k_low_bits=4), dict(low_bits=4), dict(k_low_bits=0)))
+    for c in (mixed, k4, plain):
+        c.attend(0, q, k, v)
+        run_steps(c, 2, 4, 2, 16, 9, seed=5)      # a flushed decode block too
+    m, a, b = (c.layers[0].lo.codes for c in (mixed, k4, plain))
+    assert m["k_codes"].shape[-1] == 16 * 4 // 8 and m["v_codes"].shape[-1] == 16 * 2 // 8
+    assert torch.equal(m["k_codes"], a["k_codes"]) and torch.equal(m["v_codes"], b["v_codes"])
+    assert torch.equal(mixed.layers[0].lo.params["k_stat"], k4.layers[0].lo.params["k_stat"])
+    assert torch.equal(mixed.layers[0].hi.codes["v_codes"], plain.layers[0].hi.codes["v_codes"])
+    # the bytes: exactly the 2-bit key codes' difference, D/8 bytes per regular row and KV head
+    assert mixed.nbytes() - plain.nbytes() == 2 * 2 * m["k_codes"].shape[2] * 16 * (4 - 2) // 8
+    assert "regular keys 4-bit" in mixed.info()
+    assert generate.make_cache("zipcache", cfg, paper=True).cfg.k_low_bits == 0                  # the paper: off
+    assert generate.make_cache("zipcache", cfg, bits=2).bits == ((2, 2), (2, 2))                 # every token
+    with pytest.raises(ValueError, match="k_low_bits=3 is not supported"):
+        generate.make_cache("zipcache", cfg, k_low_bits=3)

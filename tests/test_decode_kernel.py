@@ -244,6 +244,8 @@ STORED_CASES = {
     "pooled, head scope, recent": dict(pool_batch_stats=True, v_token_scope="head", n_recent=3, k_group=7),
     "all salient": dict(salient_ratio=1.0),                           # the lo segment holds no rows
     "none salient": dict(salient_ratio=0.0, k_group=3),               # the hi segment holds no rows
+    "4-bit regular keys": dict(k_low_bits=4),                        # lo: keys 4-bit, values 2-bit (widths differ)
+    "8/2 bits, 4-bit regular keys": dict(high_bits=8, low_bits=2, k_low_bits=4, k_group=8, n_sink=0),
 }
 
 
@@ -514,7 +516,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 import decode_kernel
 fn = decode_kernel._zip_decode_stage1
-const = {"D4", "BLOCK_G", "BLOCK_N", "HI_BITS", "LO_BITS", "SPLIT"}
+const = {"D4", "BLOCK_G", "BLOCK_N", "HI_BITS", "LO_BITS", "HI_VBITS", "LO_VBITS", "SPLIT"}
 ptr = {"HKC": "*u8", "HVC": "*u8", "LKC": "*u8", "LVC": "*u8", "HROWS": "*i32", "LROWS": "*i32", "TAB": "*i32",
        "O": "*fp32", "LSE": "*fp32"}
 sig = {}
@@ -523,7 +525,7 @@ for n in fn.arg_names:
               else "fp32" if n == "qk_scale" else "i32")
 # what the JIT's specialization sees at run time: 16-byte aligned pointers and code/param/buffer strides that are
 # multiples of 16 (row strides W = D*bits/8 >= 16 bytes); the row tables' and value params' strides need not be
-aligned = {n for n in fn.arg_names if sig[n].startswith("*") or re.fullmatch(r"[hl]?s_(c|p|n|kb|vb|o|q)_\w", n)}
+aligned = {n for n in fn.arg_names if sig[n].startswith("*") or re.fullmatch(r"[hl]?s_(c|w|p|n|kb|vb|o|q)_\w", n)}
 attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
 bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -553,8 +555,8 @@ res = []
 # the launcher's default tiles: 64 rows for up to 16 query heads per KV head, 32 rows beyond (MQA with 32 heads)
 for D, G, BN, split, out in ((64, 16, 64, True, "*fp32"), (128, 16, 64, True, "*fp32"), (128, 32, 32, False, "*bf16")):
     sig1 = dict(sig, O=out, LSE="*fp32")
-    r = build(fn, sig1, {"D4": D // 4, "BLOCK_G": G, "BLOCK_N": BN, "HI_BITS": 4, "LO_BITS": 2, "SPLIT": split},
-              attrs)
+    r = build(fn, sig1, {"D4": D // 4, "BLOCK_G": G, "BLOCK_N": BN, "HI_BITS": 4, "LO_BITS": 4, "HI_VBITS": 4,
+                         "LO_VBITS": 2, "SPLIT": split}, attrs)
     res.append(dict(r, D=D, BLOCK_G=G, SPLIT=split))
 cfn = decode_kernel._zip_decode_combine
 csig = {n: "*fp32" if n in ("OP", "LP", "LSE") else "*fp16" if n == "OUT" else "constexpr" if n in ("D", "BLOCK_S")

@@ -319,6 +319,10 @@ def test_shards_merge_to_the_whole_run(tiny_byte_ckpt, tmp_path):
     s1 = json.loads((tmp_path / "s1.json").read_text())["rows"]
     for a, b in zip(tail, s1):
         assert a["records"] == {L: b["records"][str(L)][1:] for L in (400, 500)}
+    # --records N: a middle part of the run's order (the records another run's shards held)
+    mid, _ = E.main(base + ["--tasks", "passkey", "--skip_records", "1", "--records", "2", "--name", "mid"])
+    for a, b in zip(mid, whole):
+        assert a["records"] == {L: b["records"][L][1:3] for L in (400, 500)}
 
 
 def test_a_stopped_run_never_replaces_finished_results(tiny_byte_ckpt, tmp_path, monkeypatch):

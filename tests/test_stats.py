@@ -62,6 +62,28 @@ def test_paired_report_pairs_the_same_records(tmp_path):
         paired.main([str(path)])
 
 
+def test_paired_joins_an_earlier_run_with_renamed_rows(tmp_path):
+    import json
+    import paired
+    import pytest
+    rec = lambda cs: {"1024": [[(i + 0.5) / len(cs), c] for i, c in enumerate(cs)]}
+    old = {"meta": {"command": "old"}, "rows": [
+        {"label": "dense fp16", "records": rec([True] * 4)},
+        {"label": "ZipCache default", "records": rec([True, False, False, True])}]}
+    new = {"meta": {"command": "new"}, "rows": [{"label": "ZipCache default", "records": rec([True, True, True, False])}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    text = paired.main([str(tmp_path / "new.json"), "--with", str(tmp_path / "old.json"),
+                        "--rename", "ZipCache default=ZipCache default, 2-bit keys"])
+    assert "| ZipCache default vs dense fp16 | 1024 | 4 | 0 | 1 | 1 |" in text          # the new row, the old dense
+    assert "| ZipCache default vs ZipCache default, 2-bit keys | 1024 | 4 | 2 | 1 | 1 |" in text
+    assert "| ZipCache default, 2-bit keys | 2/4" in text
+    text = paired.main([str(tmp_path / "new.json"), "--with", str(tmp_path / "old.json")])   # not renamed:
+    assert "| ZipCache default | 3/4" in text and "2/4" not in text                  # the main file's row wins
+    with pytest.raises(ValueError, match="not OLD LABEL=NEW LABEL"):
+        paired.main([str(tmp_path / "new.json"), "--with", str(tmp_path / "old.json"), "--rename", "x"])
+
+
 def test_paired_perplexity_bootstrap(tmp_path):
     import json
     import math
