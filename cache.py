@@ -587,7 +587,8 @@ class ZipCache(Cache):
 
     prefill   the output is exact SDPA; then the prompt is compressed as block 0
     saliency  normalized attention scores from a few probe queries (saliency.py)
-    split     per (seq, KV head), the top r tokens are salient (high_bits), the rest regular (low_bits)
+    split     per (seq, KV head), the top r tokens are salient (high_bits), the rest regular (low_bits; their keys
+              at k_low_bits when set, the default's 4: beyond the paper)
     quantize  keys channelwise per precision group (and key group), values CST, codes packed (quant.py), appended
     decode    new tokens wait in an fp16 buffer; attention is one decode_kernel.decode_attention call over
               [hi blocks | lo blocks | buffer], and the buffer's tokens are scored by the attention they receive

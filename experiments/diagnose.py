@@ -24,6 +24,12 @@ A config is a name below, optionally with +option=value (any make_cache option),
     python experiments/diagnose.py --passkey 32 --no_shares \
         --configs default,default+salient_ratio=0.2+k_group=32,kivi+bits=2
 
+mix:KEYS/VALUES (--passkey, --ppl) answers with the prompt's keys from one ZipCache config and its values from
+another, each "exact" (fp16) or a config as above (MixedCache): which half of the cache loses the answers.
+
+    python experiments/diagnose.py --passkey 100 --tokens 1024 --no_shares \
+        --configs "mix:default+k_low_bits=0+salient_ratio=0.5+k_group=16/exact,mix:exact/default"
+
 --ppl W runs eval.py's perplexity (pydoc_data.topics, 2,048 + 128 tokens per window) over W windows instead:
 
     python experiments/diagnose.py --ppl 3 --configs default,default+k_group=128,default+k_group=32
@@ -35,6 +41,7 @@ A config is a name below, optionally with +option=value (any make_cache option),
 """
 import argparse
 import dataclasses
+from functools import partial
 import inspect
 import math
 import os
@@ -65,8 +72,15 @@ CONFIGS = {  # name -> make_cache options
 
 
 def parse_config(text):
-    """'default+k_group=32+salient_ratio=0.4' -> ("zipcache", CONFIGS['default'] with those options added);
+    """'mix:KEYS/VALUES' -> ("mix", dict(k=KEYS, v=VALUES)), each "exact" or a zipcache config (MixedCache);
+    'default+k_group=32+salient_ratio=0.4' -> ("zipcache", CONFIGS['default'] with those options added);
     a cache name from generate.CACHE_CLASSES instead of a config name ('kivi+bits=2+residual=32') runs that cache."""
+    if text.startswith("mix:"):
+        halves = text[4:].split("/")
+        if len(halves) != 2 or any(h != "exact" and parse_config(h)[0] != "zipcache" for h in halves):
+            raise ValueError(f"{text!r}: write mix:KEYS/VALUES, each 'exact' or a zipcache config (e.g. "
+                             f"mix:default/exact)")
+        return "mix", dict(k=halves[0], v=halves[1])
     name, *extra = text.split("+")
     if name not in CONFIGS and name not in CACHE_CLASSES:
         raise ValueError(f"unknown config {name!r}; use names from {list(CONFIGS)} or caches {list(CACHE_CLASSES)}")
@@ -124,9 +138,48 @@ def config_list(text):
 
 
 def _specs(configs):
-    """eval.py's cache specs: dense first, then every config {name: (cache, options)}."""
+    """eval.py's cache specs: dense first, then every config {name: (cache, options)}; a mix config builds its own."""
     return [dict(group="x", label="dense", cache="dense", opts={})] + \
-        [dict(group="x", label=k, cache=c, opts=o) for k, (c, o) in configs.items()]
+        [dict(group="x", label=k, cache=c, opts=o, **({"build": partial(MixedCache, k=o["k"], v=o["v"])}
+                                                     if c == "mix" else {})) for k, (c, o) in configs.items()]
+
+
+class MixedCache(C.DenseCache):
+    """A dense fp16 cache holding, for the prompt, the keys a ZipCache with config `k` would decode and the values of
+    one with config `v` ("exact": the fp16 ones), each put back at its position. The prefill output stays exact (as
+    ZipCache's) and decode tokens stay fp16 (as in ZipCache's buffer until its first flush, recompress_every steps:
+    a passkey answer takes 6). mix:C/C answers as ZipCache C does; mix:C/exact and mix:exact/C split its error."""
+
+    def __init__(self, config, k, v):
+        self.specs = dict(k=k, v=v)
+        super().__init__(config)
+
+    def reset(self):
+        super().reset()
+        self.zips = {s: make_cache("zipcache", self.config, **parse_config(s)[1])   # one per config: probes drawn
+                     for s in set(self.specs.values()) - {"exact"}}                  # layer by layer, as ZipCache's
+
+    def _decoded(self, spec, layer, q, k, v):
+        """(K̂, V̂) fp32 [B, H_kv, L, D] in position order from a ZipCache prefill of this layer."""
+        z, split = self.zips[spec], {}
+        z._split = lambda scores: split.setdefault("hi_lo", type(z)._split(z, scores))    # record the indices
+        st, _ = z._prefill(layer, q, k, v)
+        z.layers[layer], st.seen = st, k.shape[2]                        # kept: kv(), salient_mask() read it
+        K, V = k.float().clone(), v.float().clone()
+        S = st.n_sink or 0                                # sinks and an n_recent tail stay exact (fp16 there too)
+        for idx, (kq, vq) in zip(split["hi_lo"], z._dequantized(st)):     # [B, H_kv, m, D] in the order of idx
+            i = (idx + S)[..., None].expand(-1, -1, -1, k.shape[-1])
+            K.scatter_(2, i, kq)
+            V.scatter_(2, i, vq)
+        return K, V
+
+    def _prefill(self, layer, q, k, v):
+        st, out = super()._prefill(layer, q, k, v)
+        got = {s: self._decoded(s, layer, q, k, v) for s in set(self.specs.values()) - {"exact"}}
+        for j, part in enumerate(("k", "v")):
+            if self.specs[part] != "exact":
+                st.kv[part].copy_(got[self.specs[part]][j])
+        return st, out
 
 
 def needle_shares(model, tok, exs, specs):

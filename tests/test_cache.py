@@ -229,7 +229,7 @@ def test_nbytes_counts_every_tensor_with_groups_and_sinks():
 
 def test_sink_tokens_are_bit_identical_to_dense():
     # the first n_sink positions stay fp16 in the buffer through every flush: exactly what DenseCache stores
-    z = make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4)
+    z = make_cache("zipcache", mcfg(), recompress_every=5, n_sink=4, salient_ratio=0.5, k_group=16)
     d = make_cache("dense", mcfg())
     x = qkv(2, 4, 2, 37, 16, seed=0)
     z.attend(0, *x), d.attend(0, *x)
@@ -292,14 +292,16 @@ def _nested_ref(mn, mx, bits, eps=2 ** -14, L=15):
 
 @pytest.mark.parametrize("ratio", [0.6, 0.02])
 @pytest.mark.parametrize("stat_bits", [4, 16])
-def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio, stat_bits):
+@pytest.mark.parametrize("k_lo", [0, 4])
+def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio, stat_bits, k_lo):
     # the sub-blocks of a block are quantized in one batched call (runs padded with copies of their own first row);
     # what is stored must be what quantizing each sub-block on its own gives, written out here: per run, key
     # (min, scale) over its rows, either fp16 or nested (4-bit codes under the block's base, _nested_ref), and its
     # codes; one CST normalizer over the whole block; value codes per row. ratio 0.02: 4 salient rows over 13
     # sub-blocks, so most salient runs are empty (no rows, stat 0 / parameters 0, left out of the base)
     q, k, v = qkv(1, 4, 2, 200, 16, seed=5)
-    c = make_cache("zipcache", mcfg(), salient_ratio=ratio, k_group=16, k_stat_bits=stat_bits, n_sink=0)
+    c = make_cache("zipcache", mcfg(), salient_ratio=ratio, k_group=16, k_stat_bits=stat_bits, n_sink=0,
+                   k_low_bits=k_lo)
     c.attend(0, q, k, v)
     st = c.layers[0]
     rows = C.saliency.probe_positions(200, "recent+random", 0.05, 0.05, torch.Generator().manual_seed(0))
@@ -309,7 +311,7 @@ def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio, stat_bits)
     chan = quant.cst_normalizer(v)                                                        # [1, H, 1, D]
     assert torch.equal(st.v_chan["v_chan"][:, 0], chan[:, :, 0])
     empty = 0
-    for p, idx, bits in (("hi", hi, 4), ("lo", lo, 2)):
+    for p, idx, bits, vbits in (("hi", hi, 4, 4), ("lo", lo, k_lo or 2, 2)):       # key bits, value bits
         seg = getattr(st, p)
         runs = [r for r in idx.tensor_split(n_sub, -1)]
         full = [j for j, r in enumerate(runs) if r.shape[-1]]
@@ -332,8 +334,8 @@ def test_key_groups_store_each_sub_block_as_if_quantized_alone(ratio, stat_bits)
             assert b - a == runs[j].shape[-1]
             codes = quant.encode(kr[i], s[:, :, None], mnj[:, :, None], bits)
             assert torch.equal(seg.codes["k_codes"][:, :, a:b], quant.pack(codes, bits))
-            vcodes, vs, vm, _ = quant.quantize_cst(C._gather_tokens(v, runs[j]), bits, (1, -1), chan=chan)
-            assert torch.equal(seg.codes["v_codes"][:, :, a:b], quant.pack(vcodes, bits))
+            vcodes, vs, vm, _ = quant.quantize_cst(C._gather_tokens(v, runs[j]), vbits, (1, -1), chan=chan)
+            assert torch.equal(seg.codes["v_codes"][:, :, a:b], quant.pack(vcodes, vbits))
             assert torch.equal(seg.codes["v_scale"][:, :, a:b], vs[..., 0])
         for j in set(range(n_sub)) - set(full):
             empty += 1
@@ -646,8 +648,9 @@ def test_errors_are_clear():
 @pytest.mark.parametrize("D", [64, 128])
 def test_real_ratio_at_4k_tokens(D):
     """Real bytes (everything stored) at 4k tokens for head_dim 64 and 128: the paper preset with both value scopes
-    (>= 4.7x with "row"), and the default (nested key groups of 16, 4 fp16 sinks, 50% salient) >= 4.5x; key groups of
-    16 with fp16 statistics miss it. The README quotes these figures."""
+    (>= 4.7x with "row"), and the default (4-bit regular keys, nested key groups of 64, 4 fp16 sinks, 20% salient)
+    >= 4.5x, as the default before it (2-bit regular keys, key groups of 16, 50% salient); fp16 key statistics miss
+    it. The README quotes these figures."""
     torch.manual_seed(0)
     cfg = mcfg(H=8, Hkv=8, D=D, max_seq_len=4096)
     want = {("row", 64): 4.94, ("row", 128): 4.96, ("head", 64): 4.62, ("head", 128): 4.80}
@@ -657,12 +660,12 @@ def test_real_ratio_at_4k_tokens(D):
         c.attend(0, q, k, v)
         assert round(c.ratios()["real"], 2) == want[scope, D]
     assert want["row", D] >= 4.7
-    c = make_cache("zipcache", cfg)
-    c.attend(0, q, k, v)
-    assert round(c.ratios()["real"], 2) == {64: 4.83, 128: 4.85}[D]
-    c = make_cache("zipcache", cfg, k_stat_bits=16)
-    c.attend(0, q, k, v)
-    assert round(c.ratios()["real"], 2) == {64: 3.95, 128: 3.97}[D]
+    before = dict(k_low_bits=0, salient_ratio=0.5, k_group=16)
+    for opts, want in (({}, {64: 4.76, 128: 4.78}), (dict(k_stat_bits=16), {64: 4.38, 128: 4.40}),
+                       (before, {64: 4.83, 128: 4.85}), (dict(before, k_stat_bits=16), {64: 3.95, 128: 3.97})):
+        c = make_cache("zipcache", cfg, **opts)
+        c.attend(0, q, k, v)
+        assert round(c.ratios()["real"], 2) == want[D]
 
 
 def test_bench_cache_runs_and_compares_to_dense():

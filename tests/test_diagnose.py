@@ -25,11 +25,12 @@ def test_error_split_on_a_tiny_model():
 
 def test_passkey_mode_on_the_real_model(smollm2):
     model, tok, _ = smollm2
-    names = ("default", "all_4bit", "default+n_recent=8", "kivi+bits=4")
+    names = ("default", "all_4bit", "default+n_recent=8", "kivi+bits=4", "mix:default/default")
     out = D.passkey(model, tok, 2, 256, {n: D.parse_config(n) for n in names}, log=lambda *a: None)
     assert set(out) == {"dense", *names}
     assert out["dense"] == (2, out["dense"][1]) and abs(out["dense"][1] - 1) < 1e-3   # the dense model finds the key
     assert all(0 <= h <= 2 for h, _ in out.values()) and out["default"][1] > out["all_4bit"][1] > 1
+    assert out["mix:default/default"][0] == out["default"][0]          # the fake-quantized cache answers alike
 
 
 def test_parse_config():
@@ -61,3 +62,26 @@ def test_lines_mode_on_the_shipped_retrieval_model():
     model, tok = weights.load_model_and_tokenizer(path, None, "cpu", torch.float32)
     out = D.lines(model, tok, [20], 5, {"paper": D.parse_config("paper")}, log=lambda *a: None)
     assert out["dense"] == {20: 100.0} and 0 <= out["paper"][20] <= 100
+
+
+def test_mixed_cache_holds_each_half_where_it_belongs():
+    # MixedCache: the prompt's keys as a ZipCache decodes them, at their positions; its values exact; output exact
+    import pytest
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(n_layers=1, max_seq_len=512, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 90, 16, generator=g) for n in (4, 2, 2))
+    spec = "default+keep_saliency_mask=true+k_group=8"
+    m = D.MixedCache(cfg, k=spec, v="exact")
+    out = m.attend(0, q, k, v)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    z = m.zips[spec]
+    Kz, _ = z.kv(0)                                                    # storage order: hi | lo | fp16 sinks
+    mask, S = z.salient_mask(0)[0], z.cfg.n_sink                       # sinks count as salient
+    K, V = m.layers[0].kv["k"][0], m.layers[0].kv["v"][0]
+    for h in range(2):
+        pos = torch.cat([S + mask[h, S:].nonzero()[:, 0], (~mask[h]).nonzero()[:, 0], torch.arange(S)])
+        assert torch.equal(K[h, pos], Kz[0, h].half())
+    assert torch.equal(V, v[0].half()) and not torch.equal(K, k[0].half())
+    with pytest.raises(ValueError, match="mix:KEYS/VALUES"):
+        D.parse_config("mix:default")
