@@ -164,8 +164,8 @@ def get_args(argv=None, defaults=None):
     g.add_argument("--recompress_every", type=int, help="zipcache/mikv: decode tokens per compressed block (N)")
     g.add_argument("--requantize", action="store_true", help="zipcache: re-quantize the whole cache every N (official)")
     g.add_argument("--official", action="store_true", help="zipcache: the official code's settings (see README)")
-    g.add_argument("--paper", action="store_true", help="zipcache: the paper's algorithm (no key groups, no sinks, "
-                   "60%% salient); the default adds both, see README")
+    g.add_argument("--paper", action="store_true", help="zipcache: the paper's algorithm (2-bit regular keys, no key "
+                   "groups, no sinks, 60%% salient); the default: 4-bit keys, key groups, sinks, 20%% salient (README)")
     g.add_argument("--k_group", type=int, help="zipcache: rows per key (min, scale) in a precision group (0 = paper)")
     g.add_argument("--k_stat_bits", type=int, choices=[4, 16],
                    help="zipcache: key group statistics as nested 4-bit codes (default) or fp16 pairs")

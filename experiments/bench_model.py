@@ -30,7 +30,9 @@ from experiment_flags import POSITIVE, Parser, names, numbers  # noqa: E402
 from generate import make_cache, pick_device, sync  # noqa: E402
 from weights import load_model_and_tokenizer  # noqa: E402
 
-KINDS = {"dense": ("dense", {}), "zipcache": ("zipcache", {}), "paper": ("zipcache", {"paper": True})}
+KINDS = {"dense": ("dense", {}), "zipcache": ("zipcache", {}), "paper": ("zipcache", {"paper": True}),
+         # the default before k_low_bits (2-bit regular keys, 50% salient, key groups of 16): README "Beyond the paper"
+         "2bit-keys": ("zipcache", {"k_low_bits": 0, "salient_ratio": 0.5, "k_group": 16})}
 LIST = numbers(int, lambda x: x >= 1, "at least 1", "1024,4096")
 COUNTS = numbers(int, lambda x: x >= 1, "at least 1", "1,2")   # batch sizes, thread counts
 
@@ -96,8 +98,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=LIST, default=[1024, 4096, 8192], help="comma-separated context lengths")
     p.add_argument("--batch", type=COUNTS, default=[1], help="comma-separated batch sizes, e.g. 1,8")
     p.add_argument("--threads", type=COUNTS, default=[1], help="comma-separated torch thread counts, e.g. 1,2")
-    p.add_argument("--caches", type=names(tuple(KINDS)), default=list(KINDS),
-                   help="which of dense,zipcache,paper (dense is always run: the ratios' reference)")
+    p.add_argument("--caches", type=names(tuple(KINDS)), default=["dense", "zipcache", "paper"],
+                   help="which of dense,zipcache,paper,2bit-keys (the default before k_low_bits); dense always "
+                        "runs (the ratios' reference)")
     p.add_argument("--steps", type=POSITIVE, default=16, help="decode steps per cache and round")
     p.add_argument("--rounds", type=POSITIVE, default=3, help="alternating decode rounds")
     p.add_argument("--reps", type=POSITIVE, default=2, help="alternating prefill rounds")

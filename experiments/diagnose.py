@@ -368,7 +368,7 @@ def main(argv=None):
         raise SystemExit(f"diagnose.py: error: {e}")
     for name, (cache, opts) in configs.items():   # an option this model cannot take: one line, before any work
         try:
-            make_cache(cache, model.config, **opts)
+            MixedCache(model.config, **opts) if cache == "mix" else make_cache(cache, model.config, **opts)
         except (ValueError, TypeError) as e:
             p.error(f"--configs {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if args.ppl:
@@ -386,7 +386,8 @@ def main(argv=None):
     if args.tokens > model.config.max_seq_len or start + args.tokens > len(ids):   # positions start at 0
         p.error(f"--tokens={args.tokens} is longer than the text or the model's context; lower it")
     if any(c != "zipcache" for c, _ in configs.values()):
-        p.error("--configs: the attention-error split runs ZipCache configs only; baselines need --passkey")
+        p.error("--configs: the attention-error split runs ZipCache configs only; baselines and mix: need --passkey "
+                "or --ppl")
     rows = run(model, ids[start:start + args.tokens], configs)
     if args.per_layer:
         for n, r in rows.items():
