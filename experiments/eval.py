@@ -698,7 +698,7 @@ def report_real(rows, args, meta, log_lines):
                        "; ".join(ahead))
         md.append("".join(msg) + ".")
     md += ["\n## Sweeps (accuracy vs real ratio, `eval_fig1.png`; the ZipCache rows are the salient-ratio sweep, "
-           "the default is 50%)\n"]
+           "the default is 20%)\n"]
     md += table(sorted([r for r in rows if r["group"] in ("main", "sweep") and r["cache"] != "dense"],
                        key=lambda r: (r["cache"], -r["sweep_real"] if not math.isnan(r["sweep_real"]) else 0)))
     for g, title in (("probe", "Probe strategy (paper Table 2: 10% probes, 40% salient)"),

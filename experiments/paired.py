@@ -104,10 +104,10 @@ def ppl_report(rows):
     for label, r in by_label.items():
         c, lo, hi = ppl_change(r["ppl_window_nll"], dense)
         out.append(f"| {label} | {r.get('ppl_real', 1.0):.2f}x | {r['ppl']:.3f} | {c:+.1f}% [{lo:+.1f}, {hi:+.1f}] |")
-    x, y = "ZipCache default", "KIVI-2"
-    if x in by_label and y in by_label:
-        c, lo, hi = ppl_change(by_label[x]["ppl_window_nll"], by_label[y]["ppl_window_nll"])
-        out += ["", f"{x} against {y}, same windows: {c:+.1f}% [{lo:+.1f}, {hi:+.1f}] perplexity."]
+    for x, y in PAIRS[1:]:                                   # the pairs other than dense, where both ran
+        if x in by_label and y in by_label:
+            c, lo, hi = ppl_change(by_label[x]["ppl_window_nll"], by_label[y]["ppl_window_nll"])
+            out += ["", f"{x} against {y}, same windows: {c:+.1f}% [{lo:+.1f}, {hi:+.1f}] perplexity."]
     return out
 
 
