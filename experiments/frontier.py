@@ -38,6 +38,8 @@ def points(rows):
             continue
         if r["cache"] == "zipcache" and (r["opts"].get("paper") or r["opts"].get("k_stat_bits")):
             method = "ZipCache paper preset" if r["opts"].get("paper") else "ZipCache fp16 key stats"
+        elif r["cache"] == "zipcache" and r["opts"].get("k_low_bits"):
+            method = "ZipCache, 4-bit keys"                 # the current default's salient-ratio curve
         elif r["cache"] == "zipcache" and r["opts"].get("k_group"):
             method = "ZipCache key-group sweep"
         rec = [c for L in shared for _, c in r["records"][L]]

@@ -131,14 +131,17 @@ def test_frontier_pools_the_shared_lengths(tmp_path):
     run2 = {"rows": [row("dense fp16", "dense", {}, "main", {"1024": rec([True] * 4)}, 1.0),
                      row("KIVI-2 (group 64)", "kivi", {"bits": 2, "group": 64}, "sweep",
                          {"1024": rec([True, False, True, True])}, 4.9),
-                     row("ZipCache key groups of 64", "zipcache", {"k_group": 64}, "sweep",
-                         {"1024": rec([True] * 4)}, 4.8)]}
+                     row("ZipCache key groups of 64", "zipcache", {"k_group": 64, "k_low_bits": 0}, "sweep",
+                         {"1024": rec([True] * 4)}, 4.8),
+                     row("ZipCache 4-bit keys, 50% salient", "zipcache", {"salient_ratio": 0.5, "k_low_bits": 4},
+                         "sweep", {"1024": rec([True] * 4)}, 4.3)]}
     path2 = tmp_path / "run2.json"
     path2.write_text(json.dumps(run2))
     shared, pts = frontier.main([f"{path},{path2}"])
     assert [(p[0], p[1], p[3]) for p in pts if p[1] != "H2O (10% kept)"] == [
         ("KIVI", "KIVI-2", 2), ("KIVI", "KIVI-2 (group 64)", 3), ("ZipCache", "ZipCache default", 3),
-        ("ZipCache key-group sweep", "ZipCache key groups of 64", 4)]
+        ("ZipCache key-group sweep", "ZipCache key groups of 64", 4),
+        ("ZipCache, 4-bit keys", "ZipCache 4-bit keys, 50% salient", 4)]          # the 4-bit-key curve, its own
     run2["rows"][0]["records"]["1024"][1][0] = 0.99
     path2.write_text(json.dumps(run2))
     import pytest
