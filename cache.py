@@ -371,6 +371,10 @@ class DenseCache(Cache):
 # -----------------------------------------------------------------------------
 # ZipCache
 
+# The default before k_low_bits, as make_cache options (README "Beyond the paper"): 2-bit regular keys, 50% salient,
+# key groups of 16; the experiments' "2-bit keys" rows, the paired "before" of the 4-bit-key default
+TWO_BIT_KEYS = dict(k_low_bits=0, salient_ratio=0.5, k_group=16)
+
 # ZipCacheConfig fields where the official code's behaviour differs from ours, with ours (OfficialZipCache's switches)
 OFFICIAL_SWITCHES = dict(requantize=False, decode_score="normalized", lo_order="position")
 

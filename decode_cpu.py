@@ -136,8 +136,8 @@ def decode(qs, view):
         keep.append(rows)
         nested = s.k_stat is not None
         st = s.k_stat if nested else s.k_scale
-        seg = Segment(bits=s.bits, v_bits=s.vbits, nested=int(nested), k_codes=s.k_codes.data_ptr(), v_codes=s.v_codes.data_ptr(),
-                      v_scale=s.v_scale.data_ptr(), v_min=s.v_min.data_ptr(), rows=rows.data_ptr(),
+        seg = Segment(bits=s.bits, v_bits=s.vbits, nested=int(nested), k_codes=s.k_codes.data_ptr(),
+                      v_codes=s.v_codes.data_ptr(), v_scale=s.v_scale.data_ptr(), v_min=s.v_min.data_ptr(), rows=rows.data_ptr(),
                       r_sb=rows.stride(0) if rows.shape[0] > 1 else 0)
         seg.c_sb, seg.c_sh, seg.c_st = _strides(s.k_codes, (0, 1, 2))
         seg.w_sb, seg.w_sh, seg.w_st = _strides(s.v_codes, (0, 1, 2))

@@ -27,12 +27,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
 from experiment_flags import POSITIVE, Parser, names, numbers  # noqa: E402
+from cache import TWO_BIT_KEYS  # noqa: E402
 from generate import make_cache, pick_device, sync  # noqa: E402
 from weights import load_model_and_tokenizer  # noqa: E402
 
 KINDS = {"dense": ("dense", {}), "zipcache": ("zipcache", {}), "paper": ("zipcache", {"paper": True}),
-         # the default before k_low_bits (2-bit regular keys, 50% salient, key groups of 16): README "Beyond the paper"
-         "2bit-keys": ("zipcache", {"k_low_bits": 0, "salient_ratio": 0.5, "k_group": 16})}
+         "2bit-keys": ("zipcache", TWO_BIT_KEYS)}          # the default before k_low_bits (README "Beyond the paper")
 LIST = numbers(int, lambda x: x >= 1, "at least 1", "1024,4096")
 COUNTS = numbers(int, lambda x: x >= 1, "at least 1", "1,2")   # batch sizes, thread counts
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the flat core, one folder up
 
+from cache import TWO_BIT_KEYS
 import data as datalib
 import retrieval
 import saliency
@@ -86,7 +87,7 @@ def configurations(quick, real=False):
         add("main", "ZipCache default, pooled scores", "zipcache", score_pool=3)
         # the default before k_low_bits (README "Beyond the paper"): every regular token's key at 2 bits, 50% salient,
         # key groups of 16: the paired "before" row of the default's passkey gain
-        add("main", "ZipCache default, 2-bit keys", "zipcache", k_low_bits=0, salient_ratio=0.5, k_group=16)
+        add("main", "ZipCache default, 2-bit keys", "zipcache", **TWO_BIT_KEYS)
     else:
         add("main", "ZipCache 4/2 (60% salient)", "zipcache", salient_ratio=0.6)
     add("main", "KIVI-2", "kivi", bits=2)
@@ -104,9 +105,9 @@ def configurations(quick, real=False):
         hr = (0.1, 0.4) if quick else (0.1, 0.3, 0.5)
     # real model: these rows keep the 2-bit keys of the default they were first run with (results/real/eval.json);
     # the 4-bit-key default's own sweep is the "4-bit keys" rows below
-    before = dict(k_low_bits=0, k_group=16) if real else {}
+    before = TWO_BIT_KEYS if real else {}
     for r in zr:
-        add("sweep", f"ZipCache {r:.0%} salient", "zipcache", salient_ratio=r, **before)
+        add("sweep", f"ZipCache {r:.0%} salient", "zipcache", **{**before, "salient_ratio": r})
     for r in mr:
         add("sweep", f"MiKV {r:.0%} salient", "mikv", salient_ratio=r)
     for kr in hr:
@@ -115,7 +116,7 @@ def configurations(quick, real=False):
         for g in (16, 64):
             add("sweep", f"KIVI-2 (group {g})", "kivi", bits=2, group=g)
         for kg in (32, 64):
-            add("sweep", f"ZipCache key groups of {kg}", "zipcache", k_group=kg, k_low_bits=0, salient_ratio=0.5)
+            add("sweep", f"ZipCache key groups of {kg}", "zipcache", **{**TWO_BIT_KEYS, "k_group": kg})
         for r in (0.0, 0.2, 0.5, 0.8):   # the default's curve: every key 4-bit, the salient ratio sets the values
             add("sweep", f"ZipCache 4-bit keys, {r:.0%} salient", "zipcache", salient_ratio=r, k_low_bits=4)
     # Table 2: probe strategy at 10% probes and 40% salient
